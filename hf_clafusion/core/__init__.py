@@ -1,0 +1,55 @@
+"""The low-level, documented math of hf_clafusion: pure functions on tensors.
+
+Nothing here knows about ``nn.Module``s, timm or transformers; shapes are documented per function.
+"""
+
+from .averaging import apply_plan, weighted_average
+from .depth import (
+    absorb_signed_input,
+    identity_batchnorm,
+    identity_weight,
+    merge_linear,
+    relu_diagonal,
+    signed_identity_weight,
+)
+from .layer_alignment import align_layers, alignment_cost, chain_alignment, random_alignment, relax_constraints
+from .similarity import (
+    MinibatchCKA,
+    cca_cost_matrix,
+    cka_cost_matrix,
+    index_cost_matrix,
+    linear_cka,
+    neuron_count_cost_matrix,
+    neuron_distances,
+    wasserstein_cost_matrix,
+)
+from .transport import ActivationStats, plan_maps, transport_plan, weight_distances
+
+
+__all__ = [
+    "ActivationStats",
+    "MinibatchCKA",
+    "absorb_signed_input",
+    "align_layers",
+    "alignment_cost",
+    "apply_plan",
+    "cca_cost_matrix",
+    "chain_alignment",
+    "cka_cost_matrix",
+    "identity_batchnorm",
+    "identity_weight",
+    "index_cost_matrix",
+    "linear_cka",
+    "merge_linear",
+    "neuron_count_cost_matrix",
+    "neuron_distances",
+    "plan_maps",
+    "random_alignment",
+    "relax_constraints",
+    "relu_diagonal",
+    "signed_identity_weight",
+    "transport_plan",
+    "wasserstein_cost_matrix",
+    "weight_distances",
+    "weighted_average",
+]

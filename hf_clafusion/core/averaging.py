@@ -1,0 +1,51 @@
+"""Applying transport maps to parameter tensors, and averaging aligned parameters."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+
+def apply_plan(tensor: torch.Tensor, axis: int, matrix: torch.Tensor, *, inner: int = 1) -> torch.Tensor:
+    """Re-express one axis of ``tensor`` in another neuron basis: ``out[.., j, ..] = sum_i matrix[i, j] t[.., i, ..]``.
+
+    Use ``R`` for an axis that *writes* the neurons (rows of a weight, biases, norm parameters, conv output
+    channels) and ``S`` for an axis that *reads* them (columns of the next weight, conv input channels, the
+    same map at every kernel tap).
+
+    Args:
+        tensor (`Tensor`): any shape; ``tensor.shape[axis] == n_B * inner``.
+        axis (`int`): the axis to transform.
+        matrix (`Tensor` of shape `(n_B, n_A)`): ``R`` or ``S``.
+        inner (`int`, defaults to 1): when the axis is a flattened ``(channels, positions)`` pair in
+            channel-major order (a Linear reading a flattened conv map), the number of positions per channel;
+            the map acts on channels, identically at every position.
+
+    Returns:
+        `Tensor` with ``shape[axis] == n_A * inner``, in ``tensor``'s dtype.
+    """
+    axis = axis % tensor.ndim
+    n_b, n_a = matrix.shape
+    if tensor.shape[axis] != n_b * inner:
+        raise ValueError(f"Axis {axis} of a tensor of shape {tuple(tensor.shape)} does not have {n_b} x {inner} entries.")
+    moved = tensor.movedim(axis, -1)
+    lead = moved.shape[:-1]
+    work = moved.reshape(*lead, n_b, inner).to(matrix.dtype)
+    out = torch.einsum("...ip,ij->...jp", work, matrix)
+    return out.reshape(*lead, n_a * inner).movedim(-1, axis).to(tensor.dtype)
+
+
+def weighted_average(tensors: Sequence[torch.Tensor], weights: Sequence[float]) -> torch.Tensor:
+    """``sum_k weights[k] * tensors[k]`` (same shapes), accumulated in float64, returned in the first dtype."""
+    if len(tensors) != len(weights):
+        raise ValueError(f"{len(tensors)} tensors but {len(weights)} weights.")
+    if not tensors[0].is_floating_point():
+        return tensors[0].clone()
+    acc = torch.zeros_like(tensors[0], dtype=torch.float64)
+    for t, w in zip(tensors, weights):
+        acc += float(w) * t.double()
+    return acc.to(tensors[0].dtype)
+
+
+__all__ = ["apply_plan", "weighted_average"]

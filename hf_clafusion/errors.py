@@ -1,0 +1,65 @@
+"""Errors and warnings raised by hf_clafusion.
+
+Every user-facing error is a :class:`ClaFusionError`. Messages follow one format: what is wrong,
+the offending value, and how to fix it.
+"""
+
+from __future__ import annotations
+
+
+class ClaFusionError(Exception):
+    """Base class of every error hf_clafusion raises on bad input."""
+
+
+class ConfigError(ClaFusionError, ValueError):
+    """A configuration value is invalid (unknown choice, out of range, unknown key)."""
+
+    def __init__(self, message: str, *, field: str | None = None):
+        super().__init__(message)
+        self.field = field
+
+
+class UnsupportedArchitectureError(ClaFusionError, ValueError):
+    """No adapter understands the model, or the model contains a layer type the adapter cannot fuse."""
+
+    def __init__(self, message: str, *, layer_type: str | None = None, supported: tuple[str, ...] = ()):
+        super().__init__(message)
+        self.layer_type = layer_type
+        self.supported = supported
+
+
+class IncompatibleModelsError(ClaFusionError, ValueError):
+    """The models cannot be fused together (different output sizes, devices, segment structure...)."""
+
+
+class InvalidWeightsError(ClaFusionError, ValueError):
+    """A model's parameters contain NaN or infinite values."""
+
+
+class CalibrationDataError(ClaFusionError, ValueError):
+    """The calibration data is empty, too small, or not in a supported format."""
+
+
+class AlignmentError(ClaFusionError, RuntimeError):
+    """A layer-alignment request cannot be satisfied (for example an infeasible first/last constraint)."""
+
+
+class SaveError(ClaFusionError, OSError):
+    """Saving or loading a fused model failed, or the target folder is not usable."""
+
+
+class ClaFusionWarning(UserWarning):
+    """A recoverable problem: the result is computed, but a setting should probably change."""
+
+
+__all__ = [
+    "AlignmentError",
+    "CalibrationDataError",
+    "ClaFusionError",
+    "ClaFusionWarning",
+    "ConfigError",
+    "IncompatibleModelsError",
+    "InvalidWeightsError",
+    "SaveError",
+    "UnsupportedArchitectureError",
+]
