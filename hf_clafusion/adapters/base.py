@@ -1,0 +1,216 @@
+"""The adapter protocol and the machinery shared by every adapter (registry, hooks, BatchNorm reset).
+
+An adapter is the only place that knows a model family's internals. It turns a model into a
+:class:`~hf_clafusion.spec.NetworkSpec`, builds depth-balanced copies (identity layers or merged layers), and
+saves/loads models in the family's own format. Register one with :func:`register_adapter`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from ..errors import UnsupportedArchitectureError
+from ..spec import NetworkSpec
+
+
+class Adapter(ABC):
+    """Base class of model-family adapters.
+
+    Subclasses set ``name`` and implement the abstract methods. Every method that builds a model returns a
+    new module; the user's models are never modified.
+    """
+
+    name: ClassVar[str]
+
+    @classmethod
+    @abstractmethod
+    def matches(cls, model: nn.Module) -> bool:
+        """Whether this adapter handles ``model``."""
+
+    @abstractmethod
+    def prepare(self, model: nn.Module) -> nn.Module:
+        """A canonical copy of ``model`` (eval mode) whose parameter names the spec refers to."""
+
+    @abstractmethod
+    def spec(self, model: nn.Module) -> NetworkSpec:
+        """The network description of a prepared model."""
+
+    @abstractmethod
+    def insert_identity(
+        self, model: nn.Module, layouts: Sequence[Sequence[int | None]], template: nn.Module
+    ) -> nn.Module:
+        """Balance depth: a copy of ``model`` whose segment ``s`` has ``len(layouts[s])`` layers.
+
+        ``layouts[s][p]`` is the index (within the segment) of the model's own layer placed at position ``p``,
+        or ``None`` for an inserted identity layer shaped like ``template``'s layer at that position
+        (``template`` is the deeper model). The result computes the same function as ``model``.
+        """
+
+    def merge_layers(
+        self,
+        model: nn.Module,
+        keep: Sequence[Sequence[int]],
+        preactivations: dict[str, torch.Tensor],
+        relu_approx: str,
+    ) -> nn.Module:
+        """Reduce depth: keep the listed layers of each segment and merge the others into their successor."""
+        raise UnsupportedArchitectureError(
+            f"balancing='merge' is not supported for {self.name} models. Use balancing='identity'."
+        )
+
+    @abstractmethod
+    def save(self, model: nn.Module, directory: Path) -> None:
+        """Write the model into ``directory`` (which exists and is empty) in the family's own format."""
+
+    @classmethod
+    @abstractmethod
+    def load(cls, directory: Path) -> nn.Module:
+        """Load a model written by :meth:`save`."""
+
+    def model_inputs(self, batch: Any) -> tuple[tuple, dict]:
+        """Positional and keyword arguments to call the model on one calibration batch."""
+        if isinstance(batch, dict):
+            return (), dict(batch)
+        return (batch,), {}
+
+    def logits(self, output: Any) -> torch.Tensor:
+        """The logits tensor from a model output."""
+        if isinstance(output, torch.Tensor):
+            return output
+        if hasattr(output, "logits"):
+            return output.logits
+        if isinstance(output, (tuple, list)):
+            return output[0]
+        raise TypeError(f"Cannot find logits in a model output of type {type(output).__name__}.")
+
+
+_REGISTRY: dict[str, type[Adapter]] = {}
+
+
+def register_adapter(name: str) -> Callable[[type[Adapter]], type[Adapter]]:
+    """Class decorator that registers an adapter under ``name``. Names are unique (``KeyError`` otherwise).
+
+    Example:
+        ```py
+        from hf_clafusion import register_adapter
+        from hf_clafusion.adapters.base import Adapter
+
+        @register_adapter("my_family")
+        class MyAdapter(Adapter):
+            ...
+        ```
+    """
+    if not isinstance(name, str) or not name:
+        raise ValueError(f"Adapter names must be non-empty strings, got {name!r}.")
+
+    def decorator(cls: type[Adapter]) -> type[Adapter]:
+        if name in _REGISTRY:
+            raise KeyError(f"An adapter named {name!r} is already registered ({_REGISTRY[name].__qualname__}).")
+        cls.name = name
+        _REGISTRY[name] = cls
+        return cls
+
+    return decorator
+
+
+def list_adapters() -> list[str]:
+    """Names of the registered adapters, in the order they are tried."""
+    return list(_REGISTRY)
+
+
+def get_adapter(model: nn.Module) -> Adapter:
+    """The first registered adapter whose ``matches(model)`` is true.
+
+    Raises:
+        UnsupportedArchitectureError: no adapter handles the model.
+    """
+    for cls in _REGISTRY.values():
+        if cls.matches(model):
+            return cls()
+    raise UnsupportedArchitectureError(
+        f"No adapter for a model of type {type(model).__name__!r}. Supported: {', '.join(_REGISTRY)} "
+        "(plain nn.Sequential MLPs and VGG-style CNNs). See docs/adding_an_architecture.md.",
+        layer_type=type(model).__name__,
+        supported=tuple(_REGISTRY),
+    )
+
+
+def adapter_class(name: str) -> type[Adapter]:
+    """The adapter class registered under ``name``."""
+    try:
+        return _REGISTRY[name]
+    except KeyError:
+        raise UnsupportedArchitectureError(
+            f"No adapter named {name!r}. Registered: {', '.join(_REGISTRY)}.", supported=tuple(_REGISTRY)
+        ) from None
+
+
+@contextlib.contextmanager
+def capture_outputs(model: nn.Module, names: Sequence[str]) -> Iterator[dict[str, torch.Tensor]]:
+    """Record the outputs of the named submodules during forward passes inside the ``with`` block.
+
+    The dictionary maps each name to the output of its latest call (detached). Hooks are always removed.
+    """
+    modules = dict(model.named_modules())
+    missing = [n for n in names if n not in modules]
+    if missing:
+        raise KeyError(f"Modules not found in the model: {missing}.")
+    store: dict[str, torch.Tensor] = {}
+    handles = []
+    for name in dict.fromkeys(names):
+
+        def hook(_module, _inputs, output, _name=name):
+            store[_name] = (output[0] if isinstance(output, (tuple, list)) else output).detach()
+
+        handles.append(modules[name].register_forward_hook(hook))
+    try:
+        yield store
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+@torch.no_grad()
+def reset_batchnorm_stats(model: nn.Module, batches: Sequence[Any], adapter: Adapter) -> bool:
+    """Recompute every BatchNorm's running statistics on ``batches`` (cumulative average, no momentum).
+
+    Only the BatchNorm modules are put in train mode (dropout stays off). Returns whether the model has any.
+    """
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    if not norms:
+        return False
+    saved = [(m, m.momentum, m.training) for m in norms]
+    was_training = model.training
+    model.eval()
+    for m in norms:
+        m.reset_running_stats()
+        m.momentum = None
+        m.train()
+    try:
+        for batch in batches:
+            args, kwargs = adapter.model_inputs(batch)
+            model(*args, **kwargs)
+    finally:
+        for m, momentum, training in saved:
+            m.momentum = momentum
+            m.train(training)
+        model.train(was_training)
+    return True
+
+
+__all__ = [
+    "Adapter",
+    "adapter_class",
+    "capture_outputs",
+    "get_adapter",
+    "list_adapters",
+    "register_adapter",
+    "reset_batchnorm_stats",
+]

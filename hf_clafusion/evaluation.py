@@ -1,0 +1,123 @@
+"""``evaluate``: accuracy and loss of any set of models, plus their prediction ensemble, in one table."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from ._data import labelled_batches, move_to
+from .adapters import get_adapter
+from .errors import CalibrationDataError, IncompatibleModelsError
+
+
+@dataclass
+class EvaluationRow:
+    name: str
+    accuracy: float
+    loss: float
+    num_samples: int
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "accuracy": self.accuracy, "loss": self.loss, "num_samples": self.num_samples}
+
+
+class EvaluationReport(list):
+    """A list of :class:`EvaluationRow`; ``str()`` renders a table and ``[name]`` looks a row up."""
+
+    def __getitem__(self, key):
+        if isinstance(key, str):
+            for row in self:
+                if row.name == key:
+                    return row
+            raise KeyError(f"No row named {key!r}; rows: {[r.name for r in self]}.")
+        return super().__getitem__(key)
+
+    def __str__(self) -> str:
+        width = max(len(r.name) for r in self) if self else 5
+        lines = [f"{'model':<{width}}  accuracy    loss", f"{'-' * width}  --------  ------"]
+        lines += [f"{r.name:<{width}}  {100 * r.accuracy:7.2f}%  {r.loss:6.4f}" for r in self]
+        return "\n".join(lines)
+
+    def to_dicts(self) -> list[dict[str, Any]]:
+        return [r.to_dict() for r in self]
+
+
+@torch.no_grad()
+def evaluate(
+    models: Sequence[nn.Module] | nn.Module,
+    data: Any,
+    *,
+    names: Sequence[str] | None = None,
+    ensemble: bool = True,
+    label_column: str | None = None,
+    batch_size: int = 256,
+) -> EvaluationReport:
+    """Accuracy and cross-entropy of each model, and of their prediction ensemble (mean of softmax outputs).
+
+    Args:
+        models: one model or a list (parents, the fused model...). Models are evaluated in eval mode, on their
+            own device.
+        data: ``(inputs, labels)`` tensors, an iterable of such pairs (a DataLoader), or a ``datasets.Dataset``
+            with a label column.
+        names: a display name per model (default ``model 0``, ``model 1``...).
+        ensemble: add a row for the prediction ensemble of all models (when there are 2 or more).
+        label_column: the label column of a dataset (default: ``label`` / ``labels`` / ...).
+        batch_size: batch size when ``data`` is a pair of tensors or a dataset.
+
+    Returns:
+        `EvaluationReport`: one row per model (+ ``ensemble``); ``print()`` it for a table.
+
+    Example:
+        ```py
+        report = evaluate([parent_a, parent_b, result.model], (x_test, y_test), names=["A", "B", "fused"])
+        print(report)
+        ```
+    """
+    if isinstance(models, nn.Module):
+        models = [models]
+    models = list(models)
+    names = list(names) if names is not None else [f"model {i}" for i in range(len(models))]
+    if len(names) != len(models):
+        raise IncompatibleModelsError(f"Got {len(names)} names for {len(models)} models; give one name per model.")
+    batches = labelled_batches(data, batch_size=batch_size, label_column=label_column)
+    adapters = [get_adapter(m) for m in models]
+    correct = [0] * (len(models) + 1)
+    loss = [0.0] * (len(models) + 1)
+    total = 0
+    modes = [m.training for m in models]
+    for m in models:
+        m.eval()
+    try:
+        for inputs, labels in batches:
+            probs = []
+            for i, (model, adapter) in enumerate(zip(models, adapters)):
+                device = next(model.parameters()).device
+                args, kwargs = adapter.model_inputs(move_to(inputs, device))
+                logits = adapter.logits(model(*args, **kwargs)).float().cpu()
+                if labels.numel() and (labels.max() >= logits.shape[-1] or labels.min() < 0):
+                    raise CalibrationDataError(
+                        f"Labels must be in [0, {logits.shape[-1] - 1}] for a model with {logits.shape[-1]} outputs, "
+                        f"got values in [{int(labels.min())}, {int(labels.max())}]."
+                    )
+                loss[i] += float(F.cross_entropy(logits, labels.long(), reduction="sum"))
+                correct[i] += int((logits.argmax(-1) == labels).sum())
+                probs.append(logits.softmax(-1))
+            mean = torch.stack(probs).mean(0)
+            loss[-1] += float(F.nll_loss(mean.clamp_min(1e-12).log(), labels.long(), reduction="sum"))
+            correct[-1] += int((mean.argmax(-1) == labels).sum())
+            total += labels.shape[0]
+    finally:
+        for m, mode in zip(models, modes):
+            m.train(mode)
+    report = EvaluationReport(EvaluationRow(n, correct[i] / total, loss[i] / total, total) for i, n in enumerate(names))
+    if ensemble and len(models) > 1:
+        report.append(EvaluationRow("ensemble", correct[-1] / total, loss[-1] / total, total))
+    return report
+
+
+__all__ = ["EvaluationReport", "EvaluationRow", "evaluate"]

@@ -1,0 +1,506 @@
+"""The CLAFusion pipeline: ``fuse(models, data, config) -> FusionResult``.
+
+Read top to bottom, :func:`fuse` is the algorithm:
+
+1. prepare the models through their adapter and check that they can be fused;
+2. collect activations of every hidden layer on the calibration data (one pass per model);
+3. cross-layer alignment per segment (:func:`hf_clafusion.core.align_layers`);
+4. depth balancing: identity layers into the shallower model, or merging the deeper one's unmatched layers;
+5. activation statistics of every alignment group of the balanced models (one pass per model);
+6. a transport plan per group, applied to every axis of the group (:mod:`hf_clafusion.core.transport`);
+7. weighted average with the anchor, then BatchNorm statistics recomputed.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from . import core
+from ._data import CalibrationData, move_to, prepare_calibration
+from .adapters import get_adapter
+from .adapters.base import Adapter, capture_outputs, reset_batchnorm_stats
+from .config import FusionConfig
+from .errors import (
+    AlignmentError,
+    ConfigError,
+    IncompatibleModelsError,
+    InvalidWeightsError,
+)
+from .result import AlignmentPreview, FusionResult, PairAlignment, describe_parent
+from .spec import NetworkSpec
+
+
+# --------------------------------------------------------------------------------------------- public API
+
+
+def fuse(models: Sequence[nn.Module], data: Any, config: FusionConfig | None = None, **overrides: Any) -> FusionResult:
+    """Fuse two or more trained models of the same family, possibly of different depths and widths.
+
+    Args:
+        models (`Sequence[nn.Module]`): the parents (K >= 2), already loaded. They are not modified.
+        data: calibration inputs: a tensor (the model's main input), a dict of model keyword tensors, an
+            iterable of such batches (or of ``(inputs, labels)`` pairs), or a ``datasets.Dataset``.
+        config (`FusionConfig`, *optional*): the settings; ``FusionConfig()`` when omitted.
+        **overrides: field values replacing those of ``config`` (e.g. ``solver="sinkhorn"``).
+
+    Returns:
+        `FusionResult`: the fused model (same family; depth from ``balancing``, widths from ``anchor``), the
+        layer alignment, costs, transport plans, timings and calibration provenance.
+
+    Raises:
+        IncompatibleModelsError: different output sizes, input sizes, segment structure or devices.
+        InvalidWeightsError: a parameter is NaN or infinite.
+        UnsupportedArchitectureError: no adapter handles the models, or a layer type is not supported.
+        CalibrationDataError: empty or too small calibration data.
+        AlignmentError: first/last-fixed constraints that cannot be met.
+
+    Example:
+        ```py
+        >>> import torch
+        >>> from torch import nn
+        >>> from hf_clafusion import fuse
+        >>> deep = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 16), nn.ReLU(),
+        ...                      nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 3))
+        >>> shallow = nn.Sequential(nn.Linear(8, 12), nn.ReLU(), nn.Linear(12, 12), nn.ReLU(), nn.Linear(12, 3))
+        >>> result = fuse([deep, shallow], torch.randn(64, 8), progress=False)
+        >>> result.layer_alignment
+        [[0, 2]]
+        ```
+
+    Reference:
+        Nguyen et al., "On Cross-Layer Alignment for Model Fusion of Heterogeneous Neural Networks",
+        ICASSP 2023 (arXiv 2110.15538); Singh & Jaggi, "Model Fusion via Optimal Transport", NeurIPS 2020.
+    """
+    config = _resolve_config(config, overrides)
+    run = _Run(models, data, config)
+    run.prepare()
+    run.collect_layer_activations()
+    run.align()
+    run.balance()
+    run.collect_group_statistics()
+    aligned = run.transport()
+    fused = run.average(aligned)
+    run.reset_bn(fused)
+    return run.result(fused)
+
+
+def align(models: Sequence[nn.Module], data: Any, config: FusionConfig | None = None, **overrides: Any) -> AlignmentPreview:
+    """Cross-layer alignment only: the layer costs, the alignment and its plot, without fusing.
+
+    Takes the same arguments as :func:`fuse`. Use it to preview which layers will be matched.
+    """
+    config = _resolve_config(config, overrides)
+    run = _Run(models, data, config)
+    run.prepare()
+    run.collect_layer_activations()
+    run.align()
+    return AlignmentPreview(pairs=run.pairs, timings=run.timings, config=config)
+
+
+# --------------------------------------------------------------------------------------------- internals
+
+
+def _resolve_config(config: FusionConfig | None, overrides: dict[str, Any]) -> FusionConfig:
+    if config is None:
+        config = FusionConfig()
+    if not isinstance(config, FusionConfig):
+        raise ConfigError(f"`config` must be a FusionConfig, got {type(config).__name__}. Build one with FusionConfig(...).")
+    return config.replace(**overrides) if overrides else config
+
+
+def _features(t: torch.Tensor) -> torch.Tensor:
+    """``(N, C, *spatial)`` or ``(N, C)`` -> ``(samples, C)``: positions are extra samples of each channel."""
+    if t.ndim > 2:
+        return t.movedim(1, -1).reshape(-1, t.shape[1])
+    return t
+
+
+@dataclass
+class _Segment:
+    """Depth roles of one segment across the K models."""
+
+    depths: list[int]
+    reference: int  # the model whose depth the balanced segment takes
+
+
+class _Run:
+    """State of one fusion run; each method is one stage of :func:`fuse` (timed)."""
+
+    def __init__(self, models: Sequence[nn.Module], data: Any, config: FusionConfig):
+        models = list(models)
+        if len(models) < 2:
+            raise IncompatibleModelsError(f"Fusion needs at least 2 models, got {len(models)}. Pass a list of models.")
+        if config.weights is not None and len(config.weights) != len(models):
+            raise ConfigError(
+                f"`weights` has {len(config.weights)} entries but {len(models)} models were given; give one per model.",
+                field="weights",
+            )
+        self.models = models
+        self.data = data
+        self.config = config
+        self.timings: dict[str, float] = {}
+        self.pairs: list[PairAlignment] = []
+        self.bn_reset = False
+
+    # -- helpers
+    def _timed(self, stage: str):
+        run = self
+
+        class _Timer:
+            def __enter__(self):
+                self.start = time.perf_counter()
+
+            def __exit__(self, *exc):
+                run.timings[stage] = run.timings.get(stage, 0.0) + time.perf_counter() - self.start
+
+        return _Timer()
+
+    def _bar(self, iterable, desc: str, total: int | None = None):
+        return tqdm(iterable, desc=desc, total=total, disable=not self.config.progress, leave=False)
+
+    # -- 1. prepare
+    def prepare(self) -> None:
+        with self._timed("prepare"):
+            adapters = [get_adapter(m) for m in self.models]
+            names = {a.name for a in adapters}
+            if len(names) > 1:
+                raise IncompatibleModelsError(
+                    f"The models belong to different families: {sorted(names)}. Only models of one family can be fused."
+                )
+            self.adapter: Adapter = adapters[0]
+            self.device = self._device()
+            self.parents = [describe_parent(m, i) for i, m in enumerate(self.models)]
+            for i, model in enumerate(self.models):
+                _check_finite(model, i)
+            self.prepared = [self.adapter.prepare(m).to(self.device) for m in self.models]
+            self.specs: list[NetworkSpec] = [self.adapter.spec(m) for m in self.prepared]
+            _check_compatible(self.specs)
+            self.anchor = self._anchor_index()
+            self.weights = list(self.config.weights or [1.0 / len(self.models)] * len(self.models))
+            self.calibration: CalibrationData = prepare_calibration(
+                self.data, num_samples=self.config.num_samples, batch_size=self.config.batch_size, seed=self.config.seed
+            )
+            self.batches = [move_to(b, self.device) for b in self.calibration.batches]
+            self.segments = self._segment_roles()
+
+    def _device(self) -> torch.device:
+        if self.config.device is not None:
+            return torch.device(self.config.device)
+        devices = []
+        for model in self.models:
+            tensors = list(model.parameters()) + list(model.buffers())
+            devices.append({str(t.device) for t in tensors} or {"cpu"})
+        flat = sorted(set().union(*devices))
+        if len(flat) > 1:
+            per_model = ", ".join(f"model {i}: {'/'.join(sorted(d))}" for i, d in enumerate(devices))
+            raise IncompatibleModelsError(
+                f"The models are on different devices ({per_model}). Move them to one device with `.to(device)`, "
+                "or pass `device=` to run the fusion there."
+            )
+        return torch.device(flat[0])
+
+    def _anchor_index(self) -> int:
+        anchor = self.config.anchor
+        depths = [s.depth for s in self.specs]
+        if anchor == "deepest":
+            return max(range(len(depths)), key=lambda i: (depths[i], -i))
+        if anchor == "shallowest":
+            return min(range(len(depths)), key=lambda i: (depths[i], i))
+        if anchor >= len(self.models):
+            raise ConfigError(
+                f"Invalid `anchor`: {anchor}, but only {len(self.models)} models were given (indices 0-{len(self.models) - 1}).",
+                field="anchor",
+            )
+        return anchor
+
+    def _segment_roles(self) -> list[_Segment]:
+        out = []
+        for s in range(len(self.specs[0].segments)):
+            depths = [spec.segments[s].depth for spec in self.specs]
+            pick = max if self.config.balancing == "identity" else min
+            target = pick(depths)
+            # prefer the anchor as the reference when it has the target depth
+            reference = self.anchor if depths[self.anchor] == target else depths.index(target)
+            out.append(_Segment(depths, reference))
+        return out
+
+    # -- 2. activations of every hidden layer (for layer costs and merge)
+    def collect_layer_activations(self) -> None:
+        cost = self.config.layer_cost
+        self.layer_acts: list[list[torch.Tensor]] | None = None
+        self.minibatch: dict[tuple[int, int, int], core.MinibatchCKA] = {}
+        needs_full = cost in ("cka", "cca", "wasserstein") or self.config.balancing == "merge"
+        needs_stream = cost == "cka_minibatch"
+        if not (needs_full or needs_stream):
+            return
+        with self._timed("activations_layers"), torch.no_grad():
+            captures = [[layer.capture for seg in spec.segments for layer in seg.layers] for spec in self.specs]
+            stored: list[list[list[torch.Tensor]]] = [[[] for _ in c] for c in captures]
+            for batch in self._bar(self.batches, "layer activations"):
+                per_model = []
+                for k, model in enumerate(self.prepared):
+                    with capture_outputs(model, captures[k]) as out:
+                        args, kwargs = self.adapter.model_inputs(batch)
+                        model(*args, **kwargs)
+                    acts = [out[name] for name in captures[k]]
+                    per_model.append(acts)
+                    if needs_full:
+                        for i, a in enumerate(acts):
+                            stored[k][i].append(a.float())
+                if needs_stream:
+                    self._update_minibatch(per_model)
+            if needs_full:
+                self.layer_acts = [[torch.cat(chunks) for chunks in model_chunks] for model_chunks in stored]
+
+    def _pairs_to_align(self) -> list[tuple[int, int, int]]:
+        """(segment, model, reference) for every model that must be aligned to a segment's reference."""
+        return [(s, k, seg.reference) for s, seg in enumerate(self.segments) for k in range(len(self.models)) if k != seg.reference]
+
+    def _segment_slice(self, model: int, segment: int) -> slice:
+        depths = self.specs[model].segment_depths
+        start = sum(depths[:segment])
+        return slice(start, start + depths[segment])
+
+    def _update_minibatch(self, per_model: list[list[torch.Tensor]]) -> None:
+        for s, k, ref in self._pairs_to_align():
+            deep, shallow = self._roles(s, k, ref)
+            a = per_model[deep][self._segment_slice(deep, s)]
+            b = per_model[shallow][self._segment_slice(shallow, s)]
+            if a and b:
+                self.minibatch.setdefault((s, k, ref), core.MinibatchCKA()).update(a, b)
+
+    def _roles(self, s: int, k: int, ref: int) -> tuple[int, int]:
+        """(deeper, shallower) model of a pair in segment ``s`` (the reference on ties)."""
+        depths = self.segments[s].depths
+        return (ref, k) if depths[ref] >= depths[k] else (k, ref)
+
+    # -- 3. cross-layer alignment
+    def align(self) -> None:
+        with self._timed("layer_alignment"):
+            by_model: dict[int, PairAlignment] = {}
+            for s, k, ref in self._pairs_to_align():
+                deep, shallow = self._roles(s, k, ref)
+                m, n = self.segments[s].depths[deep], self.segments[s].depths[shallow]
+                cost = self._segment_cost(s, k, ref, deep, shallow)
+                mapping = self._segment_alignment(cost, m, n, s)
+                offset = self._segment_slice(deep, s).start
+                pair = by_model.setdefault(k, PairAlignment(model=k, reference=ref, deeper=[], alignment=[], costs=[]))
+                pair.deeper.append(deep)
+                pair.alignment.append([offset + a for a in mapping])
+                pair.costs.append(cost)
+                pair.offsets.append(offset)
+            self.pairs = [by_model[k] for k in sorted(by_model)]
+            self.local = {(s, p.model): p.local(s) for p in self.pairs for s in range(len(self.segments))}
+
+    def _segment_cost(self, s: int, k: int, ref: int, deep: int, shallow: int) -> torch.Tensor:
+        m, n = self.segments[s].depths[deep], self.segments[s].depths[shallow]
+        kind = self.config.layer_cost
+        if m == 0 or n == 0:
+            return torch.zeros(m, n, dtype=torch.float64)
+        if kind == "index":
+            return core.index_cost_matrix(m, n)
+        if kind == "neuron_count":
+            widths = [[layer.width for layer in self.specs[i].segments[s].layers] for i in (deep, shallow)]
+            return core.neuron_count_cost_matrix(*widths)
+        if kind == "cka_minibatch":
+            return self.minibatch[(s, k, ref)].compute().cpu()
+        acts_deep = self.layer_acts[deep][self._segment_slice(deep, s)]
+        acts_shallow = self.layer_acts[shallow][self._segment_slice(shallow, s)]
+        fn = {"cka": core.cka_cost_matrix, "cca": core.cca_cost_matrix, "wasserstein": core.wasserstein_cost_matrix}[kind]
+        return fn(acts_deep, acts_shallow).cpu()
+
+    def _segment_alignment(self, cost: torch.Tensor, m: int, n: int, segment: int) -> list[int]:
+        if m == n:
+            return list(range(n))
+        first, last = core.relax_constraints(n, self.config.first_fixed, self.config.last_fixed)
+        if first + last > n:
+            raise AlignmentError(
+                f"Segment {segment} of the shallower model has {n} layer(s), fewer than first_fixed="
+                f"{self.config.first_fixed} + last_fixed={self.config.last_fixed}. Lower them (values up to 1 are "
+                "relaxed automatically on short segments)."
+            )
+        if self.config.alignment == "chain":
+            return core.chain_alignment(m, n)
+        if self.config.alignment == "random":
+            return core.random_alignment(m, n, first_fixed=first, last_fixed=last, seed=self.config.seed + segment)
+        return core.align_layers(cost, first_fixed=first, last_fixed=last)
+
+    # -- 4. depth balancing
+    def balance(self) -> None:
+        with self._timed("balancing"):
+            balanced = list(self.prepared)
+            if self.config.balancing == "identity":
+                for k in range(len(self.models)):
+                    layouts = []
+                    for s, seg in enumerate(self.segments):
+                        depth, target = seg.depths[k], seg.depths[seg.reference]
+                        if depth == target:
+                            layouts.append(list(range(depth)))
+                            continue
+                        layout: list[int | None] = [None] * target
+                        for own, position in enumerate(self.local[(s, k)]):
+                            layout[position] = own
+                        layouts.append(layout)
+                    if any(None in layout for layout in layouts):
+                        template = self.prepared[self._template_for(k)]
+                        balanced[k] = self.adapter.insert_identity(self.prepared[k], layouts, template)
+            else:
+                for k in range(len(self.models)):
+                    keeps = []
+                    for s, seg in enumerate(self.segments):
+                        if seg.depths[k] == seg.depths[seg.reference]:
+                            keeps.append(list(range(seg.depths[k])))
+                        else:
+                            keeps.append(self.local[(s, k)])
+                    if any(len(keep) < seg.depths[k] for keep, seg in zip(keeps, self.segments)):
+                        captures = [layer.capture for seg in self.specs[k].segments for layer in seg.layers]
+                        preacts = dict(zip(captures, self.layer_acts[k]))
+                        balanced[k] = self.adapter.merge_layers(self.prepared[k], keeps, preacts, self.config.relu_approx)
+            self.balanced = [m.to(self.device).eval() for m in balanced]
+            self.balanced_specs = [self.adapter.spec(m) for m in self.balanced]
+            _check_balanced(self.balanced_specs, self.anchor)
+
+    def _template_for(self, k: int) -> nn.Module:
+        """A model with the target depth in every segment where ``k`` needs identity layers."""
+        refs = {seg.reference for seg in self.segments if seg.depths[k] < seg.depths[seg.reference]}
+        if len(refs) == 1:
+            return refs.pop()
+        raise AlignmentError(
+            f"Model {k} needs identity layers in segments whose deepest models differ ({sorted(refs)}); balancing "
+            "against several templates at once is not supported. Fuse the models pairwise."
+        )
+
+    # -- 5. activation statistics of every alignment group
+    def collect_group_statistics(self) -> None:
+        self.group_stats: dict[int, list[core.ActivationStats]] = {}
+        if self.config.ground_metric != "activations":
+            return
+        others = [k for k in range(len(self.models)) if k != self.anchor]
+        groups = {k: self.balanced_specs[k].groups for k in range(len(self.models))}
+        self.group_stats = {k: [core.ActivationStats() for _ in groups[k]] for k in others}
+        with self._timed("activations_groups"), torch.no_grad():
+            for batch in self._bar(self.batches, "group activations"):
+                outputs = {}
+                for k, model in enumerate(self.balanced):
+                    names = [g.capture for g in groups[k]]
+                    with capture_outputs(model, names) as out:
+                        args, kwargs = self.adapter.model_inputs(batch)
+                        model(*args, **kwargs)
+                    outputs[k] = [_features(out[n]) for n in names]
+                for k in others:
+                    for g, stats in enumerate(self.group_stats[k]):
+                        stats.update(outputs[k][g], outputs[self.anchor][g])
+
+    # -- 6. transport every non-anchor model into the anchor's basis
+    def transport(self) -> dict[int, dict[str, torch.Tensor]]:
+        anchor_state = self.balanced[self.anchor].state_dict()
+        self.plans: dict[int, dict[str, torch.Tensor]] = {}
+        aligned: dict[int, dict[str, torch.Tensor]] = {self.anchor: anchor_state}
+        with self._timed("transport"):
+            for k in range(len(self.models)):
+                if k == self.anchor:
+                    continue
+                work = {name: t.clone() for name, t in self.balanced[k].state_dict().items()}
+                groups_b, groups_a = self.balanced_specs[k].groups, self.balanced_specs[self.anchor].groups
+                self.plans[k] = {}
+                for g, (group_b, group_a) in enumerate(self._bar(list(zip(groups_b, groups_a)), f"transport model {k}")):
+                    if self.config.ground_metric == "activations":
+                        cost = self.group_stats[k][g].distances()
+                    else:
+                        primary = group_b.axes[0].param
+                        cost = core.weight_distances(work[primary], anchor_state[group_a.axes[0].param])
+                    plan = core.transport_plan(cost, solver=self.config.solver, reg=self.config.reg)
+                    r_map, s_map = core.plan_maps(plan, self.config.plan_normalization)
+                    for axis in group_b.axes:
+                        matrix = r_map if axis.role == "out" else s_map
+                        work[axis.param] = core.apply_plan(work[axis.param], axis.axis, matrix, inner=axis.inner)
+                    self.plans[k][group_a.name] = plan.float().cpu()
+                aligned[k] = work
+        return aligned
+
+    # -- 7. average and recompute BatchNorm statistics
+    def average(self, aligned: dict[int, dict[str, torch.Tensor]]) -> nn.Module:
+        with self._timed("averaging"):
+            fused = copy.deepcopy(self.balanced[self.anchor])
+            state = {}
+            for name, tensor in aligned[self.anchor].items():
+                shapes = {k: tuple(aligned[k][name].shape) for k in aligned}
+                if len(set(shapes.values())) > 1:
+                    raise IncompatibleModelsError(
+                        f"Parameter {name!r} has different shapes after alignment: {shapes}. The models' inputs or "
+                        "outputs probably differ; only hidden widths may differ."
+                    )
+                if name.endswith("num_batches_tracked"):
+                    state[name] = tensor.clone()
+                    continue
+                state[name] = core.weighted_average([aligned[k][name] for k in range(len(self.models))], self.weights)
+            fused.load_state_dict(state)
+        return fused.eval()
+
+    def reset_bn(self, fused: nn.Module) -> None:
+        if not self.config.reset_bn_stats:
+            return
+        with self._timed("bn_reset"):
+            self.bn_reset = reset_batchnorm_stats(fused, self.batches, self.adapter)
+
+    def result(self, fused: nn.Module) -> FusionResult:
+        return FusionResult(
+            model=fused,
+            pairs=self.pairs,
+            transport_plans=self.plans,
+            timings=dict(self.timings),
+            calibration=self.calibration.provenance,
+            config=self.config,
+            adapter=self.adapter.name,
+            anchor=self.anchor,
+            parents=self.parents,
+            bn_reset=self.bn_reset,
+        )
+
+
+def _check_finite(model: nn.Module, index: int) -> None:
+    for name, tensor in list(model.named_parameters()) + list(model.named_buffers()):
+        if tensor.is_floating_point() and tensor.device.type != "meta" and not torch.isfinite(tensor).all():
+            bad = int((~torch.isfinite(tensor)).sum())
+            raise InvalidWeightsError(
+                f"Model {index} has non-finite values in {name!r} ({bad} of {tensor.numel()} entries are NaN/inf). "
+                "Fix or retrain that model before fusing."
+            )
+
+
+def _check_compatible(specs: list[NetworkSpec]) -> None:
+    outputs = [s.output_size for s in specs]
+    if len(set(outputs)) > 1:
+        raise IncompatibleModelsError(
+            f"The models have different output sizes: {outputs}. Fused models must share one label set; "
+            "retrain or replace the classifier so all have the same number of outputs."
+        )
+    inputs = [s.input_size for s in specs]
+    if len(set(inputs)) > 1:
+        raise IncompatibleModelsError(
+            f"The models read inputs of different sizes: {inputs} features/channels. Fusion needs the same input."
+        )
+    counts = [len(s.segments) for s in specs]
+    if len(set(counts)) > 1:
+        raise IncompatibleModelsError(
+            f"The models have different numbers of segments (runs of layers between pooling layers): {counts}. "
+            "CLAFusion aligns layers segment by segment, so both need the same pooling structure."
+        )
+
+
+def _check_balanced(specs: list[NetworkSpec], anchor: int) -> None:
+    depths = [s.segment_depths for s in specs]
+    if len(set(depths)) > 1:
+        raise AlignmentError(f"Depth balancing produced different segment depths {depths}; this is a bug, please report it.")
+    names = [[g.name for g in s.groups] for s in specs]
+    for k, n in enumerate(names):
+        if len(n) != len(names[anchor]):
+            raise AlignmentError(f"Model {k} has {len(n)} alignment groups after balancing, the anchor {len(names[anchor])}.")

@@ -1,0 +1,173 @@
+"""Result objects: :class:`FusionResult` (from :func:`~hf_clafusion.fuse`) and :class:`AlignmentPreview`."""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import nn
+
+from .config import FusionConfig
+from .errors import ClaFusionError
+
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
+
+
+@dataclass
+class PairAlignment:
+    """The cross-layer alignment between one model and the depth reference of each segment.
+
+    Attributes:
+        model: index of the aligned model.
+        reference: index of the model it is aligned to (the deeper one with ``balancing="identity"``).
+        deeper: per segment, which of the two is the deeper model there (the one the indices refer to).
+        alignment: per segment, the 0-indexed hidden-layer indices of the deeper model (counted over the whole
+            network), one per hidden layer of the shallower model in that segment.
+        costs: per segment, the ``(deep, shallow)`` layer cost matrix.
+        offsets: per segment, the network-wide index of the deeper model's first layer in that segment.
+    """
+
+    model: int
+    reference: int
+    deeper: list[int]
+    alignment: list[list[int]]
+    costs: list[torch.Tensor]
+    offsets: list[int] = field(default_factory=list)
+
+    def local(self, segment: int) -> list[int]:
+        """The alignment of one segment with indices counted from the segment's first layer."""
+        return [a - self.offsets[segment] for a in self.alignment[segment]]
+
+
+def describe_parent(model: nn.Module, index: int) -> dict[str, Any]:
+    """Identity card of a parent model: class, name or path when known, size, and a content hash."""
+    config = getattr(model, "config", None)
+    name = getattr(model, "name_or_path", None) or getattr(config, "_name_or_path", None) or None
+    digest = hashlib.sha256()
+    for key, tensor in sorted(model.state_dict().items()):
+        digest.update(key.encode())
+        if tensor.device.type != "meta":
+            digest.update(tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    return {
+        "index": index,
+        "class": type(model).__name__,
+        "name_or_path": name,
+        "num_parameters": sum(p.numel() for p in model.parameters()),
+        "sha256": digest.hexdigest(),
+    }
+
+
+class _AlignmentMixin:
+    pairs: list[PairAlignment]
+
+    @property
+    def layer_alignment(self) -> list[list[int]]:
+        """Per segment, the deeper model's 0-indexed hidden layer matched to each shallower-model layer (K = 2)."""
+        if len(self.pairs) != 1:
+            raise ClaFusionError(
+                f"{len(self.pairs) + 1} models were fused, so there is one alignment per non-reference model: use "
+                "`layer_alignments` instead of `layer_alignment`."
+            )
+        return self.pairs[0].alignment
+
+    @property
+    def layer_alignments(self) -> list[list[list[int]]]:
+        """One :attr:`layer_alignment` per aligned (non-reference) model, in model order."""
+        return [p.alignment for p in self.pairs]
+
+    @property
+    def layer_costs(self) -> list[torch.Tensor] | list[list[torch.Tensor]]:
+        """Per segment, the ``(deep, shallow)`` layer cost matrix (K = 2); one such list per pair when K > 2."""
+        if len(self.pairs) == 1:
+            return self.pairs[0].costs
+        return [p.costs for p in self.pairs]
+
+    def plot_alignment(self, path: str | Path | None = None) -> Figure:
+        """Heatmaps of the layer cost matrices with the chosen alignment drawn on them; saved when ``path`` is given."""
+        from .plotting import plot_alignment
+
+        return plot_alignment(self.pairs, path)
+
+
+@dataclass
+class AlignmentPreview(_AlignmentMixin):
+    """What :func:`~hf_clafusion.align` returns: layer costs and alignments, no fused model."""
+
+    pairs: list[PairAlignment]
+    timings: dict[str, float]
+    config: FusionConfig
+
+
+@dataclass
+class FusionResult(_AlignmentMixin):
+    """What :func:`~hf_clafusion.fuse` returns.
+
+    Attributes:
+        model: the fused model, same family and class as the parents.
+        pairs: the cross-layer alignments (see :attr:`layer_alignment`, :attr:`layer_alignments`).
+        transport_plans: per non-anchor model index, the plan ``(n_model, n_anchor)`` of every alignment group.
+        timings: seconds per pipeline stage.
+        calibration: where the calibration samples came from (source, size, indices, seed).
+        config: the :class:`FusionConfig` used.
+        adapter: the adapter (model family) name.
+        anchor: index of the model whose widths and neuron basis the fused model has.
+        parents: identity cards of the parents (class, name or path, parameter count, content hash).
+        bn_reset: whether BatchNorm statistics were recomputed on the calibration data.
+        evaluation: evaluation rows attached by the user (e.g. from :func:`~hf_clafusion.evaluate`), recorded
+            in ``fusion_config.json``.
+    """
+
+    model: nn.Module
+    pairs: list[PairAlignment]
+    transport_plans: dict[int, dict[str, torch.Tensor]]
+    timings: dict[str, float]
+    calibration: dict[str, Any]
+    config: FusionConfig
+    adapter: str
+    anchor: int
+    parents: list[dict[str, Any]]
+    bn_reset: bool = False
+    evaluation: list[dict[str, Any]] = field(default_factory=list)
+
+    def summary(self) -> str:
+        """A human-readable report: parents, fused depth and widths, alignment per segment, timings."""
+        lines = [f"CLAFusion of {len(self.parents)} {self.adapter} models (anchor: model {self.anchor})"]
+        for p in self.parents:
+            name = p["name_or_path"] or "(in memory)"
+            lines.append(f"  model {p['index']}: {p['class']} {name}, {p['num_parameters']:,} parameters")
+        fused_params = sum(t.numel() for t in self.model.parameters())
+        lines.append(f"  fused: {type(self.model).__name__}, {fused_params:,} parameters")
+        cfg = self.config
+        lines.append(
+            f"  layer cost {cfg.layer_cost}, alignment {cfg.alignment}, balancing {cfg.balancing}, solver {cfg.solver}, "
+            f"ground metric {cfg.ground_metric}, {self.calibration.get('num_samples')} calibration samples"
+        )
+        for pair in self.pairs:
+            for s, (deep, mapping) in enumerate(zip(pair.deeper, pair.alignment)):
+                shallow = pair.reference if deep == pair.model else pair.model
+                lines.append(f"  segment {s}: model {shallow} layers -> model {deep} layers {mapping}")
+        if self.bn_reset:
+            lines.append("  BatchNorm statistics recomputed on the calibration data")
+        total = sum(self.timings.values())
+        stages = ", ".join(f"{k} {v:.3f}s" for k, v in self.timings.items())
+        lines.append(f"  time {total:.3f}s ({stages})")
+        return "\n".join(lines)
+
+    def save_pretrained(self, save_directory: str | Path, *, overwrite: bool = False) -> Path:
+        """Write the fused model, ``fusion_config.json`` and the alignment plot into ``save_directory``.
+
+        The write is atomic: files go to a temporary sibling folder that is renamed into place, so an
+        interrupted save leaves nothing at the target. An existing non-empty target is refused unless
+        ``overwrite=True``.
+        """
+        from .hub import save_fusion_result
+
+        return save_fusion_result(self, save_directory, overwrite=overwrite)
+
+
+__all__ = ["AlignmentPreview", "FusionResult", "PairAlignment"]

@@ -1,0 +1,109 @@
+"""The model-agnostic description of a network that the fusion pipeline works on.
+
+A network is ``stem -> segments of layers -> head``. Cross-layer alignment runs inside each segment (layers
+of different segments never match: resolution or stage changes between them). Every parameter axis that
+holds neurons names its *alignment group*: the set of axes that must share one neuron correspondence.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+
+@dataclass(frozen=True)
+class AxisRef:
+    """One axis of one parameter (or buffer) that belongs to an alignment group.
+
+    Attributes:
+        param: state-dict key, e.g. ``"3.weight"``.
+        axis: the tensor axis holding the group's neurons.
+        role: ``"out"`` when the tensor writes the neurons (weight rows, biases, norm parameters: transported
+            with ``R``), ``"in"`` when it reads them (the next layer's input axis: transported with ``S``).
+        inner: positions per channel when the axis is a flattened ``(channels, positions)`` pair (a Linear
+            after ``Flatten``); 1 otherwise.
+    """
+
+    param: str
+    axis: int
+    role: Literal["out", "in"]
+    inner: int = 1
+
+
+@dataclass(frozen=True)
+class Group:
+    """An alignment group: one neuron basis shared by several parameter axes.
+
+    Attributes:
+        name: stable name, equal in every (balanced) model of the same structure, e.g. ``"layer.3"``.
+        width: number of neurons.
+        axes: the parameter axes; the first ``"out"`` axis is the group's primary weight (used by the weight
+            ground metric).
+        capture: the module whose output gives the group's activations (channels on dim 1 for conv maps, last
+            dim for vectors).
+    """
+
+    name: str
+    width: int
+    axes: tuple[AxisRef, ...]
+    capture: str
+
+
+@dataclass(frozen=True)
+class LayerSpec:
+    """One hidden layer (or block) that cross-layer alignment can match.
+
+    Attributes:
+        name: module name of the layer.
+        capture: module whose output represents the layer for layer costs.
+        width: number of neurons / channels.
+    """
+
+    name: str
+    capture: str
+    width: int
+
+
+@dataclass(frozen=True)
+class SegmentSpec:
+    """A run of hidden layers between two resolution changes (pooling layers, stages)."""
+
+    name: str
+    layers: tuple[LayerSpec, ...]
+
+    @property
+    def depth(self) -> int:
+        return len(self.layers)
+
+
+@dataclass(frozen=True)
+class NetworkSpec:
+    """Everything the pipeline needs to know about a model, produced by its adapter.
+
+    Attributes:
+        family: adapter family, e.g. ``"torch.sequential"``.
+        segments: hidden layers grouped into segments, in forward order.
+        groups: alignment groups of every hidden neuron set, in forward order.
+        output_size: number of outputs (classes); the output axis is never aligned.
+        input_size: number of input features / channels the first layer reads (None if not applicable).
+        description: a JSON-serialisable architecture description the adapter can rebuild the model from.
+    """
+
+    family: str
+    segments: tuple[SegmentSpec, ...]
+    groups: tuple[Group, ...]
+    output_size: int
+    input_size: int | None = None
+    description: dict = field(default_factory=dict, compare=False)
+
+    @property
+    def depth(self) -> int:
+        """Number of hidden layers over all segments."""
+        return sum(s.depth for s in self.segments)
+
+    @property
+    def segment_depths(self) -> tuple[int, ...]:
+        return tuple(s.depth for s in self.segments)
+
+
+__all__ = ["AxisRef", "Group", "LayerSpec", "NetworkSpec", "SegmentSpec"]

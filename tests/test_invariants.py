@@ -1,0 +1,142 @@
+"""Function-preservation invariants (DESIGN.md): identity insertion, permuted copies, widened copies."""
+
+import pytest
+import torch
+
+from hf_clafusion import FusionConfig, fuse
+from hf_clafusion.adapters import get_adapter
+
+from ._models import cnn, max_rel_error, mlp, permuted_copy, randomize_bn, widened_mlp
+
+
+EXACT = FusionConfig(reset_bn_stats=False, progress=False)
+
+
+def _insert(model, layouts, template):
+    adapter = get_adapter(model)
+    return adapter.insert_identity(adapter.prepare(model), layouts, adapter.prepare(template))
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_identity_layers_preserve_mlp_outputs(bias):
+    shallow = mlp(10, [16, 12], 4, bias=bias)
+    deep = mlp(10, [16, 9, 7, 12], 4, bias=bias, seed=1)
+    x = torch.randn(50, 10)
+    balanced = _insert(shallow, [[0, None, None, 1]], deep)
+    assert sum(isinstance(m, torch.nn.Linear) for m in balanced) == 5
+    assert max_rel_error(balanced(x), shallow(x)) < 1e-6
+
+
+def test_identity_before_the_first_layer_is_exact_for_negative_inputs():
+    """The official code inserts I before the first layer, where ReLU(I x) != x; the signed construction is exact."""
+    shallow = mlp(6, [8, 8], 3)
+    deep = mlp(6, [8, 8, 8, 8], 3, seed=1)
+    x = torch.randn(40, 6) * 3  # plenty of negative inputs
+    balanced = _insert(shallow, [[None, None, 0, 1]], deep)
+    assert max_rel_error(balanced(x), shallow(x)) < 1e-6
+
+
+@pytest.mark.parametrize("bn", [True, False])
+def test_identity_layers_preserve_cnn_outputs(bn):
+    shallow = cnn([6, "M", 8, "M"], bn=bn)
+    deep = cnn([5, 5, 5, "M", 7, 7, "M"], bn=bn, seed=1)
+    x = torch.rand(20, 1, 8, 8)
+    balanced = _insert(shallow, [[0, None, None], [None, 0]], deep).eval()
+    shallow.eval()
+    assert sum(isinstance(m, torch.nn.Conv2d) for m in balanced) == 5
+    assert max_rel_error(balanced(x), shallow(x)) < 1e-5
+
+
+def test_identity_in_hidden_fc_segment_after_flatten():
+    shallow = cnn([4, "M"], hidden_fc=[10], bn=False)
+    deep = cnn([4, "M"], hidden_fc=[12, 12, 12], bn=False, seed=1)
+    x = torch.rand(10, 1, 8, 8)
+    balanced = _insert(shallow, [[0], [0, None, None]], deep)
+    assert max_rel_error(balanced(x), shallow(x)) < 1e-6
+    first_fc = next(m for m in balanced if isinstance(m, torch.nn.Linear))
+    assert first_fc.in_features == 4 * 4 * 4
+
+
+def _fused_equals(original, other, x, **overrides):
+    result = fuse([original, other], x, EXACT, **overrides)
+    original.eval()
+    return max_rel_error(result.model(x), original(x)), result
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_fusing_with_a_permuted_copy_returns_the_original_mlp(seed):
+    model = mlp(12, [32, 24, 16], 5, seed=seed)
+    x = torch.randn(200, 12)
+    error, result = _fused_equals(model, permuted_copy(model, seed=seed + 10), x)
+    assert error < 1e-4
+    assert result.layer_alignment == [[0, 1, 2]]
+
+
+@pytest.mark.parametrize("solver", ["emd", "permutation", "sinkhorn"])
+@pytest.mark.parametrize("metric", ["activations", "weights"])
+def test_permuted_copy_with_every_solver_and_metric(solver, metric):
+    model = mlp(12, [20, 16], 5, seed=3)
+    x = torch.randn(150, 12)
+    overrides = {"solver": solver, "ground_metric": metric}
+    if solver == "sinkhorn":
+        overrides["reg"] = 0.002
+    error, _ = _fused_equals(model, permuted_copy(model, seed=4), x, **overrides)
+    assert error < (1e-4 if solver != "sinkhorn" else 2e-2)
+
+
+@pytest.mark.parametrize("bn", [True, False])
+def test_fusing_with_a_permuted_copy_returns_the_original_cnn(bn):
+    model = cnn([6, 6, "M", 8, "M"], hidden_fc=[16], bn=bn, seed=2).eval()
+    x = torch.rand(64, 1, 8, 8)
+    error, _ = _fused_equals(model, permuted_copy(model, seed=5), x)
+    assert error < 1e-4
+
+
+# Uniform marginals make duplication exact when every neuron has the same number of copies (fusion_math.md §1).
+SHUFFLED_DOUBLE = [[3, 0, 5, 1, 1, 4, 2, 0, 5, 3, 2, 4], [4, 0, 2, 1, 3, 3, 0, 2, 4, 1]]
+
+
+def test_fusing_with_a_widened_copy_returns_the_original_narrow_anchor():
+    model = mlp(10, [6, 5], 3, seed=7)
+    wide = widened_mlp(model, SHUFFLED_DOUBLE)
+    x = torch.randn(200, 10)
+    assert max_rel_error(wide(x), model(x)) < 1e-5
+    error, _ = _fused_equals(model, wide, x, anchor=0)
+    assert error < 1e-4
+
+
+def test_fusing_with_a_widened_copy_returns_the_original_wide_anchor():
+    model = mlp(10, [6, 5], 3, seed=8)
+    wide = widened_mlp(model, SHUFFLED_DOUBLE)
+    x = torch.randn(200, 10)
+    result = fuse([wide, model], x, EXACT, anchor=0)
+    assert max_rel_error(result.model(x), wide(x)) < 1e-4
+
+
+def test_official_column_normalisation_is_wrong_for_widened_copies():
+    """fusion_math.md §1: one rescaling on both axes breaks when widths differ (the reason for two_sided)."""
+    model = mlp(10, [6, 5], 3, seed=8)
+    wide = widened_mlp(model, SHUFFLED_DOUBLE)
+    x = torch.randn(200, 10)
+    result = fuse([wide, model], x, EXACT, anchor=0, plan_normalization="column")
+    assert max_rel_error(result.model(x), wide(x)) > 0.05
+
+
+def test_deep_fused_with_identity_balanced_copy_keeps_its_unmatched_layers_halfway():
+    """Fusing a model with itself and a permuted copy of itself, K = 3, returns the original."""
+    model = mlp(8, [16, 16], 4, seed=9)
+    x = torch.randn(100, 8)
+    result = fuse([model, permuted_copy(model, 1), permuted_copy(model, 2)], x, EXACT)
+    assert max_rel_error(result.model(x), model(x)) < 1e-4
+    assert len(result.layer_alignments) == 2
+
+
+def test_bn_reset_recomputes_statistics_on_calibration_data():
+    model = cnn([6, "M"], bn=True, seed=3)
+    randomize_bn(model, 4)
+    x = torch.rand(64, 1, 8, 8)
+    result = fuse([model, permuted_copy(model, 3)], x, FusionConfig(progress=False, num_samples=64, batch_size=64))
+    bn = next(m for m in result.model if isinstance(m, torch.nn.BatchNorm2d))
+    conv_out = result.model[0](x)
+    assert torch.allclose(bn.running_mean, conv_out.mean(dim=(0, 2, 3)), atol=1e-4)
+    assert result.bn_reset
