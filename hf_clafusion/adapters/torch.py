@@ -29,7 +29,7 @@ from ..core import (
     relu_diagonal,
     signed_identity_weight,
 )
-from ..errors import AlignmentError, SaveError, UnsupportedArchitectureError
+from ..errors import AlignmentError, CalibrationDataError, SaveError, UnsupportedArchitectureError
 from ..spec import AxisRef, Group, LayerSpec, NetworkSpec, SegmentSpec
 from .base import Adapter, register_adapter
 
@@ -205,6 +205,18 @@ class SequentialAdapter(Adapter):
         layers = [copy.deepcopy(m) for m in _leaves(model)]
         _layout(layers)
         return nn.Sequential(*layers).eval()
+
+    def model_inputs(self, batch):
+        """A Sequential takes one tensor; a dict batch with exactly one tensor (e.g. ``pixel_values``) is unwrapped."""
+        if isinstance(batch, dict):
+            tensors = [v for v in batch.values() if isinstance(v, torch.Tensor)]
+            if len(tensors) != 1:
+                raise CalibrationDataError(
+                    f"A Sequential model takes one input tensor, but the batch has keys {sorted(batch)}. Pass the "
+                    "input tensor itself (or a dataset with one input column)."
+                )
+            return (tensors[0],), {}
+        return (batch,), {}
 
     def description(self, model: nn.Sequential) -> dict:
         return {"format": FORMAT, "version": 1, "layers": [describe_layer(m) for m in model]}

@@ -79,7 +79,9 @@ def weight_distances(weight_b: torch.Tensor, weight_a: torch.Tensor) -> torch.Te
     return torch.cdist(b, a)
 
 
-def transport_plan(cost, *, solver: str = "emd", reg: float = 0.05, max_iter: int = 10_000):
+def transport_plan(
+    cost, *, solver: str = "emd", reg: float = 0.05, max_iter: int = 10_000
+) -> torch.Tensor | np.ndarray:
     """Optimal transport plan between uniform measures on B's neurons (rows) and A's neurons (columns).
 
     Args:
@@ -92,8 +94,8 @@ def transport_plan(cost, *, solver: str = "emd", reg: float = 0.05, max_iter: in
         max_iter (`int`): Sinkhorn iteration cap.
 
     Returns:
-        The plan ``T`` of shape `(n_B, n_A)`, same array type, device and float64 precision as the input;
-        ``T.sum() == 1``.
+        `Tensor` or `np.ndarray` of shape `(n_B, n_A)`: the plan ``T``, same array type, device and float64
+            precision as the input; ``T.sum() == 1``.
 
     Raises:
         ConfigError: unknown solver, or ``"permutation"`` with different widths.
@@ -123,7 +125,9 @@ def transport_plan(cost, *, solver: str = "emd", reg: float = 0.05, max_iter: in
         scaled = cost_t / cost_t.max().clamp_min(1e-12)
         mu = torch.full((n_b,), 1.0 / n_b, dtype=torch.float64, device=device)
         nu = torch.full((n_a,), 1.0 / n_a, dtype=torch.float64, device=device)
-        plan = ot.sinkhorn(mu, nu, scaled, reg, method="sinkhorn_log", numItermax=max_iter, stopThr=1e-9)
+        with warnings.catch_warnings():  # POT's own non-convergence warning is replaced by ours below
+            warnings.simplefilter("ignore", UserWarning)
+            plan = ot.sinkhorn(mu, nu, scaled, reg, method="sinkhorn_log", numItermax=max_iter, stopThr=1e-9)
         error = float((plan.sum(0) - nu).abs().max() * n_a)
         if not torch.isfinite(plan).all() or error > 1e-3:
             warnings.warn(

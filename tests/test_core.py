@@ -1,0 +1,176 @@
+"""The pure tensor math in hf_clafusion.core."""
+
+import numpy as np
+import pytest
+import torch
+
+from hf_clafusion import CalibrationDataError, ClaFusionWarning, ConfigError
+from hf_clafusion.core import (
+    ActivationStats,
+    MinibatchCKA,
+    absorb_signed_input,
+    apply_plan,
+    cca_cost_matrix,
+    cka_cost_matrix,
+    identity_weight,
+    index_cost_matrix,
+    linear_cka,
+    merge_linear,
+    neuron_count_cost_matrix,
+    neuron_distances,
+    plan_maps,
+    relu_diagonal,
+    signed_identity_weight,
+    transport_plan,
+    wasserstein_cost_matrix,
+    weight_distances,
+)
+
+
+def _reference_cka(x, y):
+    """Feature-space linear CKA (Kornblith et al. 2019, eq. 5) on centred data."""
+    x = x - x.mean(0)
+    y = y - y.mean(0)
+    return float((y.T @ x).norm() ** 2 / ((x.T @ x).norm() * (y.T @ y).norm()))
+
+
+def test_cka_matches_feature_space_formula_and_invariances():
+    x = torch.randn(80, 12, dtype=torch.float64)
+    y = x @ torch.randn(12, 7, dtype=torch.float64) + 0.5 * torch.randn(80, 7, dtype=torch.float64)
+    assert float(linear_cka(x, y)) == pytest.approx(_reference_cka(x, y), rel=1e-9)
+    q, _ = torch.linalg.qr(torch.randn(12, 12, dtype=torch.float64))
+    assert float(linear_cka(x, 3.0 * x @ q + 1.0)) == pytest.approx(1.0, abs=1e-9)  # orthogonal + scale + shift
+
+
+def test_cka_cost_matrix_is_batched_over_all_pairs():
+    a = [torch.randn(50, 6), torch.randn(50, 3, 2, 2)]
+    b = [torch.randn(50, 4), a[0] * 2, torch.randn(50, 9)]
+    cost = cka_cost_matrix(a, b)
+    assert cost.shape == (2, 3)
+    assert float(cost[0, 1]) == pytest.approx(0.0, abs=1e-9)
+    for i in range(2):
+        for j in range(3):
+            expected = 1 - _reference_cka(a[i].reshape(50, -1).double(), b[j].reshape(50, -1).double())
+            assert float(cost[i, j]) == pytest.approx(expected, abs=1e-9)
+
+
+def test_minibatch_cka_converges_to_the_full_estimate():
+    torch.manual_seed(0)
+    x = torch.randn(4000, 10, dtype=torch.float64)
+    y = torch.tanh(x @ torch.randn(10, 5, dtype=torch.float64))
+    acc = MinibatchCKA()
+    for start in range(0, 4000, 200):
+        acc.update([x[start : start + 200]], [y[start : start + 200]])
+    assert acc.num_batches == 20
+    assert float(acc.compute()[0, 0]) == pytest.approx(1 - _reference_cka(x, y), abs=0.01)
+
+
+def test_minibatch_cka_needs_four_samples_per_batch():
+    with pytest.raises(CalibrationDataError, match="at least 4 samples per batch"):
+        MinibatchCKA().update([torch.randn(3, 2)], [torch.randn(3, 2)])
+
+
+def test_cca_warns_when_degenerate_and_is_zero_for_linear_maps():
+    x = torch.randn(100, 5, dtype=torch.float64)
+    cost = cca_cost_matrix([x], [x @ torch.randn(5, 5, dtype=torch.float64)])
+    assert float(cost[0, 0]) == pytest.approx(0.0, abs=1e-9)
+    with pytest.warns(ClaFusionWarning, match="CCA is degenerate.*widest layer 20 >= 10 samples"):
+        cca_cost_matrix([torch.randn(10, 20)], [torch.randn(10, 3)])
+
+
+def test_wasserstein_cost_is_zero_for_a_permuted_layer_and_positive_otherwise():
+    x = torch.randn(60, 8)
+    cost = wasserstein_cost_matrix([x], [x[:, torch.randperm(8)], torch.randn(60, 8)])
+    assert float(cost[0, 0]) == pytest.approx(0.0, abs=1e-6)
+    assert float(cost[0, 1]) > 0.5
+
+
+def test_official_euclidean_measures():
+    assert neuron_count_cost_matrix([400, 200], [400, 100]).tolist() == [[0.0, 90000.0], [40000.0, 10000.0]]
+    assert index_cost_matrix(3, 2).tolist() == [[0.0, 1.0], [1.0, 0.0], [4.0, 1.0]]
+
+
+def test_streamed_statistics_equal_direct_distances():
+    a, b = torch.randn(300, 7), torch.randn(300, 5)
+    stats = ActivationStats()
+    for start in range(0, 300, 64):
+        stats.update(b[start : start + 64], a[start : start + 64])
+    assert torch.allclose(stats.distances(), neuron_distances(b, a), atol=1e-9)
+    direct = torch.cdist(b.double().T, a.double().T) / 300**0.5
+    assert torch.allclose(stats.distances(), direct, atol=1e-9)
+
+
+@pytest.mark.parametrize("solver", ["emd", "sinkhorn", "permutation"])
+def test_plans_have_uniform_marginals(solver):
+    cost = torch.rand(6, 6, dtype=torch.float64)
+    plan = transport_plan(cost, solver=solver, reg=0.05)
+    assert torch.allclose(plan.sum(0), torch.full((6,), 1 / 6, dtype=torch.float64), atol=1e-6)
+    assert float(plan.sum()) == pytest.approx(1.0, abs=1e-6)
+
+
+def test_emd_recovers_a_permutation_and_returns_numpy_for_numpy():
+    perm = torch.randperm(7)
+    cost = 1.0 - torch.eye(7, dtype=torch.float64)[perm]
+    plan = transport_plan(cost.numpy(), solver="emd")
+    assert isinstance(plan, np.ndarray)
+    assert (plan.argmax(1) == perm.numpy()).all()
+
+
+def test_permutation_solver_needs_equal_widths():
+    with pytest.raises(ConfigError, match="equal width, got 4 and 6"):
+        transport_plan(torch.rand(4, 6), solver="permutation")
+
+
+def test_sinkhorn_warns_when_it_cannot_converge():
+    with pytest.warns(ClaFusionWarning, match="Raise `reg`"):
+        transport_plan(torch.rand(30, 20, dtype=torch.float64), solver="sinkhorn", reg=1e-4, max_iter=3)
+
+
+def test_two_sided_maps_and_column_maps():
+    plan = transport_plan(torch.rand(4, 8, dtype=torch.float64), solver="emd")
+    r, s = plan_maps(plan, "two_sided")
+    assert torch.allclose(r.sum(0), torch.ones(8, dtype=torch.float64))
+    assert torch.allclose(s.sum(1), torch.ones(4, dtype=torch.float64))
+    r2, s2 = plan_maps(plan, "column")
+    assert torch.equal(r2, s2)
+
+
+def test_apply_plan_on_conv_and_flattened_axes():
+    weight = torch.randn(5, 3, 3, 3)
+    perm = torch.tensor([2, 0, 1])
+    matrix = torch.zeros(3, 3, dtype=torch.float64)
+    matrix[perm, torch.arange(3)] = 1.0
+    assert torch.equal(apply_plan(weight, 1, matrix), weight[:, perm])
+    flat = torch.randn(4, 3 * 5)
+    expected = flat.view(4, 3, 5)[:, perm].reshape(4, 15)
+    assert torch.allclose(apply_plan(flat, 1, matrix, inner=5), expected)
+
+
+def test_identity_and_signed_identity_weights():
+    x = torch.randn(10, 4)
+    assert torch.equal(torch.relu(x.abs() @ identity_weight(4).T), x.abs())
+    split = torch.relu(x @ signed_identity_weight(4, first=True).T)
+    again = torch.relu(split @ signed_identity_weight(4, first=False).T)
+    w = torch.randn(3, 4)
+    assert torch.allclose(again @ absorb_signed_input(w).T, x @ w.T, atol=1e-6)
+    conv = identity_weight(2, [3, 3])
+    assert conv[0, 0, 1, 1] == 1 and conv.sum() == 2
+    with pytest.raises(ConfigError, match="odd kernel"):
+        identity_weight(2, [2, 2])
+
+
+def test_merge_linear_composes_layers_with_a_diagonal():
+    w1, b1, w2, b2 = torch.randn(6, 4), torch.randn(6), torch.randn(3, 6), torch.randn(3)
+    x = torch.randn(20, 4)
+    d = relu_diagonal(x @ w1.T + b1, "avg")
+    w, b = merge_linear(w1, b1, d, w2, b2)
+    expected = ((x @ w1.T + b1) * d.float()) @ w2.T + b2
+    assert torch.allclose(x @ w.T + b, expected, atol=1e-5)
+    z = torch.tensor([[1.0, -2.0, 0.5], [-1.0, -1.0, 0.5], [3.0, -1.0, -2.0]])
+    assert relu_diagonal(z, "sum").tolist() == [1.0, 0.0, 0.0]
+    assert relu_diagonal(z, "majority").tolist() == [1.0, 0.0, 1.0]
+    assert relu_diagonal(z, "avg").tolist() == pytest.approx([2 / 3, 0.0, 2 / 3])
+
+
+def test_weight_distances_shape():
+    assert weight_distances(torch.randn(4, 3, 3, 3), torch.randn(6, 3, 3, 3)).shape == (4, 6)

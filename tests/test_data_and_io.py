@@ -1,0 +1,161 @@
+"""Calibration data forms, save/load round trips, atomic writes, fuse_pretrained loading."""
+
+import json
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from torch.utils.data import DataLoader, TensorDataset
+
+from hf_clafusion import (
+    ClaFusionError,
+    FusionConfig,
+    SaveError,
+    UnsupportedArchitectureError,
+    align,
+    fuse,
+    fuse_pretrained,
+    load_pretrained,
+    save_model,
+)
+
+from ._models import cnn, max_rel_error, mlp
+
+
+CONFIG = FusionConfig(progress=False, reset_bn_stats=False, num_samples=64)
+
+
+@pytest.fixture
+def pair():
+    return mlp(8, [16, 16, 16], 3), mlp(8, [12, 12], 3, seed=1)
+
+
+def test_all_calibration_forms_give_the_same_fusion(pair):
+    x = torch.randn(64, 8)
+    y = torch.randint(0, 3, (64,))
+    reference = fuse(pair, x, CONFIG).model.state_dict()
+    loader = DataLoader(TensorDataset(x, y), batch_size=16)
+    for data in (loader, [x[:20], x[20:]]):
+        state = fuse(pair, data, CONFIG).model.state_dict()
+        assert all(torch.allclose(state[k], reference[k], atol=1e-5) for k in reference)
+
+
+def test_a_datasets_split_is_subsampled_with_recorded_provenance(pair):
+    from datasets import Dataset
+
+    ds = Dataset.from_dict({"x": torch.randn(100, 8).tolist(), "label": [0] * 100}).with_format("torch")
+    result = fuse(pair, ds, CONFIG)
+    prov = result.calibration
+    assert prov["source"] == "datasets.Dataset" and prov["total"] == 100 and prov["num_samples"] == 64
+    assert len(prov["indices"]) == 64 and prov["indices"] == sorted(prov["indices"])
+    again = fuse(pair, ds, CONFIG).calibration["indices"]
+    assert again == prov["indices"]
+
+
+def test_a_one_tensor_dict_is_the_input_of_a_sequential(pair):
+    x = torch.randn(64, 8)
+    reference = fuse(pair, x, CONFIG).model.state_dict()
+    state = fuse(pair, {"pixel_values": x}, CONFIG).model.state_dict()
+    assert all(torch.allclose(state[k], reference[k], atol=1e-6) for k in reference)
+    with pytest.raises(ClaFusionError, match=r"takes one input tensor, but the batch has keys \['a', 'b'\]"):
+        fuse(pair, {"a": x, "b": x}, CONFIG)
+
+
+def test_align_preview_and_plot(pair, tmp_path):
+    preview = align(pair, torch.randn(64, 8), CONFIG)
+    assert preview.layer_alignment == [[0, 2]]
+    assert preview.layer_costs[0].shape == (3, 2)
+    preview.plot_alignment(tmp_path / "plot.png")
+    assert (tmp_path / "plot.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_save_load_round_trip_gives_equal_outputs(tmp_path):
+    deep, shallow = cnn([6, 6, "M", 8, "M"], hidden_fc=[16]), cnn([6, "M", 8, "M"], hidden_fc=[16], seed=3)
+    x = torch.rand(32, 1, 8, 8)
+    result = fuse([deep, shallow], x, FusionConfig(progress=False))
+    folder = result.save_pretrained(tmp_path / "fused")
+    assert sorted(p.name for p in folder.iterdir()) == [
+        "alignment.png", "architecture.json", "fusion_config.json", "model.safetensors"]
+    record = json.loads((folder / "fusion_config.json").read_text())
+    assert record["config"] == result.config.to_dict()
+    assert record["layer_alignments"][0]["alignment"] == result.layer_alignment
+    assert record["parents"][0]["sha256"] == result.parents[0]["sha256"]
+    loaded = load_pretrained(folder)
+    assert max_rel_error(loaded(x), result.model(x)) == 0.0
+    assert FusionConfig.from_dict(record["config"]) == result.config
+
+
+def test_existing_non_empty_target_is_refused_unless_overwrite(pair, tmp_path):
+    result = fuse(pair, torch.randn(64, 8), CONFIG)
+    target = tmp_path / "out"
+    target.mkdir()
+    (target / "keep.txt").write_text("user data")
+    with pytest.raises(SaveError, match="already exists and is not empty. Pass overwrite=True"):
+        result.save_pretrained(target)
+    assert (target / "keep.txt").exists()
+    result.save_pretrained(target, overwrite=True)
+    assert not (target / "keep.txt").exists() and (target / "model.safetensors").exists()
+    assert [p.name for p in tmp_path.iterdir()] == ["out"]  # no temporary folders left behind
+
+
+def test_a_failing_save_leaves_nothing_at_the_target(pair, tmp_path, monkeypatch):
+    result = fuse(pair, torch.randn(64, 8), CONFIG)
+
+    def boom(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr("hf_clafusion.result.FusionResult.plot_alignment", boom)
+    with pytest.raises(OSError, match="disk full"):
+        result.save_pretrained(tmp_path / "out")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_killed_save_leaves_no_folder_at_the_target(tmp_path):
+    """Kill the process between files: the target path must not exist."""
+    script = f"""
+import time, torch, hf_clafusion.hub as hub
+from hf_clafusion import fuse, FusionConfig
+from tests._models import mlp
+r = fuse([mlp(8, [16, 16], 3), mlp(8, [16], 3, seed=1)], torch.randn(32, 8), FusionConfig(progress=False))
+original = hub.fusion_record
+def slow(result):
+    print("writing", flush=True)
+    time.sleep(60)
+    return original(result)
+hub.fusion_record = slow
+r.save_pretrained({str(tmp_path / 'out')!r})
+"""
+    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True,
+                            cwd=os.path.dirname(os.path.dirname(__file__)))
+    assert proc.stdout.readline().strip() == "writing"
+    time.sleep(0.2)
+    proc.kill()
+    proc.wait()
+    assert not (tmp_path / "out").exists()
+
+
+def test_fuse_pretrained_from_folders_records_paths(pair, tmp_path):
+    save_model(pair[0], tmp_path / "deep")
+    save_model(pair[1], tmp_path / "shallow")
+    result = fuse_pretrained([tmp_path / "deep", str(tmp_path / "shallow")], torch.randn(64, 8), CONFIG)
+    reference = fuse(pair, torch.randn(64, 8), CONFIG)
+    assert result.layer_alignment == reference.layer_alignment
+    assert result.parents[0]["name_or_path"] == str(tmp_path / "deep")
+
+
+def test_fuse_pretrained_fails_fast_for_a_hub_id_without_network():
+    start = time.perf_counter()
+    with pytest.raises(ClaFusionError, match="Could not get 'someone/some-model'.*pass the local folder path"):
+        fuse_pretrained(["someone/some-model", mlp(8, [4], 3)], torch.randn(8, 8))
+    assert time.perf_counter() - start < 15
+
+
+def test_fuse_pretrained_rejects_missing_paths_and_other_families(tmp_path):
+    with pytest.raises(SaveError, match="neither an existing folder nor a valid Hub id"):
+        fuse_pretrained(["./no/such/dir/", mlp(8, [4], 3)], torch.randn(8, 8))
+    (tmp_path / "config.json").write_text(json.dumps({"architecture": "resnet18"}))
+    with pytest.raises(UnsupportedArchitectureError, match="timm model"):
+        fuse_pretrained([tmp_path, mlp(8, [4], 3)], torch.randn(8, 8))
