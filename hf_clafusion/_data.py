@@ -87,7 +87,9 @@ def prepare_calibration(
     (the indices are recorded); an iterable of batches gives its first ``num_samples`` samples, in order.
     """
     if data is None:
-        raise CalibrationDataError("No calibration data was given. Pass a tensor, a dict of tensors, batches or a dataset.")
+        raise CalibrationDataError(
+            "No calibration data was given. Pass a tensor, a dict of tensors, batches or a dataset."
+        )
     provenance: dict[str, Any] = {"seed": seed}
     if _is_dataset(data):
         total = len(data)
@@ -146,7 +148,9 @@ def _subset(total: int, num_samples: int, seed: int) -> list[int]:
 def _concat(parts: list[Any]) -> Any:
     if isinstance(parts[0], torch.Tensor):
         return torch.cat(parts)
-    return {k: torch.cat([p[k] for p in parts]) if isinstance(parts[0][k], torch.Tensor) else parts[0][k] for k in parts[0]}
+    return {
+        k: torch.cat([p[k] for p in parts]) if isinstance(parts[0][k], torch.Tensor) else parts[0][k] for k in parts[0]
+    }
 
 
 def move_to(batch: Any, device: torch.device) -> Any:
@@ -157,7 +161,9 @@ def move_to(batch: Any, device: torch.device) -> Any:
     return batch
 
 
-def labelled_batches(data: Any, *, batch_size: int = 256, label_column: str | None = None) -> list[tuple[Any, torch.Tensor]]:
+def labelled_batches(
+    data: Any, *, batch_size: int = 256, label_column: str | None = None
+) -> list[tuple[Any, torch.Tensor]]:
     """Evaluation data as a list of ``(inputs, labels)`` batches.
 
     Accepts an ``(inputs, labels)`` pair of tensors, an iterable of such pairs (a DataLoader), or a
@@ -175,8 +181,11 @@ def labelled_batches(data: Any, *, batch_size: int = 256, label_column: str | No
         inputs = _dataset_batch(data, columns)
         labels = torch.as_tensor(data.with_format("torch")[label])
         data = (inputs, labels)
-    if isinstance(data, (tuple, list)) and len(data) == 2 and isinstance(data[1], torch.Tensor) and not isinstance(
-        data[0], (tuple, list)
+    if (
+        isinstance(data, (tuple, list))
+        and len(data) == 2
+        and isinstance(data[1], torch.Tensor)
+        and not isinstance(data[0], (tuple, list))
     ):
         inputs, labels = data
         total = _num_rows(inputs)
@@ -184,7 +193,9 @@ def labelled_batches(data: Any, *, batch_size: int = 256, label_column: str | No
             raise CalibrationDataError("The evaluation data is empty.")
         if labels.shape[0] != total:
             raise CalibrationDataError(f"{total} inputs but {labels.shape[0]} labels.")
-        return [(_take(inputs, slice(s, s + batch_size)), labels[s : s + batch_size]) for s in range(0, total, batch_size)]
+        return [
+            (_take(inputs, slice(s, s + batch_size)), labels[s : s + batch_size]) for s in range(0, total, batch_size)
+        ]
     if isinstance(data, Iterable):
         out = []
         for item in data:

@@ -72,7 +72,9 @@ def load_parent(item: nn.Module | str | os.PathLike) -> nn.Module:
     if isinstance(item, nn.Module):
         return item
     if not isinstance(item, (str, os.PathLike)):
-        raise ClaFusionError(f"Cannot load a parent from a {type(item).__name__}; pass a model, a folder path or a Hub id.")
+        raise ClaFusionError(
+            f"Cannot load a parent from a {type(item).__name__}; pass a model, a folder path or a Hub id."
+        )
     folder = Path(item).expanduser()
     if folder.is_dir():
         return _load_folder(folder)

@@ -238,7 +238,9 @@ class FinetuneConfig(_DictMixin):
         for name in ("lr", "momentum", "weight_decay", "gamma"):
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or value < 0 or (name == "lr" and value == 0):
-                raise ConfigError(f"Invalid value for `{name}`: {value!r}. It must be a number >= 0 (lr > 0).", field=name)
+                raise ConfigError(
+                    f"Invalid value for `{name}`: {value!r}. It must be a number >= 0 (lr > 0).", field=name
+                )
         if self.grad_clip is not None and not self.grad_clip > 0:
             raise ConfigError(f"Invalid value for `grad_clip`: {self.grad_clip!r}. Use a number > 0 or None.")
         object.__setattr__(self, "milestones", tuple(int(m) for m in self.milestones))

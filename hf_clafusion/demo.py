@@ -26,7 +26,11 @@ from .finetune import finetune
 from .fusion import fuse
 
 
-FASHION_MNIST_DIRS = ("/usr/share/dataset-fashion-mnist", "/usr/share/fashion-mnist", "/usr/share/datasets/fashion-mnist")
+FASHION_MNIST_DIRS = (
+    "/usr/share/dataset-fashion-mnist",
+    "/usr/share/fashion-mnist",
+    "/usr/share/datasets/fashion-mnist",
+)
 
 
 @dataclass
@@ -137,7 +141,12 @@ def train_parent(model: nn.Module, train: Split, *, epochs: int, lr: float, seed
 
 
 def run_pair(
-    name: str, deep: nn.Module, shallow: nn.Module, data: tuple[Split, Split, Split], output: Path, seed: int,
+    name: str,
+    deep: nn.Module,
+    shallow: nn.Module,
+    data: tuple[Split, Split, Split],
+    output: Path,
+    seed: int,
     finetune_epochs: int,
 ) -> list[tuple[str, float]]:
     train, val, test = data
@@ -148,9 +157,19 @@ def run_pair(
     before = evaluate([result.model, chain.model], (test.x, test.y), ensemble=False)
     start = time.perf_counter()
     finetuned = finetune(
-        result.model, (train.x, train.y), (val.x, val.y),
-        FinetuneConfig(epochs=finetune_epochs, lr=0.005, optimizer="sgd", momentum=0.9, weight_decay=5e-4,
-                       batch_size=64, seed=seed, progress=False),
+        result.model,
+        (train.x, train.y),
+        (val.x, val.y),
+        FinetuneConfig(
+            epochs=finetune_epochs,
+            lr=0.005,
+            optimizer="sgd",
+            momentum=0.9,
+            weight_decay=5e-4,
+            batch_size=64,
+            seed=seed,
+            progress=False,
+        ),
     )
     result.timings["finetune"] = time.perf_counter() - start
     after = evaluate([finetuned.model], (test.x, test.y), ensemble=False)[0]
@@ -172,7 +191,9 @@ def run_pair(
     ]
 
 
-def run_demo(dataset: str = "digits", output: str | Path = "clafusion-demo", seed: int = 0, quick: bool = False) -> dict:
+def run_demo(
+    dataset: str = "digits", output: str | Path = "clafusion-demo", seed: int = 0, quick: bool = False
+) -> dict:
     """Run the demo; returns ``{pair name: [(row, accuracy), ...]}`` and prints the table."""
     torch.manual_seed(seed)
     output = Path(output)
@@ -190,12 +211,19 @@ def run_demo(dataset: str = "digits", output: str | Path = "clafusion-demo", see
     channels, size = train.x.shape[1], train.x.shape[-1]
     features = channels * size * size
     num_classes = int(train.y.max()) + 1
-    print(f"Dataset {dataset}: {len(train.x)} train / {len(data[1].x)} validation / {len(data[2].x)} test images "
-          f"of {channels}x{size}x{size}")
+    print(
+        f"Dataset {dataset}: {len(train.x)} train / {len(data[1].x)} validation / {len(data[2].x)} test images "
+        f"of {channels}x{size}x{size}"
+    )
     pairs = {
-        "mlp": (make_mlp(features, [400, 200, 100, 50, 25], num_classes), make_mlp(features, [400, 200, 100], num_classes)),
-        "cnn": (make_cnn([32, 32, "M", 64, 64, 64, "M"], channels, size, num_classes),
-                make_cnn([16, "M", 32, "M"], channels, size, num_classes)),
+        "mlp": (
+            make_mlp(features, [400, 200, 100, 50, 25], num_classes),
+            make_mlp(features, [400, 200, 100], num_classes),
+        ),
+        "cnn": (
+            make_cnn([32, 32, "M", 64, 64, 64, "M"], channels, size, num_classes),
+            make_cnn([16, "M", 32, "M"], channels, size, num_classes),
+        ),
     }
     tables = {}
     for name, (deep, shallow) in pairs.items():

@@ -114,7 +114,9 @@ def evaluate(
     finally:
         for m, mode in zip(models, modes):
             m.train(mode)
-    report = EvaluationReport(EvaluationRow(n, correct[i] / total, loss[i] / total, total) for i, n in enumerate(names))
+    report = EvaluationReport(
+        EvaluationRow(n, correct[i] / total, loss[i] / total, total) for i, n in enumerate(names)
+    )
     if ensemble and len(models) > 1:
         report.append(EvaluationRow("ensemble", correct[-1] / total, loss[-1] / total, total))
     return report

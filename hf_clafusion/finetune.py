@@ -88,7 +88,7 @@ def finetune(
     from accelerate import Accelerator
     from accelerate.utils import set_seed
 
-    config = (config or FinetuneConfig())
+    config = config or FinetuneConfig()
     if overrides:
         config = config.replace(**overrides)
     set_seed(config.seed)
@@ -103,8 +103,12 @@ def finetune(
     for epoch in range(config.epochs):
         model.train()
         running, seen = 0.0, 0
-        bar = tqdm(loader, desc=f"finetune epoch {epoch + 1}/{config.epochs}", leave=False,
-                   disable=not (config.progress and accelerator.is_local_main_process))
+        bar = tqdm(
+            loader,
+            desc=f"finetune epoch {epoch + 1}/{config.epochs}",
+            leave=False,
+            disable=not (config.progress and accelerator.is_local_main_process),
+        )
         for inputs, labels in bar:
             args, kwargs = adapter.model_inputs(inputs)
             loss = F.cross_entropy(adapter.logits(model(*args, **kwargs)), labels.long())

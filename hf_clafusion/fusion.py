@@ -13,10 +13,11 @@ Read top to bottom, :func:`fuse` is the algorithm:
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import time
-from collections.abc import Sequence
-from dataclasses import dataclass, field
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -92,7 +93,9 @@ def fuse(models: Sequence[nn.Module], data: Any, config: FusionConfig | None = N
     return run.result(fused)
 
 
-def align(models: Sequence[nn.Module], data: Any, config: FusionConfig | None = None, **overrides: Any) -> AlignmentPreview:
+def align(
+    models: Sequence[nn.Module], data: Any, config: FusionConfig | None = None, **overrides: Any
+) -> AlignmentPreview:
     """Cross-layer alignment only: the layer costs, the alignment and its plot, without fusing.
 
     Takes the same arguments as :func:`fuse`. Use it to preview which layers will be matched.
@@ -112,7 +115,9 @@ def _resolve_config(config: FusionConfig | None, overrides: dict[str, Any]) -> F
     if config is None:
         config = FusionConfig()
     if not isinstance(config, FusionConfig):
-        raise ConfigError(f"`config` must be a FusionConfig, got {type(config).__name__}. Build one with FusionConfig(...).")
+        raise ConfigError(
+            f"`config` must be a FusionConfig, got {type(config).__name__}. Build one with FusionConfig(...)."
+        )
     return config.replace(**overrides) if overrides else config
 
 
@@ -151,17 +156,13 @@ class _Run:
         self.bn_reset = False
 
     # -- helpers
-    def _timed(self, stage: str):
-        run = self
-
-        class _Timer:
-            def __enter__(self):
-                self.start = time.perf_counter()
-
-            def __exit__(self, *exc):
-                run.timings[stage] = run.timings.get(stage, 0.0) + time.perf_counter() - self.start
-
-        return _Timer()
+    @contextlib.contextmanager
+    def _timed(self, stage: str) -> Iterator[None]:
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.timings[stage] = self.timings.get(stage, 0.0) + time.perf_counter() - start
 
     def _bar(self, iterable, desc: str, total: int | None = None):
         return tqdm(iterable, desc=desc, total=total, disable=not self.config.progress, leave=False)
@@ -186,7 +187,10 @@ class _Run:
             self.anchor = self._anchor_index()
             self.weights = list(self.config.weights or [1.0 / len(self.models)] * len(self.models))
             self.calibration: CalibrationData = prepare_calibration(
-                self.data, num_samples=self.config.num_samples, batch_size=self.config.batch_size, seed=self.config.seed
+                self.data,
+                num_samples=self.config.num_samples,
+                batch_size=self.config.batch_size,
+                seed=self.config.seed,
             )
             self.batches = [move_to(b, self.device) for b in self.calibration.batches]
             self.segments = self._segment_roles()
@@ -262,7 +266,12 @@ class _Run:
 
     def _pairs_to_align(self) -> list[tuple[int, int, int]]:
         """(segment, model, reference) for every model that must be aligned to a segment's reference."""
-        return [(s, k, seg.reference) for s, seg in enumerate(self.segments) for k in range(len(self.models)) if k != seg.reference]
+        return [
+            (s, k, seg.reference)
+            for s, seg in enumerate(self.segments)
+            for k in range(len(self.models))
+            if k != seg.reference
+        ]
 
     def _segment_slice(self, model: int, segment: int) -> slice:
         depths = self.specs[model].segment_depths
@@ -314,7 +323,9 @@ class _Run:
             return self.minibatch[(s, k, ref)].compute().cpu()
         acts_deep = self.layer_acts[deep][self._segment_slice(deep, s)]
         acts_shallow = self.layer_acts[shallow][self._segment_slice(shallow, s)]
-        fn = {"cka": core.cka_cost_matrix, "cca": core.cca_cost_matrix, "wasserstein": core.wasserstein_cost_matrix}[kind]
+        fn = {"cka": core.cka_cost_matrix, "cca": core.cca_cost_matrix, "wasserstein": core.wasserstein_cost_matrix}[
+            kind
+        ]
         return fn(acts_deep, acts_shallow).cpu()
 
     def _segment_alignment(self, cost: torch.Tensor, m: int, n: int, segment: int) -> list[int]:
@@ -363,7 +374,9 @@ class _Run:
                     if any(len(keep) < seg.depths[k] for keep, seg in zip(keeps, self.segments)):
                         captures = [layer.capture for seg in self.specs[k].segments for layer in seg.layers]
                         preacts = dict(zip(captures, self.layer_acts[k]))
-                        balanced[k] = self.adapter.merge_layers(self.prepared[k], keeps, preacts, self.config.relu_approx)
+                        balanced[k] = self.adapter.merge_layers(
+                            self.prepared[k], keeps, preacts, self.config.relu_approx
+                        )
             self.balanced = [m.to(self.device).eval() for m in balanced]
             self.balanced_specs = [self.adapter.spec(m) for m in self.balanced]
             _check_balanced(self.balanced_specs, self.anchor)
@@ -411,7 +424,9 @@ class _Run:
                 work = {name: t.clone() for name, t in self.balanced[k].state_dict().items()}
                 groups_b, groups_a = self.balanced_specs[k].groups, self.balanced_specs[self.anchor].groups
                 self.plans[k] = {}
-                for g, (group_b, group_a) in enumerate(self._bar(list(zip(groups_b, groups_a)), f"transport model {k}")):
+                for g, (group_b, group_a) in enumerate(
+                    self._bar(list(zip(groups_b, groups_a)), f"transport model {k}")
+                ):
                     if self.config.ground_metric == "activations":
                         cost = self.group_stats[k][g].distances()
                     else:
@@ -499,8 +514,12 @@ def _check_compatible(specs: list[NetworkSpec]) -> None:
 def _check_balanced(specs: list[NetworkSpec], anchor: int) -> None:
     depths = [s.segment_depths for s in specs]
     if len(set(depths)) > 1:
-        raise AlignmentError(f"Depth balancing produced different segment depths {depths}; this is a bug, please report it.")
+        raise AlignmentError(
+            f"Depth balancing produced different segment depths {depths}; this is a bug, please report it."
+        )
     names = [[g.name for g in s.groups] for s in specs]
     for k, n in enumerate(names):
         if len(n) != len(names[anchor]):
-            raise AlignmentError(f"Model {k} has {len(n)} alignment groups after balancing, the anchor {len(names[anchor])}.")
+            raise AlignmentError(
+                f"Model {k} has {len(n)} alignment groups after balancing, the anchor {len(names[anchor])}."
+            )

@@ -69,8 +69,13 @@ def fusion_record(result: FusionResult) -> dict[str, Any]:
         "anchor": result.anchor,
         "parents": result.parents,
         "layer_alignments": [
-            {"model": p.model, "reference": p.reference, "deeper": p.deeper, "alignment": p.alignment,
-             "costs": [c.tolist() for c in p.costs]}
+            {
+                "model": p.model,
+                "reference": p.reference,
+                "deeper": p.deeper,
+                "alignment": p.alignment,
+                "costs": [c.tolist() for c in p.costs],
+            }
             for p in result.pairs
         ],
         "calibration": result.calibration,
@@ -97,7 +102,9 @@ def save_model(model: nn.Module, save_directory: str | Path, *, overwrite: bool 
     from .adapters import get_adapter
 
     adapter = get_adapter(model)
-    return atomic_directory_write(save_directory, lambda tmp: adapter.save(adapter.prepare(model), tmp), overwrite=overwrite)
+    return atomic_directory_write(
+        save_directory, lambda tmp: adapter.save(adapter.prepare(model), tmp), overwrite=overwrite
+    )
 
 
 def load_pretrained(path: str | Path) -> nn.Module:

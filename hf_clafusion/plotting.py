@@ -45,4 +45,3 @@ def plot_alignment(pairs: Sequence[PairAlignment], path: str | Path | None = Non
     if path is not None:
         fig.savefig(str(path), dpi=110)
     return fig
-

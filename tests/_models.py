@@ -22,8 +22,16 @@ def mlp(in_features: int, hidden: list[int], out_features: int, *, bias: bool = 
     return nn.Sequential(*layers)
 
 
-def cnn(channels: list, out_features: int = 10, *, in_channels: int = 1, size: int = 8, bn: bool = True,
-        hidden_fc: list[int] | None = None, seed: int = 0) -> nn.Sequential:
+def cnn(
+    channels: list,
+    out_features: int = 10,
+    *,
+    in_channels: int = 1,
+    size: int = 8,
+    bn: bool = True,
+    hidden_fc: list[int] | None = None,
+    seed: int = 0,
+) -> nn.Sequential:
     """A VGG-style CNN: ``channels`` like [8, 8, "M", 16, "M"], 3x3 convs, then Flatten and Linear layers."""
     torch.manual_seed(seed)
     layers: list[nn.Module] = []
@@ -126,8 +134,16 @@ def digits_split(seed: int = 0):
     return (x[:1400], y[:1400]), (x[1400:], y[1400:])
 
 
-def train(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, epochs: int = 30, lr: float = 0.01,
-          seed: int = 0, batch_size: int = 64) -> nn.Module:
+def train(
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    *,
+    epochs: int = 30,
+    lr: float = 0.01,
+    seed: int = 0,
+    batch_size: int = 64,
+) -> nn.Module:
     """A few seconds of Adam on the CPU."""
     torch.manual_seed(seed)
     opt = torch.optim.Adam(model.parameters(), lr=lr)

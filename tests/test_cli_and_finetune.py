@@ -56,6 +56,10 @@ def test_finetune_lowers_the_training_loss():
 
 def test_finetune_rejects_bad_data():
     with pytest.raises(CalibrationDataError, match="training data is empty"):
-        finetune(mlp(8, [4], 3), (torch.empty(0, 8), torch.empty(0, dtype=torch.long)), config=FinetuneConfig(progress=False))
+        finetune(
+            mlp(8, [4], 3),
+            (torch.empty(0, 8), torch.empty(0, dtype=torch.long)),
+            config=FinetuneConfig(progress=False),
+        )
     with pytest.raises(CalibrationDataError, match="Unsupported training data of type str"):
         finetune(mlp(8, [4], 3), "data.csv")

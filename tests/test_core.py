@@ -174,3 +174,12 @@ def test_merge_linear_composes_layers_with_a_diagonal():
 
 def test_weight_distances_shape():
     assert weight_distances(torch.randn(4, 3, 3, 3), torch.randn(6, 3, 3, 3)).shape == (4, 6)
+
+
+def test_sinkhorn_runs_on_the_input_backend():
+    cost = np.random.default_rng(0).random((5, 7))
+    plan_np = transport_plan(cost, solver="sinkhorn", reg=0.05)
+    plan_t = transport_plan(torch.tensor(cost), solver="sinkhorn", reg=0.05)
+    assert isinstance(plan_np, np.ndarray) and isinstance(plan_t, torch.Tensor)
+    assert np.allclose(plan_np, plan_t.numpy(), atol=1e-9)
+    assert np.allclose(plan_np.sum(0), 1 / 7)

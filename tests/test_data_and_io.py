@@ -78,7 +78,11 @@ def test_save_load_round_trip_gives_equal_outputs(tmp_path):
     result = fuse([deep, shallow], x, FusionConfig(progress=False))
     folder = result.save_pretrained(tmp_path / "fused")
     assert sorted(p.name for p in folder.iterdir()) == [
-        "alignment.png", "architecture.json", "fusion_config.json", "model.safetensors"]
+        "alignment.png",
+        "architecture.json",
+        "fusion_config.json",
+        "model.safetensors",
+    ]
     record = json.loads((folder / "fusion_config.json").read_text())
     assert record["config"] == result.config.to_dict()
     assert record["layer_alignments"][0]["alignment"] == result.layer_alignment
@@ -126,10 +130,14 @@ def slow(result):
     time.sleep(60)
     return original(result)
 hub.fusion_record = slow
-r.save_pretrained({str(tmp_path / 'out')!r})
+r.save_pretrained({str(tmp_path / "out")!r})
 """
-    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True,
-                            cwd=os.path.dirname(os.path.dirname(__file__)))
+    proc = subprocess.Popen(
+        [sys.executable, "-c", script],
+        stdout=subprocess.PIPE,
+        text=True,
+        cwd=os.path.dirname(os.path.dirname(__file__)),
+    )
     assert proc.stdout.readline().strip() == "writing"
     time.sleep(0.2)
     proc.kill()

@@ -36,7 +36,9 @@ def test_different_depth_pair_fuses_with_the_requested_depth(digits, balancing):
     linears = [m for m in result.model if isinstance(m, torch.nn.Linear)]
     assert len(linears) == (6 if balancing == "identity" else 4)
     # the anchor (the deeper model) gives the widths; merge keeps its matched layers 0, 1 and 4
-    assert [lin.out_features for lin in linears[:-1]] == ([48, 40, 32, 24, 16] if balancing == "identity" else [48, 40, 16])
+    assert [lin.out_features for lin in linears[:-1]] == (
+        [48, 40, 32, 24, 16] if balancing == "identity" else [48, 40, 16]
+    )
     assert len(result.layer_alignment) == 1 and len(result.layer_alignment[0]) == 3
     assert result.layer_alignment[0][0] == 0 and result.layer_alignment[0][-1] == 4
     # the fused model is a working classifier, far above chance (10 %)

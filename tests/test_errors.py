@@ -62,8 +62,12 @@ def test_non_finite_weights():
 
 @pytest.mark.parametrize(
     ("data", "match"),
-    [(torch.empty(0, 8), "got 0, need at least 4"), (torch.randn(2, 8), "got 2, need at least 4"), ([], "got 0"),
-     ("text", "Unsupported calibration data of type str")],
+    [
+        (torch.empty(0, 8), "got 0, need at least 4"),
+        (torch.randn(2, 8), "got 2, need at least 4"),
+        ([], "got 0"),
+        ("text", "Unsupported calibration data of type str"),
+    ],
 )
 def test_empty_or_too_few_calibration_samples(data, match):
     with pytest.raises(CalibrationDataError, match=match):
@@ -78,11 +82,13 @@ def test_infeasible_first_last_fixed():
 
 @pytest.mark.parametrize(
     ("field", "value", "match"),
-    [("solver", "hungarian", r"Invalid value for `solver`: 'hungarian'. Choose one of: 'emd'"),
-     ("num_samples", 0, r"`num_samples`: 0. It must be an integer >= 1"),
-     ("anchor", "middle", r"`anchor`: 'middle'"),
-     ("weights", (0.7, 0.7), r"`weights`: \(0.7, 0.7\)"),
-     ("reg", -1.0, r"`reg`: -1.0")],
+    [
+        ("solver", "hungarian", r"Invalid value for `solver`: 'hungarian'. Choose one of: 'emd'"),
+        ("num_samples", 0, r"`num_samples`: 0. It must be an integer >= 1"),
+        ("anchor", "middle", r"`anchor`: 'middle'"),
+        ("weights", (0.7, 0.7), r"`weights`: \(0.7, 0.7\)"),
+        ("reg", -1.0, r"`reg`: -1.0"),
+    ],
 )
 def test_invalid_config_values(field, value, match):
     with pytest.raises(ConfigError, match=match) as info:
@@ -122,6 +128,12 @@ def test_merge_refuses_cnns():
 
 
 def test_every_error_is_a_clafusion_error():
-    for cls in (AlignmentError, CalibrationDataError, ConfigError, IncompatibleModelsError, InvalidWeightsError,
-                UnsupportedArchitectureError):
+    for cls in (
+        AlignmentError,
+        CalibrationDataError,
+        ConfigError,
+        IncompatibleModelsError,
+        InvalidWeightsError,
+        UnsupportedArchitectureError,
+    ):
         assert issubclass(cls, ClaFusionError)

@@ -51,8 +51,12 @@ def _pair(value) -> list[int]:
 def describe_layer(module: nn.Module) -> dict:
     """A JSON description of one supported layer (hyper-parameters only)."""
     if isinstance(module, nn.Linear):
-        return {"type": "Linear", "in_features": module.in_features, "out_features": module.out_features,
-                "bias": module.bias is not None}
+        return {
+            "type": "Linear",
+            "in_features": module.in_features,
+            "out_features": module.out_features,
+            "bias": module.bias is not None,
+        }
     if isinstance(module, nn.Conv2d):
         if module.groups != 1 or _pair(module.dilation) != [1, 1] or module.padding_mode != "zeros":
             raise UnsupportedArchitectureError(
@@ -65,13 +69,24 @@ def describe_layer(module: nn.Module) -> dict:
             raise UnsupportedArchitectureError(
                 f"Unsupported Conv2d padding {module.padding!r}; give the padding as integers.", layer_type="Conv2d"
             )
-        return {"type": "Conv2d", "in_channels": module.in_channels, "out_channels": module.out_channels,
-                "kernel_size": _pair(module.kernel_size), "stride": _pair(module.stride),
-                "padding": _pair(module.padding), "bias": module.bias is not None}
+        return {
+            "type": "Conv2d",
+            "in_channels": module.in_channels,
+            "out_channels": module.out_channels,
+            "kernel_size": _pair(module.kernel_size),
+            "stride": _pair(module.stride),
+            "padding": _pair(module.padding),
+            "bias": module.bias is not None,
+        }
     if isinstance(module, (nn.BatchNorm1d, nn.BatchNorm2d)):
-        return {"type": type(module).__name__, "num_features": module.num_features, "eps": module.eps,
-                "momentum": module.momentum, "affine": module.affine,
-                "track_running_stats": module.track_running_stats}
+        return {
+            "type": type(module).__name__,
+            "num_features": module.num_features,
+            "eps": module.eps,
+            "momentum": module.momentum,
+            "affine": module.affine,
+            "track_running_stats": module.track_running_stats,
+        }
     if isinstance(module, nn.ReLU):
         return {"type": "ReLU"}
     if isinstance(module, nn.Dropout):
@@ -79,11 +94,19 @@ def describe_layer(module: nn.Module) -> dict:
     if isinstance(module, nn.Identity):
         return {"type": "Identity"}
     if isinstance(module, nn.MaxPool2d):
-        return {"type": "MaxPool2d", "kernel_size": module.kernel_size, "stride": module.stride,
-                "padding": module.padding}
+        return {
+            "type": "MaxPool2d",
+            "kernel_size": module.kernel_size,
+            "stride": module.stride,
+            "padding": module.padding,
+        }
     if isinstance(module, nn.AvgPool2d):
-        return {"type": "AvgPool2d", "kernel_size": module.kernel_size, "stride": module.stride,
-                "padding": module.padding}
+        return {
+            "type": "AvgPool2d",
+            "kernel_size": module.kernel_size,
+            "stride": module.stride,
+            "padding": module.padding,
+        }
     if isinstance(module, nn.AdaptiveAvgPool2d):
         return {"type": "AdaptiveAvgPool2d", "output_size": module.output_size}
     if isinstance(module, nn.Flatten):
@@ -275,7 +298,9 @@ class SequentialAdapter(Adapter):
         layers, t_layers = list(model), list(template)
         layout, t_layout = _layout(layers), _layout(t_layers)
         if len(layouts) != len(layout.segments):
-            raise AlignmentError(f"Got {len(layouts)} segment layouts for a model with {len(layout.segments)} segments.")
+            raise AlignmentError(
+                f"Got {len(layouts)} segment layouts for a model with {len(layout.segments)} segments."
+            )
         new_layers: list[nn.Module] = [copy.deepcopy(layers[i]) for i in layout.prefix]
         units = [u for seg in layout.segments for u in seg.units] + [layout.classifier]
         state = {"width": _in_width(layers[units[0].index]), "nonneg": False, "signed": False}
@@ -311,10 +336,22 @@ class SequentialAdapter(Adapter):
                 weight = identity_weight(width, kernel)
             out_w, in_w = weight.shape[:2]
             if kernel is None:
-                desc = {"type": "Linear", "in_features": in_w, "out_features": out_w, "bias": t_weight.bias is not None}
+                desc = {
+                    "type": "Linear",
+                    "in_features": in_w,
+                    "out_features": out_w,
+                    "bias": t_weight.bias is not None,
+                }
             else:
-                desc = {"type": "Conv2d", "in_channels": in_w, "out_channels": out_w, "kernel_size": kernel,
-                        "stride": [1, 1], "padding": [k // 2 for k in kernel], "bias": t_weight.bias is not None}
+                desc = {
+                    "type": "Conv2d",
+                    "in_channels": in_w,
+                    "out_channels": out_w,
+                    "kernel_size": kernel,
+                    "stride": [1, 1],
+                    "padding": [k // 2 for k in kernel],
+                    "bias": t_weight.bias is not None,
+                }
             module = build_layer(desc)
             with torch.no_grad():
                 module.weight.copy_(weight)
@@ -332,7 +369,9 @@ class SequentialAdapter(Adapter):
 
         for s, seg in enumerate(layout.segments):
             if s >= len(t_layout.segments) or len(layouts[s]) != len(t_layout.segments[s].units):
-                raise AlignmentError(f"Segment {s}: the layout does not match the template's depth; this is a bug, please report it.")
+                raise AlignmentError(
+                    f"Segment {s}: the layout does not match the template's depth; this is a bug, please report it."
+                )
             for p, choice in enumerate(layouts[s]):
                 if choice is None:
                     emit_identity(t_layout.segments[s].units[p])
@@ -347,7 +386,9 @@ class SequentialAdapter(Adapter):
                     )
                 new_layers.append(copy.deepcopy(layers[i]))
                 if isinstance(layers[i], nn.Flatten):
-                    later = [u for later_seg in layout.segments[s + 1:] for u in later_seg.units] + [layout.classifier]
+                    later = [u for later_seg in layout.segments[s + 1 :] for u in later_seg.units] + [
+                        layout.classifier
+                    ]
                     state["width"] = _in_width(layers[later[0].index])
         emit_own(layout.classifier)
         return nn.Sequential(*new_layers).eval()
@@ -394,7 +435,9 @@ class SequentialAdapter(Adapter):
         try:
             description = json.loads((directory / ARCHITECTURE_FILE).read_text())
         except FileNotFoundError:
-            raise SaveError(f"No {ARCHITECTURE_FILE} in {str(directory)!r}; it is not an hf_clafusion Sequential model.") from None
+            raise SaveError(
+                f"No {ARCHITECTURE_FILE} in {str(directory)!r}; it is not an hf_clafusion Sequential model."
+            ) from None
         model = cls.from_description(description)
         model.load_state_dict(load_file(str(directory / WEIGHTS_FILE)))
         return model.eval()

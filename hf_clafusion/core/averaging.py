@@ -28,7 +28,9 @@ def apply_plan(tensor: torch.Tensor, axis: int, matrix: torch.Tensor, *, inner: 
     axis = axis % tensor.ndim
     n_b, n_a = matrix.shape
     if tensor.shape[axis] != n_b * inner:
-        raise ValueError(f"Axis {axis} of a tensor of shape {tuple(tensor.shape)} does not have {n_b} x {inner} entries.")
+        raise ValueError(
+            f"Axis {axis} of a tensor of shape {tuple(tensor.shape)} does not have {n_b} x {inner} entries."
+        )
     moved = tensor.movedim(axis, -1)
     lead = moved.shape[:-1]
     work = moved.reshape(*lead, n_b, inner).to(matrix.dtype)

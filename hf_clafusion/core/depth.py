@@ -19,9 +19,7 @@ def _center_taps(channels_out: int, channels_in: int, kernel_size: Sequence[int]
     if kernel_size is None:
         return torch.zeros(channels_out, channels_in)
     if any(k % 2 == 0 for k in kernel_size):
-        raise ConfigError(
-            f"An identity convolution needs odd kernel sizes (a centre tap), got {tuple(kernel_size)}."
-        )
+        raise ConfigError(f"An identity convolution needs odd kernel sizes (a centre tap), got {tuple(kernel_size)}.")
     return torch.zeros(channels_out, channels_in, *kernel_size)
 
 

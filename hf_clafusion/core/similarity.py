@@ -108,9 +108,9 @@ class MinibatchCKA:
         trace = torch.einsum("aij,bij->ab", k, l)
         sum_k, sum_l = k.sum(dim=(1, 2)), l.sum(dim=(1, 2))
         rows_k, rows_l = k.sum(dim=2), l.sum(dim=2)
-        return (
-            trace + sum_k[:, None] * sum_l[None, :] / ((b - 1) * (b - 2)) - 2.0 / (b - 2) * rows_k @ rows_l.T
-        ) / (b * (b - 3))
+        return (trace + sum_k[:, None] * sum_l[None, :] / ((b - 1) * (b - 2)) - 2.0 / (b - 2) * rows_k @ rows_l.T) / (
+            b * (b - 3)
+        )
 
     def update(self, acts_a: Sequence[torch.Tensor], acts_b: Sequence[torch.Tensor]) -> None:
         """Add one minibatch: ``m`` tensors ``(B, ...)`` and ``n`` tensors ``(B, ...)`` on the same samples."""
@@ -199,7 +199,9 @@ def wasserstein_cost_matrix(acts_a: Sequence[torch.Tensor], acts_b: Sequence[tor
             if x.shape[0] != y.shape[0]:
                 raise CalibrationDataError("Both activation sets must come from the same samples and resolution.")
             m = neuron_distances(x, y).cpu().numpy()
-            cost[i, j] = float(ot.emd2(np.full(m.shape[0], 1.0 / m.shape[0]), np.full(m.shape[1], 1.0 / m.shape[1]), m))
+            cost[i, j] = float(
+                ot.emd2(np.full(m.shape[0], 1.0 / m.shape[0]), np.full(m.shape[1], 1.0 / m.shape[1]), m)
+            )
     return cost
 
 

@@ -122,14 +122,18 @@ def transport_plan(
         plan = torch.zeros(n_b, n_a, dtype=torch.float64, device=device)
         plan[torch.as_tensor(rows), torch.as_tensor(cols)] = 1.0 / n_b
     elif solver == "sinkhorn":
-        scaled = cost_t / cost_t.max().clamp_min(1e-12)
-        mu = torch.full((n_b,), 1.0 / n_b, dtype=torch.float64, device=device)
-        nu = torch.full((n_a,), 1.0 / n_a, dtype=torch.float64, device=device)
+        # Runs on the input's own backend (numpy, or torch on the tensor's device) through POT.
+        native = cost.detach().double() if is_torch else cost_t.numpy()
+        nx = ot.backend.get_backend(native)
+        scaled = native / max(float(nx.max(native)), 1e-12)
+        mu = nx.full((n_b,), 1.0 / n_b, type_as=native)
+        nu = nx.full((n_a,), 1.0 / n_a, type_as=native)
         with warnings.catch_warnings():  # POT's own non-convergence warning is replaced by ours below
             warnings.simplefilter("ignore", UserWarning)
             plan = ot.sinkhorn(mu, nu, scaled, reg, method="sinkhorn_log", numItermax=max_iter, stopThr=1e-9)
-        error = float((plan.sum(0) - nu).abs().max() * n_a)
-        if not torch.isfinite(plan).all() or error > 1e-3:
+        columns = nx.sum(plan, 0)
+        error = float(nx.max(nx.abs(columns - nu))) * n_a
+        if not np.isfinite(nx.to_numpy(plan)).all() or error > 1e-3:
             warnings.warn(
                 f"Sinkhorn did not reach its marginals (relative error {error:.2e}). Raise `reg` (now {reg}) or "
                 "use solver='emd'.",
@@ -137,9 +141,11 @@ def transport_plan(
                 stacklevel=2,
             )
         # Project onto the exact column marginals so that R's columns sum to one.
-        plan = plan / plan.sum(0, keepdim=True).clamp_min(1e-300) / n_a
+        return plan / nx.clip(columns, 1e-300, None)[None, :] / n_a
     else:
-        raise ConfigError(f"Unknown solver {solver!r}. Choose one of: 'emd', 'sinkhorn', 'permutation'.", field="solver")
+        raise ConfigError(
+            f"Unknown solver {solver!r}. Choose one of: 'emd', 'sinkhorn', 'permutation'.", field="solver"
+        )
     return plan if is_torch else plan.cpu().numpy()
 
 
