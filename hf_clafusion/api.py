@@ -67,18 +67,38 @@ def _download(repo_id: str) -> Path:
     return Path(path)
 
 
-def load_parent(item: nn.Module | str | os.PathLike) -> nn.Module:
-    """One parent: a model object (returned as is), a folder saved by hf_clafusion, or a Hub id."""
+def _folder_license(folder: Path) -> str | None:
+    card = folder / "README.md"
+    if not card.is_file():
+        return None
+    from huggingface_hub import ModelCard
+
+    try:
+        return ModelCard.load(card).data.license
+    except Exception:  # a README without card metadata
+        return None
+
+
+def resolve_parent(item: nn.Module | str | os.PathLike) -> tuple[nn.Module, dict[str, Any]]:
+    """One parent and what the card records about it: a model object (as is), a saved folder, or a Hub id."""
     if isinstance(item, nn.Module):
-        return item
+        return item, {}
     if not isinstance(item, (str, os.PathLike)):
         raise ClaFusionError(
             f"Cannot load a parent from a {type(item).__name__}; pass a model, a folder path or a Hub id."
         )
     folder = Path(item).expanduser()
-    if folder.is_dir():
-        return _load_folder(folder)
-    return _load_folder(_download(str(item)))
+    meta: dict[str, Any] = {"name_or_path": str(item)}
+    if not folder.is_dir():
+        folder = _download(str(item))
+        meta["revision"] = folder.name  # the snapshot folder is named by the commit hash
+    meta["license"] = _folder_license(folder)
+    return _load_folder(folder), meta
+
+
+def load_parent(item: nn.Module | str | os.PathLike) -> nn.Module:
+    """One parent: a model object (returned as is), a folder saved by hf_clafusion, or a Hub id."""
+    return resolve_parent(item)[0]
 
 
 def fuse_pretrained(
@@ -107,11 +127,10 @@ def fuse_pretrained(
         result.save_pretrained("./mlp-fused")
         ```
     """
-    models = [load_parent(item) for item in models_or_paths]
-    result = fuse(models, data, config, **overrides)
-    for parent, item in zip(result.parents, models_or_paths):
-        if not isinstance(item, nn.Module):
-            parent["name_or_path"] = str(item)
+    resolved = [resolve_parent(item) for item in models_or_paths]
+    result = fuse([model for model, _ in resolved], data, config, **overrides)
+    for parent, (_, meta) in zip(result.parents, resolved):
+        parent.update(meta)
     return result
 
 

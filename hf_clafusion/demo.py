@@ -21,11 +21,19 @@ from torch.nn import functional as F
 
 from .config import FinetuneConfig, FusionConfig
 from .errors import CalibrationDataError
-from .evaluation import evaluate
+from .evaluation import EvaluationReport, evaluate
 from .finetune import finetune
 from .fusion import fuse
 
 
+ROWS = (
+    "deep parent",
+    "shallow parent",
+    "ensemble (prediction average)",
+    "CLAFusion",
+    "CLAFusion + finetune",
+    "chain mapping (baseline)",
+)
 FASHION_MNIST_DIRS = (
     "/usr/share/dataset-fashion-mnist",
     "/usr/share/fashion-mnist",
@@ -148,6 +156,7 @@ def run_pair(
     output: Path,
     seed: int,
     finetune_epochs: int,
+    dataset_name: str,
 ) -> list[tuple[str, float]]:
     train, val, test = data
     config = FusionConfig(seed=seed, progress=False)
@@ -173,22 +182,14 @@ def run_pair(
     )
     result.timings["finetune"] = time.perf_counter() - start
     after = evaluate([finetuned.model], (test.x, test.y), ensemble=False)[0]
-    result.evaluation = parents.to_dicts() + [
-        {**before[0].to_dict(), "name": "CLAFusion"},
-        {**after.to_dict(), "name": "CLAFusion + finetune"},
-        {**before[1].to_dict(), "name": "chain mapping"},
-    ]
-    result.model = finetuned.model
-    folder = result.save_pretrained(output / name, overwrite=True)
+    report = EvaluationReport([parents[0], parents[1], parents[2], before[0], after, before[1]])
+    for row, label in zip(report, ROWS):
+        row.name = label
+    result.record_evaluation(report, dataset=dataset_name, fused="CLAFusion + finetune")
+    result.record_finetune(finetuned)
+    folder = result.save_pretrained(output / name, overwrite=True, model_name=f"CLAFusion {name} ({dataset_name})")
     print(f"\n{name}: {result.summary()}\nsaved to {folder} (alignment plot: {folder / 'alignment.png'})")
-    return [
-        ("deep parent", parents[0].accuracy),
-        ("shallow parent", parents[1].accuracy),
-        ("ensemble (prediction average)", parents[2].accuracy),
-        ("CLAFusion", before[0].accuracy),
-        ("CLAFusion + finetune", after.accuracy),
-        ("chain mapping (baseline)", before[1].accuracy),
-    ]
+    return [(row.name, row.accuracy) for row in report]
 
 
 def run_demo(
@@ -231,7 +232,9 @@ def run_demo(
         train_parent(deep, train, epochs=epochs[name], lr=1e-3, seed=seed)
         train_parent(shallow, train, epochs=epochs[name], lr=1e-3, seed=seed + 1)
         print(f"trained the {name} parents in {time.perf_counter() - start:.1f}s")
-        tables[name] = run_pair(name, deep, shallow, data, output, seed, finetune_epochs=1 if quick else 2)
+        tables[name] = run_pair(
+            name, deep, shallow, data, output, seed, finetune_epochs=1 if quick else 2, dataset_name=dataset
+        )
     print(format_table(tables, dataset))
     return tables
 

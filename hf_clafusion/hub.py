@@ -11,12 +11,13 @@ import os
 import shutil
 import tempfile
 import time
+import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from . import __version__
 from .adapters.base import adapter_class
-from .errors import SaveError
+from .errors import ClaFusionWarning, SaveError
 
 
 if TYPE_CHECKING:
@@ -74,6 +75,7 @@ def fusion_record(result: FusionResult) -> dict[str, Any]:
                 "reference": p.reference,
                 "deeper": p.deeper,
                 "alignment": p.alignment,
+                "offsets": p.offsets,
                 "costs": [c.tolist() for c in p.costs],
             }
             for p in result.pairs
@@ -82,17 +84,130 @@ def fusion_record(result: FusionResult) -> dict[str, Any]:
         "timings": result.timings,
         "bn_reset": result.bn_reset,
         "evaluation": result.evaluation,
+        "evaluation_dataset": result.evaluation_dataset,
+        "finetune": result.finetune_history,
     }
 
 
-def save_fusion_result(result: FusionResult, save_directory: str | Path, *, overwrite: bool = False) -> Path:
+def _is_hub_id(name: str | None) -> bool:
+    if not name or os.path.exists(name) or name.startswith((".", "/", "~")):
+        return False
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    try:
+        validate_repo_id(name)
+    except HFValidationError:
+        return False
+    return True
+
+
+def _card_license(parents: list[dict[str, Any]], license: str | None) -> str | None:  # noqa: A002
+    if license is not None:
+        return license
+    licenses = [p.get("license") for p in parents]
+    known = {lic for lic in licenses if lic}
+    if len(known) == 1 and all(licenses):
+        return known.pop()
+    if len(known) > 1:
+        warnings.warn(
+            f"The parents have different licenses ({', '.join(sorted(known))}); the model card names none. Pass "
+            "`license=` to save_pretrained/push_to_hub once you know which applies.",
+            ClaFusionWarning,
+            stacklevel=3,
+        )
+    return None
+
+
+def build_model_card(
+    result: FusionResult,
+    *,
+    license: str | None = None,  # noqa: A002
+    datasets: list[str] | None = None,
+    model_name: str | None = None,
+    load_path: str = "path/to/this/folder",
+):
+    """The ``README.md`` model card of a fused model (huggingface_hub ``ModelCard`` from the package's template).
+
+    Metadata: ``library_name: hf_clafusion``, ``base_model`` = the parents that have Hub ids (local or in-memory
+    parents are named in the body with their content hashes), ``tags`` (model-fusion, clafusion, the family),
+    ``datasets``, ``license`` (inherited when all parents agree), and ``model-index`` from the recorded evaluation.
+    """
+    import yaml
+    from huggingface_hub import EvalResult, ModelCard, ModelCardData
+
+    name = model_name or "Fused model (CLAFusion)"
+    base_models = [p["name_or_path"] for p in result.parents if _is_hub_id(p.get("name_or_path"))]
+    eval_results = None
+    fused_rows = [r for r in result.evaluation if r.get("fused")]
+    if fused_rows and result.evaluation_dataset:
+        eval_results = [
+            EvalResult(
+                task_type=result.evaluation_task,
+                dataset_type=result.evaluation_dataset,
+                dataset_name=result.evaluation_dataset,
+                metric_type="accuracy",
+                metric_value=round(float(row["accuracy"]), 6),
+            )
+            for row in fused_rows[-1:]
+        ]
+    family = result.adapter.split(".")[0]
+    card_data = ModelCardData(
+        library_name="hf_clafusion",
+        base_model=base_models or None,
+        tags=["model-fusion", "clafusion", family],
+        datasets=datasets or ([result.evaluation_dataset] if result.evaluation_dataset else None),
+        license=_card_license(result.parents, license),
+        model_name=name if eval_results else None,
+        eval_results=eval_results,
+    )
+    alignment_rows = [
+        {"model": p.model, "reference": p.reference, "segment": s, "deeper": p.deeper[s], "layers": p.alignment[s]}
+        for p in result.pairs
+        for s in range(len(p.alignment))
+    ]
+    calibration = ", ".join(
+        f"{k} {v}" for k, v in result.calibration.items() if k in ("source", "num_samples", "total", "seed")
+    )
+    template = (Path(__file__).parent / "templates" / "model_card.md").read_text()
+    return ModelCard.from_template(
+        card_data,
+        template_str=template,
+        model_name=name,
+        num_parents=len(result.parents),
+        family=result.adapter,
+        balancing=result.config.balancing,
+        anchor=result.anchor,
+        parents=result.parents,
+        num_parameters=sum(t.numel() for t in result.model.parameters()),
+        alignment_rows=alignment_rows,
+        config_yaml=yaml.safe_dump(result.config.to_dict(), sort_keys=False),
+        calibration=calibration,
+        load_path=load_path,
+        evaluation=result.evaluation,
+        finetune=result.finetune_history,
+    )
+
+
+def save_fusion_result(
+    result: FusionResult,
+    save_directory: str | Path,
+    *,
+    overwrite: bool = False,
+    license: str | None = None,  # noqa: A002
+    datasets: list[str] | None = None,
+    model_name: str | None = None,
+) -> Path:
     """Implementation of :meth:`FusionResult.save_pretrained`."""
     adapter = adapter_class(result.adapter)()
+    card = build_model_card(
+        result, license=license, datasets=datasets, model_name=model_name, load_path=str(save_directory)
+    )
 
     def write(tmp: Path) -> None:
         adapter.save(result.model, tmp)
         (tmp / FUSION_CONFIG_FILE).write_text(json.dumps(fusion_record(result), indent=2) + "\n")
         result.plot_alignment(tmp / PLOT_FILE)
+        card.save(tmp / "README.md")
 
     return atomic_directory_write(save_directory, write, overwrite=overwrite)
 
@@ -107,11 +222,14 @@ def save_model(model: nn.Module, save_directory: str | Path, *, overwrite: bool 
     )
 
 
-def load_pretrained(path: str | Path) -> nn.Module:
+def load_pretrained(path: str | Path, *, allow_pickle: bool = False) -> nn.Module:
     """Load a model saved by hf_clafusion (:meth:`FusionResult.save_pretrained` or :func:`save_model`).
 
+    Only safetensors weights are read by default. A folder holding a pickle checkpoint (``pytorch_model.bin``,
+    ``*.pt``) instead is refused unless ``allow_pickle=True``, and then read with ``torch.load(weights_only=True)``.
+
     Raises:
-        SaveError: the folder does not exist or was not written by hf_clafusion.
+        SaveError: the folder does not exist, was not written by hf_clafusion, or holds only pickle weights.
     """
     from .adapters.torch import ARCHITECTURE_FILE, SequentialAdapter
 
@@ -127,7 +245,117 @@ def load_pretrained(path: str | Path) -> nn.Module:
         raise SaveError(
             f"{str(path)!r} holds neither {FUSION_CONFIG_FILE} nor {ARCHITECTURE_FILE}; it was not saved by hf_clafusion."
         )
-    return adapter_class(name).load(folder)
+    return adapter_class(name).load(folder, allow_pickle=allow_pickle)
 
 
 __all__ = ["load_pretrained", "save_model"]
+
+
+def _scrub(text: str, token: str | None) -> str:
+    return text.replace(token, "***") if token else text
+
+
+def push_folder_to_hub(
+    folder: str | Path,
+    repo_id: str,
+    *,
+    private: bool | None = None,
+    token: str | None = None,
+    revision: str | None = None,
+    create_pr: bool = False,
+    commit_message: str | None = None,
+) -> str:
+    """Upload a saved model folder to the Hub in one commit (``create_repo(exist_ok=True)`` + ``upload_folder``).
+
+    Args:
+        folder: a folder written by :meth:`FusionResult.save_pretrained` (or any folder).
+        repo_id: ``namespace/name``.
+        private: create the repository as private (ignored when it exists).
+        token: a Hub token; default: the logged-in token or ``HF_TOKEN``. Never written to logs, errors or files.
+        revision: the branch to commit to (created from the default branch if missing).
+        create_pr: open a pull request instead of committing to the branch.
+        commit_message: defaults to "Upload fused model (hf_clafusion)".
+
+    Returns:
+        The commit (or pull request) URL.
+
+    Raises:
+        SaveError: the folder is missing, or the Hub refused or could not be reached (no token, no network,
+            permission denied). The local folder is left untouched.
+    """
+    from huggingface_hub import HfApi
+
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise SaveError(f"Nothing to push: {str(folder)!r} is not a folder. Save the model first.")
+    api = HfApi(token=token)
+    try:
+        api.create_repo(repo_id, private=private, exist_ok=True)
+        if revision is not None and not create_pr:
+            api.create_branch(repo_id, branch=revision, exist_ok=True)
+        info = api.upload_folder(
+            repo_id=repo_id,
+            folder_path=folder,
+            revision=revision,
+            create_pr=create_pr,
+            commit_message=commit_message or "Upload fused model (hf_clafusion)",
+        )
+    except Exception as error:  # every failure of the client becomes one clear error
+        status = getattr(getattr(error, "response", None), "status_code", None)
+        hint = {
+            401: "The token is missing or invalid: log in with `hf auth login` or pass `token=`.",
+            403: f"The token may not write to {repo_id!r}: check its permissions or the namespace.",
+            404: f"Repository or revision not found: {repo_id!r} (revision {revision!r}).",
+        }.get(status, "Check the network connection and the Hub status, then push again.")
+        detail = _scrub(str(error).splitlines()[0] if str(error) else type(error).__name__, token)
+        raise SaveError(
+            f"Pushing {str(folder)!r} to {repo_id!r} failed ({type(error).__name__}"
+            f"{f', HTTP {status}' if status else ''}: {detail}). {hint} The local folder is unchanged."
+        ) from None
+    return str(getattr(info, "pr_url", None) or getattr(info, "commit_url", info))
+
+
+def load_fusion_result(path: str | Path, *, allow_pickle: bool = False) -> FusionResult:
+    """Rebuild a :class:`FusionResult` (model, alignment, costs, config, provenance) from a saved folder.
+
+    Transport plans are not saved, so ``transport_plans`` is empty.
+    """
+    import torch
+
+    from .config import FusionConfig
+    from .result import FusionResult, PairAlignment
+
+    folder = Path(path).expanduser()
+    record_file = folder / FUSION_CONFIG_FILE
+    if not record_file.is_file():
+        raise SaveError(f"No {FUSION_CONFIG_FILE} in {str(path)!r}: it is not a fused model saved by hf_clafusion.")
+    record = json.loads(record_file.read_text())
+    pairs = [
+        PairAlignment(
+            model=p["model"],
+            reference=p["reference"],
+            deeper=p["deeper"],
+            alignment=p["alignment"],
+            costs=[
+                torch.tensor(c, dtype=torch.float64) if c else torch.zeros(0, 0, dtype=torch.float64)
+                for c in p["costs"]
+            ],
+            offsets=p.get("offsets", [0] * len(p["alignment"])),
+        )
+        for p in record["layer_alignments"]
+    ]
+    return FusionResult(
+        model=load_pretrained(folder, allow_pickle=allow_pickle),
+        pairs=pairs,
+        transport_plans={},
+        timings=record.get("timings", {}),
+        calibration=record.get("calibration", {}),
+        config=FusionConfig.from_dict(record["config"]),
+        adapter=record["adapter"],
+        anchor=record["anchor"],
+        parents=record["parents"],
+        bn_reset=record.get("bn_reset", False),
+        evaluation=record.get("evaluation", []),
+        evaluation_dataset=record.get("evaluation_dataset"),
+        finetune_history=record.get("finetune", []),
+    )

@@ -133,6 +133,34 @@ class FusionResult(_AlignmentMixin):
     parents: list[dict[str, Any]]
     bn_reset: bool = False
     evaluation: list[dict[str, Any]] = field(default_factory=list)
+    evaluation_dataset: str | None = None
+    evaluation_task: str = "image-classification"
+    finetune_history: list[dict[str, Any]] = field(default_factory=list)
+
+    def record_evaluation(
+        self, report, *, dataset: str | None = None, fused: str | None = None, task: str = "image-classification"
+    ) -> None:
+        """Keep an :func:`~hf_clafusion.evaluate` report for ``fusion_config.json`` and the model card.
+
+        Args:
+            report: the :class:`~hf_clafusion.EvaluationReport` (or its ``to_dicts()``).
+            dataset: the evaluation data set's name (goes into the card's ``model-index``).
+            fused: the row that is this fused model (default: the last row that is not ``ensemble``).
+            task: the ``model-index`` task type.
+        """
+        rows = [dict(r) for r in (report.to_dicts() if hasattr(report, "to_dicts") else report)]
+        names = [r["name"] for r in rows if r["name"] != "ensemble"]
+        fused = fused if fused is not None else (names[-1] if names else None)
+        for row in rows:
+            row["fused"] = row["name"] == fused
+        self.evaluation = rows
+        self.evaluation_dataset = dataset
+        self.evaluation_task = task
+
+    def record_finetune(self, finetune_result) -> None:
+        """Adopt a :func:`~hf_clafusion.finetune` result: its model becomes :attr:`model`, its history goes into the card."""
+        self.model = finetune_result.model
+        self.finetune_history = list(finetune_result.history)
 
     def summary(self) -> str:
         """A human-readable report: parents, fused depth and widths, alignment per segment, timings."""
@@ -158,16 +186,65 @@ class FusionResult(_AlignmentMixin):
         lines.append(f"  time {total:.3f}s ({stages})")
         return "\n".join(lines)
 
-    def save_pretrained(self, save_directory: str | Path, *, overwrite: bool = False) -> Path:
-        """Write the fused model, ``fusion_config.json`` and the alignment plot into ``save_directory``.
+    def save_pretrained(
+        self,
+        save_directory: str | Path,
+        *,
+        overwrite: bool = False,
+        license: str | None = None,  # noqa: A002
+        datasets: list[str] | None = None,
+        model_name: str | None = None,
+    ) -> Path:
+        """Write the fused model, ``fusion_config.json``, the alignment plot and a ``README.md`` model card.
 
         The write is atomic: files go to a temporary sibling folder that is renamed into place, so an
         interrupted save leaves nothing at the target. An existing non-empty target is refused unless
         ``overwrite=True``.
+
+        Args:
+            save_directory: the folder to create.
+            overwrite: replace an existing non-empty folder.
+            license: the card's license (default: the parents' license when they all agree).
+            datasets: data set ids for the card's metadata.
+            model_name: the card's title and ``model-index`` name.
         """
         from .hub import save_fusion_result
 
-        return save_fusion_result(self, save_directory, overwrite=overwrite)
+        return save_fusion_result(
+            self, save_directory, overwrite=overwrite, license=license, datasets=datasets, model_name=model_name
+        )
+
+    def push_to_hub(
+        self,
+        repo_id: str,
+        *,
+        private: bool | None = None,
+        token: str | None = None,
+        revision: str | None = None,
+        create_pr: bool = False,
+        commit_message: str | None = None,
+        license: str | None = None,  # noqa: A002
+        datasets: list[str] | None = None,
+    ) -> str:
+        """Save into a temporary folder and upload it to ``repo_id`` in one commit; returns the commit URL.
+
+        See :func:`hf_clafusion.hub.push_folder_to_hub` for the arguments and errors.
+        """
+        import tempfile
+
+        from .hub import push_folder_to_hub
+
+        with tempfile.TemporaryDirectory() as tmp:
+            folder = self.save_pretrained(Path(tmp) / "model", license=license, datasets=datasets, model_name=repo_id)
+            return push_folder_to_hub(
+                folder,
+                repo_id,
+                private=private,
+                token=token,
+                revision=revision,
+                create_pr=create_pr,
+                commit_message=commit_message,
+            )
 
 
 __all__ = ["AlignmentPreview", "FusionResult", "PairAlignment"]

@@ -78,6 +78,7 @@ def test_save_load_round_trip_gives_equal_outputs(tmp_path):
     result = fuse([deep, shallow], x, FusionConfig(progress=False))
     folder = result.save_pretrained(tmp_path / "fused")
     assert sorted(p.name for p in folder.iterdir()) == [
+        "README.md",
         "alignment.png",
         "architecture.json",
         "fusion_config.json",

@@ -71,8 +71,8 @@ class Adapter(ABC):
 
     @classmethod
     @abstractmethod
-    def load(cls, directory: Path) -> nn.Module:
-        """Load a model written by :meth:`save`."""
+    def load(cls, directory: Path, *, allow_pickle: bool = False) -> nn.Module:
+        """Load a model written by :meth:`save`; pickle checkpoints only with ``allow_pickle=True``."""
 
     def model_inputs(self, batch: Any) -> tuple[tuple, dict]:
         """Positional and keyword arguments to call the model on one calibration batch."""

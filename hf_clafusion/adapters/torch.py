@@ -430,7 +430,7 @@ class SequentialAdapter(Adapter):
         (directory / ARCHITECTURE_FILE).write_text(json.dumps(self.description(model), indent=2) + "\n")
 
     @classmethod
-    def load(cls, directory: Path) -> nn.Module:
+    def load(cls, directory: Path, *, allow_pickle: bool = False) -> nn.Module:
         directory = Path(directory)
         try:
             description = json.loads((directory / ARCHITECTURE_FILE).read_text())
@@ -439,8 +439,27 @@ class SequentialAdapter(Adapter):
                 f"No {ARCHITECTURE_FILE} in {str(directory)!r}; it is not an hf_clafusion Sequential model."
             ) from None
         model = cls.from_description(description)
-        model.load_state_dict(load_file(str(directory / WEIGHTS_FILE)))
+        model.load_state_dict(load_weights(directory, allow_pickle=allow_pickle))
         return model.eval()
+
+
+PICKLE_FILES = ("pytorch_model.bin", "model.pt", "model.pth")
+
+
+def load_weights(directory: Path, *, allow_pickle: bool = False) -> dict[str, torch.Tensor]:
+    """The state dict of a saved folder: ``model.safetensors``, or an opted-in pickle read with ``weights_only``."""
+    if (directory / WEIGHTS_FILE).is_file():
+        return load_file(str(directory / WEIGHTS_FILE))
+    pickles = [directory / name for name in PICKLE_FILES if (directory / name).is_file()]
+    if not pickles:
+        raise SaveError(f"No {WEIGHTS_FILE} in {str(directory)!r}. Save the model with save_pretrained().")
+    if not allow_pickle:
+        raise SaveError(
+            f"{str(pickles[0])!r} is a pickle checkpoint, which can run arbitrary code when loaded; only safetensors "
+            "are loaded by default. Convert it to safetensors, or pass allow_pickle=True if you trust its source "
+            "(it is then loaded with torch.load(weights_only=True))."
+        )
+    return torch.load(pickles[0], map_location="cpu", weights_only=True)
 
 
 __all__ = ["SUPPORTED_LAYERS", "SequentialAdapter", "build_layer", "describe_layer"]
