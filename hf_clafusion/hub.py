@@ -255,6 +255,29 @@ def _scrub(text: str, token: str | None) -> str:
     return text.replace(token, "***") if token else text
 
 
+def _push_failure(error: Exception, folder: Path, repo_id: str, revision: str | None, token: str | None) -> str:
+    status = getattr(getattr(error, "response", None), "status_code", None)
+    hints = {
+        401: "The token is missing or invalid: log in with `hf auth login` or pass `token=`.",
+        403: f"The token may not write to {repo_id!r}: check its permissions or the namespace.",
+        404: f"Repository or revision not found: {repo_id!r} (revision {revision!r}).",
+    }
+    network = isinstance(error, OSError) or any(
+        word in cls.__name__ for cls in type(error).__mro__ for word in ("Transport", "Connect", "Timeout", "Offline")
+    )
+    if status in hints:
+        hint = hints[status]
+    elif network or (status is not None and status >= 500):
+        hint = "Check the network connection and the Hub status, then push again."
+    else:
+        hint = "The Hub client refused the request; check the arguments."
+    detail = _scrub(str(error).splitlines()[0] if str(error) else type(error).__name__, token)
+    return (
+        f"Pushing {str(folder)!r} to {repo_id!r} failed ({type(error).__name__}"
+        f"{f', HTTP {status}' if status else ''}: {detail}). {hint} The local folder is unchanged."
+    )
+
+
 def push_folder_to_hub(
     folder: str | Path,
     repo_id: str,
@@ -288,10 +311,16 @@ def push_folder_to_hub(
     folder = Path(folder)
     if not folder.is_dir():
         raise SaveError(f"Nothing to push: {str(folder)!r} is not a folder. Save the model first.")
+    if create_pr and revision is not None:
+        raise SaveError(
+            f"create_pr=True opens a pull request against the default branch; it cannot be combined with "
+            f"revision={revision!r}. Drop one of the two."
+        )
     api = HfApi(token=token)
+    failure = None
     try:
         api.create_repo(repo_id, private=private, exist_ok=True)
-        if revision is not None and not create_pr:
+        if revision is not None:
             api.create_branch(repo_id, branch=revision, exist_ok=True)
         info = api.upload_folder(
             repo_id=repo_id,
@@ -301,17 +330,9 @@ def push_folder_to_hub(
             commit_message=commit_message or "Upload fused model (hf_clafusion)",
         )
     except Exception as error:  # every failure of the client becomes one clear error
-        status = getattr(getattr(error, "response", None), "status_code", None)
-        hint = {
-            401: "The token is missing or invalid: log in with `hf auth login` or pass `token=`.",
-            403: f"The token may not write to {repo_id!r}: check its permissions or the namespace.",
-            404: f"Repository or revision not found: {repo_id!r} (revision {revision!r}).",
-        }.get(status, "Check the network connection and the Hub status, then push again.")
-        detail = _scrub(str(error).splitlines()[0] if str(error) else type(error).__name__, token)
-        raise SaveError(
-            f"Pushing {str(folder)!r} to {repo_id!r} failed ({type(error).__name__}"
-            f"{f', HTTP {status}' if status else ''}: {detail}). {hint} The local folder is unchanged."
-        ) from None
+        failure = _push_failure(error, folder, repo_id, revision, token)
+    if failure is not None:  # raised outside `except` so the client's exception (and what it echoed) is dropped
+        raise SaveError(failure)
     return str(getattr(info, "pr_url", None) or getattr(info, "commit_url", info))
 
 
