@@ -158,6 +158,8 @@ def cmd_finetune(args: argparse.Namespace) -> None:
     if args.eval_split is not None:
         evaluation = _dataset_pair(load_data(args.data, split=args.eval_split), args.input_column, args.label_column)
     source = Path(args.model)
+    if args.eval_split is not None and Path(args.data).suffix == ".safetensors":
+        raise UsageError("--eval-split needs a dataset with splits; a .safetensors file has none.")
     fused = (source / FUSION_CONFIG_FILE).is_file()
     result = load_fusion_result(source) if fused else None
     model = result.model if fused else load_pretrained(source)
@@ -166,10 +168,18 @@ def cmd_finetune(args: argparse.Namespace) -> None:
         print(json.dumps(record))
     if result is not None:
         result.record_finetune(trained)
-        folder = result.save_pretrained(args.output, overwrite=args.overwrite)
+        license_ = args.license or _card_license(source)
+        folder = result.save_pretrained(args.output, overwrite=args.overwrite, license=license_)
     else:
         folder = save_model(trained.model, args.output, overwrite=args.overwrite)
     print(f"saved to {folder}")
+
+
+def _card_license(folder: Path) -> str | None:
+    from huggingface_hub import ModelCard
+
+    card = folder / "README.md"
+    return ModelCard.load(card).data.license if card.is_file() else None
 
 
 def cmd_push(args: argparse.Namespace) -> None:
@@ -259,6 +269,7 @@ def build_parser() -> argparse.ArgumentParser:
     finetune.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     finetune.add_argument("--output", required=True)
     finetune.add_argument("--overwrite", action="store_true")
+    finetune.add_argument("--license", default=None, help="license for the card (default: the input folder's)")
     finetune.add_argument("--quiet", action="store_true")
     finetune.set_defaults(handler=cmd_finetune)
 

@@ -171,7 +171,7 @@ def run_pair(
         (val.x, val.y),
         FinetuneConfig(
             epochs=finetune_epochs,
-            lr=0.005,
+            lr=0.02,
             optimizer="sgd",
             momentum=0.9,
             weight_decay=5e-4,
@@ -185,8 +185,8 @@ def run_pair(
     report = EvaluationReport([parents[0], parents[1], parents[2], before[0], after, before[1]])
     for row, label in zip(report, ROWS):
         row.name = label
-    result.record_evaluation(report, dataset=dataset_name, fused="CLAFusion + finetune")
     result.record_finetune(finetuned)
+    result.record_evaluation(report, dataset=dataset_name, fused="CLAFusion + finetune")
     folder = result.save_pretrained(output / name, overwrite=True, model_name=f"CLAFusion {name} ({dataset_name})")
     print(f"\n{name}: {result.summary()}\nsaved to {folder} (alignment plot: {folder / 'alignment.png'})")
     return [(row.name, row.accuracy) for row in report]
@@ -233,7 +233,7 @@ def run_demo(
         train_parent(shallow, train, epochs=epochs[name], lr=1e-3, seed=seed + 1)
         print(f"trained the {name} parents in {time.perf_counter() - start:.1f}s")
         tables[name] = run_pair(
-            name, deep, shallow, data, output, seed, finetune_epochs=1 if quick else 2, dataset_name=dataset
+            name, deep, shallow, data, output, seed, finetune_epochs=1 if quick else 5, dataset_name=dataset
         )
     print(format_table(tables, dataset))
     return tables

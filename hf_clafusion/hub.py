@@ -34,8 +34,8 @@ def _check_target(target: Path, overwrite: bool) -> None:
         raise SaveError(f"Cannot save into {str(target)!r}: it exists and is not a folder. Choose another path.")
     if target.is_dir() and any(target.iterdir()) and not overwrite:
         raise SaveError(
-            f"The folder {str(target)!r} already exists and is not empty. Pass overwrite=True to replace it, or "
-            "choose another path."
+            f"The folder {str(target)!r} already exists and is not empty. Pass overwrite=True (--overwrite on the "
+            "command line) to replace it, or choose another path."
         )
 
 
@@ -196,11 +196,12 @@ def save_fusion_result(
     license: str | None = None,  # noqa: A002
     datasets: list[str] | None = None,
     model_name: str | None = None,
+    load_path: str | None = None,
 ) -> Path:
-    """Implementation of :meth:`FusionResult.save_pretrained`."""
+    """Implementation of :meth:`FusionResult.save_pretrained` (``load_path``: what the card tells users to load)."""
     adapter = adapter_class(result.adapter)()
     card = build_model_card(
-        result, license=license, datasets=datasets, model_name=model_name, load_path=str(save_directory)
+        result, license=license, datasets=datasets, model_name=model_name, load_path=load_path or str(save_directory)
     )
 
     def write(tmp: Path) -> None:
@@ -225,17 +226,22 @@ def save_model(model: nn.Module, save_directory: str | Path, *, overwrite: bool 
 def load_pretrained(path: str | Path, *, allow_pickle: bool = False) -> nn.Module:
     """Load a model saved by hf_clafusion (:meth:`FusionResult.save_pretrained` or :func:`save_model`).
 
+    ``path`` is a local folder, or a Hub id (downloaded; with no network, looked up in the local cache only).
     Only safetensors weights are read by default. A folder holding a pickle checkpoint (``pytorch_model.bin``,
-    ``*.pt``) instead is refused unless ``allow_pickle=True``, and then read with ``torch.load(weights_only=True)``.
+    ``model.pt`` or ``model.pth``) instead is refused unless ``allow_pickle=True``, and then read with
+    ``torch.load(weights_only=True)``.
 
     Raises:
         SaveError: the folder does not exist, was not written by hf_clafusion, or holds only pickle weights.
+        ClaFusionError: a Hub id that cannot be downloaded.
     """
     from .adapters.torch import ARCHITECTURE_FILE, SequentialAdapter
 
     folder = Path(path).expanduser()
     if not folder.is_dir():
-        raise SaveError(f"No such folder: {str(path)!r}. Pass the directory written by save_pretrained().")
+        from .api import _download
+
+        folder = _download(str(path))
     name = None
     if (folder / FUSION_CONFIG_FILE).is_file():
         name = json.loads((folder / FUSION_CONFIG_FILE).read_text()).get("adapter")

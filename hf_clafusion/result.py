@@ -138,7 +138,7 @@ class FusionResult(_AlignmentMixin):
     finetune_history: list[dict[str, Any]] = field(default_factory=list)
 
     def record_evaluation(
-        self, report, *, dataset: str | None = None, fused: str | None = None, task: str = "image-classification"
+        self, report: Any, *, dataset: str | None = None, fused: str | None = None, task: str = "image-classification"
     ) -> None:
         """Keep an :func:`~hf_clafusion.evaluate` report for ``fusion_config.json`` and the model card.
 
@@ -158,9 +158,16 @@ class FusionResult(_AlignmentMixin):
         self.evaluation_task = task
 
     def record_finetune(self, finetune_result) -> None:
-        """Adopt a :func:`~hf_clafusion.finetune` result: its model becomes :attr:`model`, its history goes into the card."""
+        """Adopt a :func:`~hf_clafusion.finetune` result: its model becomes :attr:`model`, its history goes into the card.
+
+        An evaluation recorded before describes the model before finetuning: its rows stay in the card's table,
+        but none of them is the fused model any more (so the card's ``model-index`` is dropped until
+        :meth:`record_evaluation` is called again).
+        """
         self.model = finetune_result.model
         self.finetune_history = list(finetune_result.history)
+        for row in self.evaluation:
+            row["fused"] = False
 
     def summary(self) -> str:
         """A human-readable report: parents, fused depth and widths, alignment per segment, timings."""
@@ -232,10 +239,12 @@ class FusionResult(_AlignmentMixin):
         """
         import tempfile
 
-        from .hub import push_folder_to_hub
+        from .hub import push_folder_to_hub, save_fusion_result
 
         with tempfile.TemporaryDirectory() as tmp:
-            folder = self.save_pretrained(Path(tmp) / "model", license=license, datasets=datasets, model_name=repo_id)
+            folder = save_fusion_result(
+                self, Path(tmp) / "model", license=license, datasets=datasets, model_name=repo_id, load_path=repo_id
+            )
             return push_folder_to_hub(
                 folder,
                 repo_id,

@@ -61,3 +61,17 @@ def test_license_is_inherited_when_parents_agree_and_warns_otherwise(tmp_path):
     mixed = fuse_pretrained([tmp_path / "a", tmp_path / "c"], x, progress=False)
     with pytest.warns(ClaFusionWarning, match=r"different licenses \(apache-2.0, mit\)"):
         assert build_model_card(mixed).data.license is None
+
+
+def test_finetuning_makes_the_recorded_evaluation_stale(result):
+    from hf_clafusion import FinetuneResult
+
+    assert build_model_card(result).data.eval_results
+    result.record_finetune(FinetuneResult(result.model, [{"epoch": 1, "step": 3, "train_loss": 0.5}]))
+    card = build_model_card(result)
+    assert card.data.eval_results is None  # no accuracy claimed for the finetuned model until re-evaluated
+    assert "## Finetuning" in card.text and "| 1 | 0.5000 |" in card.text
+
+
+def test_the_card_tells_how_to_load_from_where_it_lives(result):
+    assert 'load_pretrained("me/fused-mlp")' in build_model_card(result, load_path="me/fused-mlp").text
