@@ -106,27 +106,6 @@ def load_data(source: str, *, split: str | None, column: str | None = None) -> A
     return loaded.with_format("torch")
 
 
-def _dataset_pair(data: Any, input_column: str | None, label_column: str) -> Any:
-    """(inputs, labels) tensors from a dataset for finetuning."""
-    import torch
-
-    if isinstance(data, tuple):
-        return data
-    if not hasattr(data, "column_names"):
-        raise CalibrationDataError(
-            "Finetuning data needs labels: a dataset with a label column or inputs+labels tensors."
-        )
-    if label_column not in data.column_names:
-        raise CalibrationDataError(
-            f"The dataset has no label column {label_column!r} (columns: {data.column_names}). Pass --label-column."
-        )
-    inputs = [c for c in data.column_names if c != label_column] if input_column is None else [input_column]
-    if len(inputs) != 1:
-        raise CalibrationDataError(f"Several input columns {inputs}; choose one with --input-column.")
-    table = data.with_format("torch")[:]
-    return torch.as_tensor(table[inputs[0]]), torch.as_tensor(table[label_column])
-
-
 def cmd_fuse(args: argparse.Namespace) -> None:
     from .api import fuse_pretrained
     from .config import FusionConfig
@@ -152,14 +131,23 @@ def cmd_finetune(args: argparse.Namespace) -> None:
     from .finetune import finetune
     from .hub import FUSION_CONFIG_FILE, load_fusion_result, load_pretrained, save_model
 
-    config = FinetuneConfig.from_dict({"progress": not args.quiet, **_config_dict(args.config, args.set)})
-    train = _dataset_pair(load_data(args.data, split=args.split), args.input_column, args.label_column)
-    evaluation = None
-    if args.eval_split is not None:
-        evaluation = _dataset_pair(load_data(args.data, split=args.eval_split), args.input_column, args.label_column)
-    source = Path(args.model)
+    config = FinetuneConfig.from_dict(
+        {
+            "progress": not args.quiet,
+            "input_column": args.input_column,
+            "label_column": args.label_column,
+            **_config_dict(args.config, args.set),
+        }
+    )
     if args.eval_split is not None and Path(args.data).suffix == ".safetensors":
         raise UsageError("--eval-split needs a dataset with splits; a .safetensors file has none.")
+    train = load_data(args.data, split=args.split)
+    if not isinstance(train, tuple) and train is not None and not hasattr(train, "column_names"):
+        raise CalibrationDataError(
+            f"{args.data!r} holds inputs without labels; finetuning needs 'inputs' and 'labels'."
+        )
+    evaluation = None if args.eval_split is None else load_data(args.data, split=args.eval_split)
+    source = Path(args.model)
     fused = (source / FUSION_CONFIG_FILE).is_file()
     result = load_fusion_result(source) if fused else None
     model = result.model if fused else load_pretrained(source)

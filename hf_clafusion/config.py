@@ -221,15 +221,68 @@ class FinetuneConfig(_DictMixin):
     milestones: tuple[int, ...] = field(default=(), metadata={"help": "Epochs where 'multistep' decays."})
     gamma: float = field(default=0.5, metadata={"help": "Decay factor for 'multistep'."})
     grad_clip: float | None = field(default=None, metadata={"help": "Clip gradients to this global norm."})
+    gradient_accumulation_steps: int = field(default=1, metadata={"help": "Batches per optimiser step."})
+    mixed_precision: str = field(
+        default="no", metadata={"help": "'no', 'fp16' or 'bf16' (where the hardware supports it)."}
+    )
+    eval_batch_size: int | None = field(
+        default=None, metadata={"help": "Evaluation batch size (default: batch_size)."}
+    )
+    input_column: str | None = field(
+        default=None, metadata={"help": "Dataset column holding the model input (default: the non-label columns)."}
+    )
+    label_column: str = field(default="label", metadata={"help": "Dataset column holding the class labels."})
+    checkpoint_dir: str | None = field(
+        default=None, metadata={"help": "Where to write `accelerator.save_state` checkpoints (each epoch)."}
+    )
+    checkpoint_steps: int | None = field(
+        default=None, metadata={"help": "Also checkpoint every this many optimiser steps (needs checkpoint_dir)."}
+    )
+    resume_from: str | None = field(
+        default=None, metadata={"help": "A checkpoint folder to resume from, or 'latest' (in checkpoint_dir)."}
+    )
+    distill_alpha: float = field(
+        default=0.5, metadata={"help": "Distillation weight: alpha * T^2 * KL + (1 - alpha) * CE (with a teacher)."}
+    )
+    distill_temperature: float = field(
+        default=20.0, metadata={"help": "Distillation temperature T (the official scripts: 20)."}
+    )
+    log_with: tuple[str, ...] = field(
+        default=(), metadata={"help": "Accelerate trackers to log metrics to, e.g. ['tensorboard']."}
+    )
+    project_dir: str | None = field(default=None, metadata={"help": "Folder for tracker logs."})
     seed: int = field(default=0, metadata={"help": "Seed for shuffling and initialisation."})
-    progress: bool = field(default=True, metadata={"help": "Show tqdm progress bars."})
+    progress: bool = field(default=True, metadata={"help": "Show tqdm progress bars (main process only)."})
 
     OPTIMIZERS: ClassVar[tuple[str, ...]] = ("sgd", "adam", "adamw")
     SCHEDULERS: ClassVar[tuple[str, ...]] = ("none", "multistep", "cosine")
+    PRECISIONS: ClassVar[tuple[str, ...]] = ("no", "fp16", "bf16")
 
     def __post_init__(self) -> None:
         _check_choice("optimizer", self.optimizer, self.OPTIMIZERS)
         _check_choice("scheduler", self.scheduler, self.SCHEDULERS)
+        _check_choice("mixed_precision", self.mixed_precision, self.PRECISIONS)
+        _check_int("gradient_accumulation_steps", self.gradient_accumulation_steps, 1)
+        for name in ("eval_batch_size", "checkpoint_steps"):
+            if getattr(self, name) is not None:
+                _check_int(name, getattr(self, name), 1)
+        if self.checkpoint_steps is not None and self.checkpoint_dir is None:
+            raise ConfigError(
+                "`checkpoint_steps` needs `checkpoint_dir`: set where checkpoints go.", field="checkpoint_dir"
+            )
+        if self.resume_from == "latest" and self.checkpoint_dir is None:
+            raise ConfigError("resume_from='latest' needs `checkpoint_dir`.", field="resume_from")
+        if not 0.0 <= self.distill_alpha <= 1.0:
+            raise ConfigError(
+                f"Invalid value for `distill_alpha`: {self.distill_alpha!r}. It must be in [0, 1].",
+                field="distill_alpha",
+            )
+        if not self.distill_temperature > 0:
+            raise ConfigError(
+                f"Invalid value for `distill_temperature`: {self.distill_temperature!r}. It must be > 0.",
+                field="distill_temperature",
+            )
+        object.__setattr__(self, "log_with", tuple(self.log_with))
         _check_int("epochs", self.epochs, 1)
         _check_int("batch_size", self.batch_size, 1)
         _check_int("seed", self.seed, 0)

@@ -1,0 +1,36 @@
+"""Run by tests/test_finetune.py under `accelerate launch`: finetune on two CPU processes and report."""
+
+import hashlib
+import json
+import sys
+from pathlib import Path
+
+import torch
+from accelerate import PartialState
+
+from hf_clafusion import FinetuneConfig, finetune
+from tests._models import mlp
+
+
+def main(out: Path) -> None:
+    g = torch.Generator().manual_seed(0)
+    x, xe = torch.randn(192, 8, generator=g), torch.randn(101, 8, generator=g)
+    y, ye = (x[:, 0] > 0).long(), (xe[:, 0] > 0).long()
+    result = finetune(
+        mlp(8, [16], 2), (x, y), (xe, ye), FinetuneConfig(epochs=1, batch_size=24, lr=0.1, progress=False)
+    )
+    state = PartialState()  # after the Accelerator: it reads ACCELERATE_USE_CPU, a bare PartialState does not
+    digest = hashlib.sha256()
+    for key, value in sorted(result.model.state_dict().items()):
+        digest.update(key.encode() + value.detach().cpu().numpy().tobytes())
+    report = {
+        "world_size": state.num_processes,
+        "weights": digest.hexdigest(),
+        "eval_samples": result.history[-1]["eval_samples"],
+        "steps": result.history[-1]["step"],
+    }
+    (out / f"rank{state.process_index}.json").write_text(json.dumps(report))
+
+
+if __name__ == "__main__":
+    main(Path(sys.argv[1]))

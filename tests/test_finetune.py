@@ -1,0 +1,168 @@
+"""finetune: the Accelerate loop, exact resume, distillation, bad input, and two CPU processes (gloo)."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from torch.nn import functional as F
+
+from hf_clafusion import CalibrationDataError, ConfigError, FinetuneConfig, finetune
+from hf_clafusion.finetune import distillation_loss
+
+from ._models import mlp
+
+
+def _data(n=192, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, 8, generator=g)
+    y = (x[:, 0] > 0).long() + (x[:, 1] > 0.5).long()
+    return x, y
+
+
+CONFIG = FinetuneConfig(epochs=3, lr=0.05, batch_size=32, progress=False)
+
+
+def test_distillation_loss_matches_its_formula():
+    student = torch.tensor([[2.0, 0.5, -1.0], [0.1, 0.2, 0.3]])
+    teacher = torch.tensor([[1.0, 1.5, -0.5], [2.0, -1.0, 0.0]])
+    labels = torch.tensor([0, 2])
+    t, alpha = 4.0, 0.3
+    p = (teacher / t).softmax(-1)
+    q = (student / t).softmax(-1)
+    kl = (p * (p.log() - q.log())).sum(-1).mean()  # KL(p_teacher || p_student), averaged over the batch
+    expected = alpha * t * t * kl + (1 - alpha) * F.cross_entropy(student, labels)
+    assert float(distillation_loss(student, teacher, labels, alpha=alpha, temperature=t)) == pytest.approx(
+        float(expected)
+    )
+    ensemble = distillation_loss(student, [teacher, teacher * 0], labels, alpha=1.0, temperature=t)
+    p2 = ((teacher / t).softmax(-1) + (teacher * 0 / t).softmax(-1)) / 2
+    assert float(ensemble) == pytest.approx(float(t * t * (p2 * (p2.log() - q.log())).sum(-1).mean()), rel=1e-5)
+
+
+def test_a_few_steps_lower_the_training_loss():
+    result = finetune(mlp(8, [16], 3), _data(), _data(64, seed=1), CONFIG.replace(epochs=6, lr=0.1))
+    losses = [h["train_loss"] for h in result.history]
+    assert losses[-1] < 0.8 * losses[0]
+    assert result.history[-1]["eval_samples"] == 64
+
+
+def test_resume_reaches_the_same_weights_as_an_uninterrupted_run(tmp_path, monkeypatch):
+    config = CONFIG.replace(
+        checkpoint_dir=str(tmp_path / "ckpt"), checkpoint_steps=2, optimizer="adam", lr=0.01, scheduler="cosine"
+    )
+    full = finetune(mlp(8, [16], 3), _data(), config=config.replace(checkpoint_dir=str(tmp_path / "other"))).model
+
+    original_step, calls = torch.optim.Adam.step, []
+
+    def crash_after_nine(self, *args, **kwargs):
+        calls.append(1)
+        if len(calls) > 9:  # the process dies in the middle of epoch 2, after the checkpoint of step 8
+            raise KeyboardInterrupt
+        return original_step(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.optim.Adam, "step", crash_after_nine)
+    with pytest.raises(KeyboardInterrupt):
+        finetune(mlp(8, [16], 3), _data(), config=config)
+    monkeypatch.setattr(torch.optim.Adam, "step", original_step)
+    latest = json.loads(max((tmp_path / "ckpt").glob("checkpoint-*")).joinpath("trainer_state.json").read_text())
+    assert latest["global_step"] == 8 and latest["epoch"] == 1 and latest["batch_in_epoch"] == 2
+
+    resumed = finetune(mlp(8, [16], 3, seed=5), _data(), config=config.replace(resume_from="latest")).model
+    for key, value in full.state_dict().items():
+        assert torch.allclose(resumed.state_dict()[key], value, atol=1e-6), key
+    final = json.loads(max((tmp_path / "ckpt").glob("checkpoint-*")).joinpath("trainer_state.json").read_text())
+    assert final["global_step"] == 18 and final["epoch"] == 3 and len(final["history"]) == 3
+
+
+def test_gradient_accumulation_equals_a_larger_batch():
+    x, y = _data(128)
+    big = finetune(
+        mlp(8, [16], 3),
+        (x, y),
+        config=CONFIG.replace(epochs=1, batch_size=32, optimizer="sgd", momentum=0.0, weight_decay=0.0),
+    )
+    small = finetune(
+        mlp(8, [16], 3),
+        (x, y),
+        config=CONFIG.replace(
+            epochs=1, batch_size=16, optimizer="sgd", momentum=0.0, weight_decay=0.0, gradient_accumulation_steps=2
+        ),
+    )
+    # same shuffled order: each optimiser step sees the same 32 samples
+    assert big.history[0]["step"] == small.history[0]["step"] == 4
+
+
+def test_distilling_from_an_ensemble_of_parents_trains():
+    teachers = [finetune(mlp(8, [16], 3, seed=s), _data(), config=CONFIG).model for s in (1, 2)]
+    student = finetune(
+        mlp(8, [4], 3, seed=3),
+        _data(),
+        _data(64, 1),
+        CONFIG.replace(distill_alpha=0.7, distill_temperature=4.0),
+        teacher=teachers,
+    )
+    assert student.history[-1]["eval_accuracy"] > 0.5
+
+
+def test_a_datasets_split_with_a_transform():
+    from datasets import Dataset
+
+    x, y = _data()
+    split = Dataset.from_dict({"features": x.tolist(), "label": y.tolist()})
+    split.set_transform(lambda b: {"x": torch.tensor(b["features"]) * 2.0, "label": b["label"]})
+    result = finetune(mlp(8, [16], 3), split, config=CONFIG.replace(input_column="x"))
+    assert result.history[-1]["train_loss"] < result.history[0]["train_loss"]
+
+
+def test_bad_input_is_refused_clearly():
+    from datasets import Dataset
+
+    x, y = _data(32)
+    with pytest.raises(CalibrationDataError, match="no label column 'label'.*columns: \\['x', 'y'\\]"):
+        finetune(mlp(8, [4], 3), Dataset.from_dict({"x": x.tolist(), "y": y.tolist()}), config=CONFIG)
+    with pytest.raises(CalibrationDataError, match=r"labels lie in \[0, 7\] but the model has 3 outputs"):
+        finetune(mlp(8, [4], 3), (x, torch.full((32,), 7)), config=CONFIG)
+    with pytest.raises(CalibrationDataError, match="training data is empty"):
+        finetune(mlp(8, [4], 3), Dataset.from_dict({"x": [], "label": []}), config=CONFIG)
+    with pytest.raises(ConfigError, match="`optimizer`: 'lion'"):
+        FinetuneConfig.from_dict({"optimizer": "lion"})
+    with pytest.raises(ConfigError, match="needs `checkpoint_dir`"):
+        FinetuneConfig(resume_from="latest")
+
+
+SCRIPT = Path(__file__).with_name("_ddp_worker.py")
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="gloo CPU processes")
+def test_two_cpu_processes_stay_in_sync(tmp_path):
+    """accelerate launch --multi_gpu --num_processes 2 with ACCELERATE_USE_CPU=1 runs two gloo processes."""
+    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(SCRIPT.parents[1])}
+    command = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--multi_gpu",
+        "--num_processes",
+        "2",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        "--main_process_port",
+        "29517",
+        str(SCRIPT),
+        str(tmp_path),
+    ]
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    reports = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert [r["world_size"] for r in reports] == [2, 2]
+    assert reports[0]["weights"] == reports[1]["weights"]  # gradients were synchronised
+    assert reports[0]["eval_samples"] == reports[1]["eval_samples"] == 101  # gathered once, no duplicates
+    assert reports[0]["steps"] == 4  # 192 samples / (2 processes x 24) per step
