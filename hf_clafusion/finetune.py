@@ -95,7 +95,8 @@ class _ColumnDataset(Dataset):
 
     def labels(self) -> torch.Tensor | None:
         try:  # the raw column, without the split's transform
-            return torch.as_tensor(self.split.with_format(None).select_columns([self.label_column])[self.label_column])
+            raw = self.split.select_columns([self.label_column]).with_format(None)
+            return torch.as_tensor(raw[:][self.label_column])
         except Exception:
             return None
 
@@ -274,6 +275,7 @@ def finetune(
     teachers = [] if teacher is None else ([teacher] if isinstance(teacher, nn.Module) else list(teacher))
 
     set_seed(config.seed)
+    _check_process_state()
     try:
         accelerator = Accelerator(
             gradient_accumulation_steps=config.gradient_accumulation_steps,
@@ -389,6 +391,23 @@ def finetune(
         accelerator.end_training()
     accelerator.wait_for_everyone()
     return FinetuneResult(accelerator.unwrap_model(model).eval(), history)
+
+
+def _check_process_state() -> None:
+    """Refuse to train alone when the launcher started several processes but the state was set up without them."""
+    import os
+
+    from accelerate import PartialState
+    from accelerate.utils import DistributedType
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    shared = PartialState._shared_state
+    if world > 1 and shared and shared.get("distributed_type") == DistributedType.NO:
+        raise ConfigError(
+            f"The launcher started {world} processes, but Accelerate's process state was created before finetune() "
+            "without distribution (a bare PartialState() ignores ACCELERATE_USE_CPU). Create it after finetune(), "
+            "or as PartialState(cpu=True) on CPUs."
+        )
 
 
 def _num_classes(model: nn.Module, adapter, loader: DataLoader, label_column: str) -> int:
