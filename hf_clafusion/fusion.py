@@ -121,13 +121,6 @@ def _resolve_config(config: FusionConfig | None, overrides: dict[str, Any]) -> F
     return config.replace(**overrides) if overrides else config
 
 
-def _features(t: torch.Tensor) -> torch.Tensor:
-    """``(N, C, *spatial)`` or ``(N, C)`` -> ``(samples, C)``: positions are extra samples of each channel."""
-    if t.ndim > 2:
-        return t.movedim(1, -1).reshape(-1, t.shape[1])
-    return t
-
-
 @dataclass
 class _Segment:
     """Depth roles of one segment across the K models."""
@@ -294,20 +287,32 @@ class _Run:
     # -- 3. cross-layer alignment
     def align(self) -> None:
         with self._timed("layer_alignment"):
-            by_model: dict[int, PairAlignment] = {}
+            num_segments = len(self.segments)
+            by_pair: dict[tuple[int, int], PairAlignment] = {}
+            self.local: dict[tuple[int, int], list[int]] = {}  # (segment, model) -> positions in the deeper model
             for s, k, ref in self._pairs_to_align():
                 deep, shallow = self._roles(s, k, ref)
                 m, n = self.segments[s].depths[deep], self.segments[s].depths[shallow]
                 cost = self._segment_cost(s, k, ref, deep, shallow)
                 mapping = self._segment_alignment(cost, m, n, s)
+                self.local[(s, k)] = mapping
+                pair = by_pair.get((k, ref)) or by_pair.get((ref, k))
+                if pair is None:  # reported as (aligned model, the anchor or the other model)
+                    model, other = (ref, k) if k == self.anchor else (k, ref)
+                    pair = by_pair[(model, other)] = PairAlignment(
+                        model=model,
+                        reference=other,
+                        deeper=[other] * num_segments,
+                        alignment=[[] for _ in range(num_segments)],
+                        costs=[torch.zeros(0, 0, dtype=torch.float64) for _ in range(num_segments)],
+                        offsets=[0] * num_segments,
+                    )
                 offset = self._segment_slice(deep, s).start
-                pair = by_model.setdefault(k, PairAlignment(model=k, reference=ref, deeper=[], alignment=[], costs=[]))
-                pair.deeper.append(deep)
-                pair.alignment.append([offset + a for a in mapping])
-                pair.costs.append(cost)
-                pair.offsets.append(offset)
-            self.pairs = [by_model[k] for k in sorted(by_model)]
-            self.local = {(s, p.model): p.local(s) for p in self.pairs for s in range(len(self.segments))}
+                pair.deeper[s] = deep
+                pair.alignment[s] = [offset + a for a in mapping]
+                pair.costs[s] = cost
+                pair.offsets[s] = offset
+            self.pairs = [by_pair[key] for key in sorted(by_pair)]
 
     def _segment_cost(self, s: int, k: int, ref: int, deep: int, shallow: int) -> torch.Tensor:
         m, n = self.segments[s].depths[deep], self.segments[s].depths[shallow]
@@ -381,8 +386,8 @@ class _Run:
             self.balanced_specs = [self.adapter.spec(m) for m in self.balanced]
             _check_balanced(self.balanced_specs, self.anchor)
 
-    def _template_for(self, k: int) -> nn.Module:
-        """A model with the target depth in every segment where ``k`` needs identity layers."""
+    def _template_for(self, k: int) -> int:
+        """Index of the model with the target depth in every segment where ``k`` needs identity layers."""
         refs = {seg.reference for seg in self.segments if seg.depths[k] < seg.depths[seg.reference]}
         if len(refs) == 1:
             return refs.pop()
@@ -407,7 +412,7 @@ class _Run:
                     with capture_outputs(model, names) as out:
                         args, kwargs = self.adapter.model_inputs(batch)
                         model(*args, **kwargs)
-                    outputs[k] = [_features(out[n]) for n in names]
+                    outputs[k] = [core.channels_as_features(out[n]) for n in names]
                 for k in others:
                     for g, stats in enumerate(self.group_stats[k]):
                         stats.update(outputs[k][g], outputs[self.anchor][g])

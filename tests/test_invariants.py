@@ -140,3 +140,17 @@ def test_bn_reset_recomputes_statistics_on_calibration_data():
     conv_out = result.model[0](x)
     assert torch.allclose(bn.running_mean, conv_out.mean(dim=(0, 2, 3)), atol=1e-4)
     assert result.bn_reset
+
+
+def test_depths_that_cross_over_between_segments_fuse_to_the_deeper_of_each():
+    a = cnn([4, 4, 4, "M", 6, "M"], seed=1)  # deeper in segment 0
+    b = cnn([5, "M", 6, 6, 6, "M"], seed=2)  # deeper in segment 1
+    x = torch.rand(32, 1, 8, 8)
+    result = fuse([a, b], x, FusionConfig(progress=False))
+    convs = [m for m in result.model if isinstance(m, torch.nn.Conv2d)]
+    assert len(convs) == 6
+    pair = result.pairs[0]
+    assert pair.deeper == [0, 1]  # model 0 is deeper in segment 0, model 1 in segment 1
+    (seg0,), (seg1,) = result.layer_alignment  # one-layer segments, aligned by cost
+    assert 0 <= seg0 <= 2 and 1 <= seg1 <= 3  # indices of the deeper model of each segment
+    assert [c.out_channels for c in convs] == [4, 4, 4, 6, 6, 6]  # the anchor (model 0) widths; identity layers in it

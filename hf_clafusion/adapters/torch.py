@@ -368,7 +368,8 @@ class SequentialAdapter(Adapter):
                     new_layers.append(build_layer(d))
 
         for s, seg in enumerate(layout.segments):
-            if s >= len(t_layout.segments) or len(layouts[s]) != len(t_layout.segments[s].units):
+            needs_template = any(choice is None for choice in layouts[s])
+            if needs_template and (s >= len(t_layout.segments) or len(layouts[s]) != len(t_layout.segments[s].units)):
                 raise AlignmentError(
                     f"Segment {s}: the layout does not match the template's depth; this is a bug, please report it."
                 )

@@ -16,6 +16,7 @@ from .layer_alignment import align_layers, alignment_cost, chain_alignment, rand
 from .similarity import (
     MinibatchCKA,
     cca_cost_matrix,
+    channels_as_features,
     cka_cost_matrix,
     index_cost_matrix,
     linear_cka,
@@ -35,6 +36,7 @@ __all__ = [
     "apply_plan",
     "cca_cost_matrix",
     "chain_alignment",
+    "channels_as_features",
     "cka_cost_matrix",
     "identity_batchnorm",
     "identity_weight",

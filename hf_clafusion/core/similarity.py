@@ -205,11 +205,15 @@ def wasserstein_cost_matrix(acts_a: Sequence[torch.Tensor], acts_b: Sequence[tor
     return cost
 
 
-def _neuron_matrix(t: torch.Tensor) -> torch.Tensor:
-    """``(N, C, *spatial)`` -> ``(N * positions, C)``: positions are extra samples of each channel."""
+def channels_as_features(t: torch.Tensor) -> torch.Tensor:
+    """``(N, C, *spatial)`` -> ``(N * positions, C)``: positions are extra samples of each channel; ``(N, C)`` as is."""
     if t.ndim > 2:
-        t = t.movedim(1, -1).reshape(-1, t.shape[1])
-    return t.double()
+        return t.movedim(1, -1).reshape(-1, t.shape[1])
+    return t
+
+
+def _neuron_matrix(t: torch.Tensor) -> torch.Tensor:
+    return channels_as_features(t).double()
 
 
 def neuron_count_cost_matrix(widths_a: Sequence[int], widths_b: Sequence[int]) -> torch.Tensor:
@@ -227,6 +231,7 @@ def index_cost_matrix(num_a: int, num_b: int) -> torch.Tensor:
 __all__ = [
     "MinibatchCKA",
     "cca_cost_matrix",
+    "channels_as_features",
     "cka_cost_matrix",
     "index_cost_matrix",
     "linear_cka",
