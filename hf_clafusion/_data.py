@@ -57,25 +57,29 @@ def _inputs_of(item: Any) -> Any:
     return item
 
 
-def _dataset_columns(dataset: Any, input_columns: Iterable[str] | None) -> list[str]:
+def _as_tensor(value: Any) -> torch.Tensor:
+    if isinstance(value, (list, tuple)) and value and isinstance(value[0], torch.Tensor):
+        return torch.stack(list(value))
+    return torch.as_tensor(value)
+
+
+def _dataset_batch(dataset: Any, input_columns: Iterable[str] | None, exclude: Iterable[str] = LABEL_COLUMNS) -> Any:
+    """All rows of a ``datasets`` split as model inputs: its own format/transform if set, else torch format."""
+    formatted = dataset if dataset.format["type"] is not None else dataset.with_format("torch")
+    rows = formatted[:]
     if input_columns is not None:
-        columns = list(input_columns)
-        missing = [c for c in columns if c not in dataset.column_names]
+        names = list(input_columns)
+        missing = [c for c in names if c not in rows]
         if missing:
-            raise CalibrationDataError(f"Columns {missing} not in the dataset; it has {dataset.column_names}.")
-        return columns
-    columns = [c for c in dataset.column_names if c not in LABEL_COLUMNS]
-    if not columns:
-        raise CalibrationDataError(
-            f"The dataset has no input column (columns: {dataset.column_names}). Name them with `input_columns`."
-        )
-    return columns
-
-
-def _dataset_batch(dataset: Any, columns: list[str]) -> Any:
-    data = dataset.with_format("torch")[:]
-    tensors = {c: torch.as_tensor(data[c]) for c in columns}
-    return tensors[columns[0]] if len(columns) == 1 else tensors
+            raise CalibrationDataError(f"Columns {missing} not in the dataset; it has {sorted(rows)}.")
+    else:
+        names = [c for c in rows if c not in set(exclude)]
+        if not names:
+            raise CalibrationDataError(
+                f"The dataset has no input column (columns: {sorted(rows)}). Name them with `input_columns`."
+            )
+    tensors = {c: _as_tensor(rows[c]) for c in names}
+    return tensors[names[0]] if len(names) == 1 else tensors
 
 
 def prepare_calibration(
@@ -94,10 +98,9 @@ def prepare_calibration(
     if _is_dataset(data):
         total = len(data)
         provenance.update(source="datasets.Dataset", fingerprint=getattr(data, "_fingerprint", None), total=total)
-        columns = _dataset_columns(data, input_columns)
         indices = _subset(total, num_samples, seed)
         provenance["indices"] = indices
-        full = _dataset_batch(data.select(indices) if total else data, columns) if total else None
+        full = _dataset_batch(data.select(indices), input_columns) if total else None
     elif isinstance(data, (torch.Tensor, Mapping)):
         total = _num_rows(data)
         provenance.update(source=type(data).__name__, total=total)
@@ -177,9 +180,8 @@ def labelled_batches(
             )
         if len(data) == 0:
             raise CalibrationDataError("The evaluation dataset is empty.")
-        columns = [c for c in data.column_names if c != label and c not in LABEL_COLUMNS]
-        inputs = _dataset_batch(data, columns)
-        labels = torch.as_tensor(data.with_format("torch")[label])
+        inputs = _dataset_batch(data, None, exclude=(label, *LABEL_COLUMNS))
+        labels = _as_tensor(data.select_columns([label]).with_format("torch")[:][label])
         data = (inputs, labels)
     if (
         isinstance(data, (tuple, list))

@@ -168,3 +168,14 @@ def test_fuse_pretrained_rejects_missing_paths_and_other_families(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({"architecture": "resnet18"}))
     with pytest.raises(UnsupportedArchitectureError, match="timm model"):
         fuse_pretrained([tmp_path, mlp(8, [4], 3)], torch.randn(8, 8))
+
+
+def test_a_split_with_a_transform_is_calibrated_through_its_transform(pair):
+    from datasets import Dataset
+
+    x = torch.randn(64, 8)
+    split = Dataset.from_dict({"raw": x.tolist(), "label": [0] * 64})
+    split.set_transform(lambda b: {"pixel_values": [torch.tensor(v) * 2.0 for v in b["raw"]], "label": b["label"]})
+    via_transform = fuse(pair, split, CONFIG).model.state_dict()
+    direct = fuse(pair, x * 2.0, CONFIG).model.state_dict()
+    assert all(torch.allclose(via_transform[k], direct[k], atol=1e-5) for k in direct)
