@@ -31,13 +31,27 @@ from torch.nn import functional as F
 HIDDEN = [400, 200, 100, 50, 25]
 
 
+MODEL = "mlp"  # or "cnn": VGG-style 32-32-M-64-64-64-M on 1x14x14 inputs (the Fashion-MNIST recipe's deep parent)
+
+
 def make_data(n: int) -> tuple[torch.Tensor, torch.Tensor]:
     g = torch.Generator().manual_seed(0)
-    return torch.rand(n, 64, generator=g), torch.randint(0, 10, (n,), generator=g)
+    shape = (n, 64) if MODEL == "mlp" else (n, 1, 14, 14)
+    return torch.rand(*shape, generator=g), torch.randint(0, 10, (n,), generator=g)
 
 
 def make_model() -> nn.Sequential:
     torch.manual_seed(0)
+    if MODEL == "cnn":
+        layers, channels, size = [], 1, 14
+        for item in [32, 32, "M", 64, 64, 64, "M"]:
+            if item == "M":
+                layers.append(nn.MaxPool2d(2))
+                size //= 2
+            else:
+                layers += [nn.Conv2d(channels, item, 3, padding=1, bias=False), nn.BatchNorm2d(item), nn.ReLU()]
+                channels = item
+        return nn.Sequential(*layers, nn.Flatten(), nn.Linear(channels * size * size, 10))
     layers: list[nn.Module] = []
     width = 64
     for h in HIDDEN:
@@ -78,7 +92,7 @@ def overhead_table(samples: int, epochs: int, repeats: int) -> str:
     total = samples * epochs
     return "\n".join(
         [
-            f"Finetune overhead: {samples} samples x {epochs} epochs, batch 64, median of {repeats} runs, "
+            f"Finetune overhead ({MODEL}): {samples} samples x {epochs} epochs, batch 64, median of {repeats} runs, "
             f"{torch.get_num_threads()} torch threads",
             "",
             "| loop | seconds | samples/s | overhead |",
@@ -92,6 +106,8 @@ def overhead_table(samples: int, epochs: int, repeats: int) -> str:
 WORKER = """
 import json, os, sys, time, torch
 sys.path.insert(0, {root!r})
+import benchmarks.bench_finetune as bench
+bench.MODEL = {model!r}
 from benchmarks.bench_finetune import make_data, make_model
 from hf_clafusion import FinetuneConfig, finetune
 x, y = make_data({samples})
@@ -114,7 +130,7 @@ def scaling_table(samples: int, epochs: int, processes: list[int]) -> str:
             out = Path(tmp) / f"p{n}.json"
             script = Path(tmp) / "worker.py"
             root = str(Path(__file__).resolve().parents[1])
-            script.write_text(WORKER.format(root=root, samples=samples, epochs=epochs, out=str(out)))
+            script.write_text(WORKER.format(root=root, samples=samples, epochs=epochs, out=str(out), model=MODEL))
             env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": str(max(cores // n, 1))}
             if n == 1:
                 command = [sys.executable, str(script)]
@@ -141,7 +157,8 @@ def scaling_table(samples: int, epochs: int, processes: list[int]) -> str:
             rows.append((n, result["processes"], result["seconds"]))
     base = rows[0][2]
     lines = [
-        f"Scaling on {cores} cores: {samples} samples x {epochs} epochs, per-process batch 64 (global batch 64 x N)",
+        f"Scaling ({MODEL}) on {cores} cores: {samples} samples x {epochs} epochs, per-process batch 64 "
+        "(global batch 64 x N)",
         "",
         "| processes | ran | seconds | samples/s | speed-up |",
         "|---|---|---|---|---|",
@@ -158,7 +175,10 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--skip-scaling", action="store_true")
+    parser.add_argument("--model", choices=["mlp", "cnn"], default="mlp")
     args = parser.parse_args()
+    global MODEL
+    MODEL = args.model
     print(overhead_table(args.samples, args.epochs, args.repeats))
     if not args.skip_scaling:
         print()

@@ -293,6 +293,7 @@ def finetune(
     for data, what in ((train_data, "training"), (eval_data, "evaluation")):
         if getattr(data, "max_label", None) is not None:
             _check_labels(torch.tensor([0, data.max_label]), num_classes, what)
+    check_batches = getattr(train_data, "max_label", None) is None  # labels not known up front: check each batch
 
     optimizer = _optimizer(model, config)
     steps_per_epoch = math.ceil(len(train_loader) / config.gradient_accumulation_steps)
@@ -331,7 +332,8 @@ def finetune(
         for batch in bar:
             inputs, labels = _batch(batch, config.label_column)
             batch_index += 1
-            _check_labels(labels, num_classes, "training")
+            if check_batches:
+                _check_labels(labels, num_classes, "training")
             with accelerator.accumulate(model):
                 args, kwargs = _inputs(adapter, inputs)
                 logits = adapter.logits(model(*args, **kwargs))

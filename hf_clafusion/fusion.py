@@ -398,7 +398,7 @@ class _Run:
 
     # -- 5. activation statistics of every alignment group
     def collect_group_statistics(self) -> None:
-        self.group_stats: dict[int, list[core.ActivationStats]] = {}
+        self.group_stats: dict[int, list[core.ActivationStats | None]] = {}
         if self.config.ground_metric != "activations":
             return
         others = [k for k in range(len(self.models)) if k != self.anchor]
@@ -434,6 +434,7 @@ class _Run:
                 ):
                     if self.config.ground_metric == "activations":
                         cost = self.group_stats[k][g].distances()
+                        self.group_stats[k][g] = None  # free the (n_B, n_A) statistics as soon as they are used
                     else:
                         primary = group_b.axes[0].param
                         cost = core.weight_distances(work[primary], anchor_state[group_a.axes[0].param])

@@ -183,3 +183,13 @@ def test_sinkhorn_runs_on_the_input_backend():
     assert isinstance(plan_np, np.ndarray) and isinstance(plan_t, torch.Tensor)
     assert np.allclose(plan_np, plan_t.numpy(), atol=1e-9)
     assert np.allclose(plan_np.sum(0), 1 / 7)
+
+
+def test_cka_gram_and_feature_forms_agree():
+    """Layers wider than the number of samples use the Gram form, narrow ones the feature form: same values."""
+    x = torch.randn(20, 50, dtype=torch.float64)  # D > N: Gram form
+    y = x[:, :10] @ torch.randn(10, 8, dtype=torch.float64) + 0.3 * torch.randn(20, 8, dtype=torch.float64)
+    wide_y = torch.cat([y, torch.randn(20, 40, dtype=torch.float64)], dim=1)
+    cost = cka_cost_matrix([x], [y, wide_y])
+    assert float(cost[0, 0]) == pytest.approx(1 - _reference_cka(x, y), abs=1e-12)
+    assert float(cost[0, 1]) == pytest.approx(1 - _reference_cka(x, wide_y), abs=1e-12)

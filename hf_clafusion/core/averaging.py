@@ -33,9 +33,16 @@ def apply_plan(tensor: torch.Tensor, axis: int, matrix: torch.Tensor, *, inner: 
         )
     moved = tensor.movedim(axis, -1)
     lead = moved.shape[:-1]
-    work = moved.reshape(*lead, n_b, inner).to(matrix.dtype)
-    out = torch.einsum("...ip,ij->...jp", work, matrix)
-    return out.reshape(*lead, n_a * inner).movedim(-1, axis).to(tensor.dtype)
+    # (n_B, rest) layout so that the map is one matrix product; exact plans are sparse (at most n_A + n_B - 1
+    # non-zeros, a permutation for equal widths), so a sparse product avoids the dense O(n_A n_B rest) cost.
+    work = moved.reshape(-1, n_b, inner).permute(1, 0, 2).reshape(n_b, -1).to(matrix.dtype)
+    nonzero = int(torch.count_nonzero(matrix))
+    if nonzero <= 4 * (n_a + n_b) and n_a * n_b > 4096:
+        out = torch.sparse.mm(matrix.T.to_sparse(), work)
+    else:
+        out = matrix.T @ work
+    out = out.reshape(n_a, -1, inner).permute(1, 0, 2).reshape(*lead, n_a * inner)
+    return out.movedim(-1, axis).to(tensor.dtype)
 
 
 def weighted_average(tensors: Sequence[torch.Tensor], weights: Sequence[float]) -> torch.Tensor:

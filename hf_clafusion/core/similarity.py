@@ -34,19 +34,18 @@ def _flat(acts: Sequence[torch.Tensor]) -> list[torch.Tensor]:
     return out
 
 
-def _centered_grams(acts: list[torch.Tensor]) -> torch.Tensor:
-    grams = torch.stack([a @ a.T for a in acts])  # (L, N, N)
-    grams = grams - grams.mean(dim=1, keepdim=True)
-    return grams - grams.mean(dim=2, keepdim=True)
-
-
 def linear_cka(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """Linear CKA (biased HSIC, Gram form) between ``x`` ``(N, p)`` and ``y`` ``(N, q)``; a 0-d tensor in [0, 1]."""
     return 1.0 - cka_cost_matrix([x], [y])[0, 0]
 
 
 def cka_cost_matrix(acts_a: Sequence[torch.Tensor], acts_b: Sequence[torch.Tensor]) -> torch.Tensor:
-    """``1 - linear CKA`` for every layer pair, Gram form ``<HKH, HLH> / (||HKH|| ||HLH||)`` as the official code.
+    """``1 - linear CKA`` (biased HSIC) for every layer pair, the official code's estimator.
+
+    ``CKA = <HKH, HLH> / (||HKH|| ||HLH||)`` with ``K = X X^T``, ``L = Y Y^T``. Computed in whichever of the two
+    equal forms is cheaper per layer: the Gram form (``N x N`` matrices) for layers wider than the number of
+    samples, the feature form ``||Y_c^T X_c||^2 / (||X_c^T X_c|| ||Y_c^T Y_c||)`` otherwise, so that memory does
+    not grow as ``N^2`` for narrow layers.
 
     Args:
         acts_a (`list[Tensor]`): ``m`` tensors ``(N, ...)``.
@@ -57,11 +56,30 @@ def cka_cost_matrix(acts_a: Sequence[torch.Tensor], acts_b: Sequence[torch.Tenso
     """
     a, b = _flat(acts_a), _flat(acts_b)
     _check_same_n(a, b)
-    ka, kb = _centered_grams(a), _centered_grams(b)
-    hsic = torch.einsum("aij,bij->ab", ka, kb)
-    na = ka.flatten(1).norm(dim=1)
-    nb = kb.flatten(1).norm(dim=1)
-    return (1.0 - hsic / (na[:, None] * nb[None, :]).clamp_min(1e-300)).clamp(0.0, 1.0)
+    num = a[0].shape[0]
+    a = [t - t.mean(0, keepdim=True) for t in a]
+    b = [t - t.mean(0, keepdim=True) for t in b]
+    grams: dict[tuple[str, int], torch.Tensor] = {}
+
+    def gram(side: str, i: int, t: torch.Tensor) -> torch.Tensor:  # centred Gram matrix H K H
+        if (side, i) not in grams:
+            grams[(side, i)] = t @ t.T
+        return grams[(side, i)]
+
+    def self_norm(side: str, i: int, t: torch.Tensor) -> torch.Tensor:
+        return gram(side, i, t).norm() if t.shape[1] > num else (t.T @ t).norm()
+
+    norms_a = [self_norm("a", i, t) for i, t in enumerate(a)]
+    norms_b = [self_norm("b", j, t) for j, t in enumerate(b)]
+    cost = torch.empty(len(a), len(b), dtype=torch.float64, device=a[0].device)
+    for i, x in enumerate(a):
+        for j, y in enumerate(b):
+            if x.shape[1] > num and y.shape[1] > num:
+                hsic = (gram("a", i, x) * gram("b", j, y)).sum()
+            else:
+                hsic = (y.T @ x).square().sum()
+            cost[i, j] = 1.0 - hsic / (norms_a[i] * norms_b[j]).clamp_min(1e-300)
+    return cost.clamp(0.0, 1.0)
 
 
 def _check_same_n(a: list[torch.Tensor], b: list[torch.Tensor]) -> None:
