@@ -332,15 +332,15 @@ def available_memory_bytes() -> int:
 
 
 def cka_gram_bytes(case: Case) -> int:
-    """Rough peak of ``layer_cost='cka'``: stacked float64 ``N x N`` Gram matrices of every hidden layer.
+    """Rough peak of ``layer_cost='cka'``: float64 ``N x N`` Gram matrices, one per hidden layer wider than N.
 
-    ``cka_cost_matrix`` holds the deep model's centred Grams while the shallow model's are built and centred
-    (one extra copy during centring): about ``max(2 L_deep, L_deep + 2 L_shallow) N^2`` doubles.
+    ``cka_cost_matrix`` uses the Gram form only for layers with more features than samples (the feature form,
+    with no ``N x N`` matrix, otherwise) and keeps each Gram matrix for the whole cost matrix.
     """
     if case.config.get("layer_cost", "cka") != "cka":
         return 0
-    layers = max(2 * len(case.deep), len(case.deep) + 2 * len(case.shallow))
-    return layers * case.num_samples**2 * 8
+    wide = sum(1 for width in (*case.deep, *case.shallow) if width > case.num_samples)
+    return wide * case.num_samples**2 * 8
 
 
 def run_case(case: Case, workdir: Path, args: argparse.Namespace) -> dict[str, Any]:
@@ -570,8 +570,9 @@ def section_samples(workdir: Path, args: argparse.Namespace) -> str:
     rows = [[str(n), cost, *summary_columns(r), *stage_columns(r)] for n, cost, r in results]
     heading = (
         "## 3. Scaling with calibration samples: paper MLP pair, batch_size=500\n\n"
-        f"Median of up to {args.scaling_repeats} run(s) after 1 warm-up. 'cka' builds N x N float64 Gram "
-        "matrices of every hidden layer (memory grows as N^2); 'cka_minibatch' accumulates per-batch HSIC."
+        f"Median of up to {args.scaling_repeats} run(s) after 1 warm-up. 'cka' keeps centred activations "
+        "(N x width) and an N x N Gram matrix only for layers wider than N; 'cka_minibatch' accumulates "
+        "per-batch HSIC (memory independent of N)."
     )
     notes = load_note([r for _, _, r in results])
     if args.memory_limit:

@@ -74,8 +74,8 @@ class FusionConfig(_DictMixin):
     layer_cost: str = field(
         default="cka",
         metadata={
-            "help": "Layer dissimilarity for cross-layer alignment: 'cka' (1 - linear CKA, Gram form, as the "
-            "paper), 'cka_minibatch' (1 - CKA from unbiased HSIC accumulated over batches; memory independent "
+            "help": "Layer dissimilarity for cross-layer alignment: 'cka' (1 - linear CKA, the paper's biased "
+            "estimator), 'cka_minibatch' (1 - CKA from unbiased HSIC accumulated over batches; memory independent "
             "of the number of samples), 'cca' (1 - mean squared canonical correlation), 'wasserstein' (exact "
             "EMD between the layers' neuron clouds), 'neuron_count' or 'index' (the official euclidean measures)."
         },
