@@ -27,6 +27,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from hf_clafusion.demo import make_cnn, make_mlp
+
 
 HIDDEN = [400, 200, 100, 50, 25]
 
@@ -43,21 +45,8 @@ def make_data(n: int) -> tuple[torch.Tensor, torch.Tensor]:
 def make_model() -> nn.Sequential:
     torch.manual_seed(0)
     if MODEL == "cnn":
-        layers, channels, size = [], 1, 14
-        for item in [32, 32, "M", 64, 64, 64, "M"]:
-            if item == "M":
-                layers.append(nn.MaxPool2d(2))
-                size //= 2
-            else:
-                layers += [nn.Conv2d(channels, item, 3, padding=1, bias=False), nn.BatchNorm2d(item), nn.ReLU()]
-                channels = item
-        return nn.Sequential(*layers, nn.Flatten(), nn.Linear(channels * size * size, 10))
-    layers: list[nn.Module] = []
-    width = 64
-    for h in HIDDEN:
-        layers += [nn.Linear(width, h), nn.ReLU()]
-        width = h
-    return nn.Sequential(*layers, nn.Linear(width, 10))
+        return make_cnn([32, 32, "M", 64, 64, 64, "M"], in_channels=1, size=14, num_classes=10)
+    return make_mlp(64, HIDDEN, 10)
 
 
 def bare_loop(x: torch.Tensor, y: torch.Tensor, epochs: int) -> float:

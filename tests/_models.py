@@ -168,3 +168,27 @@ def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
 @torch.no_grad()
 def max_rel_error(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).abs().max() / b.abs().max().clamp_min(1e-12))
+
+
+def cpu_launch_command(script, *args, port: int) -> list[str]:
+    """`accelerate launch` of ``script`` on two CPU processes (gloo): --multi_gpu with ACCELERATE_USE_CPU=1."""
+    import sys
+
+    return [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--multi_gpu",
+        "--num_processes",
+        "2",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        "--main_process_port",
+        str(port),
+        str(script),
+        *map(str, args),
+    ]

@@ -13,7 +13,7 @@ from torch.nn import functional as F
 from hf_clafusion import CalibrationDataError, ConfigError, FinetuneConfig, finetune
 from hf_clafusion.finetune import distillation_loss
 
-from ._models import mlp
+from ._models import cpu_launch_command, mlp
 
 
 def _data(n=192, seed=0):
@@ -141,24 +141,7 @@ SCRIPT = Path(__file__).with_name("_ddp_worker.py")
 def test_two_cpu_processes_stay_in_sync(tmp_path):
     """accelerate launch --multi_gpu --num_processes 2 with ACCELERATE_USE_CPU=1 runs two gloo processes."""
     env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(SCRIPT.parents[1])}
-    command = [
-        sys.executable,
-        "-m",
-        "accelerate.commands.launch",
-        "--multi_gpu",
-        "--num_processes",
-        "2",
-        "--num_machines",
-        "1",
-        "--mixed_precision",
-        "no",
-        "--dynamo_backend",
-        "no",
-        "--main_process_port",
-        "29517",
-        str(SCRIPT),
-        str(tmp_path),
-    ]
+    command = cpu_launch_command(str(SCRIPT), str(tmp_path), port=29517)
     done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     reports = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]

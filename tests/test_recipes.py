@@ -7,6 +7,8 @@ from pathlib import Path
 
 import pytest
 
+from ._models import cpu_launch_command
+
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPE = ROOT / "recipes" / "fuse_and_finetune.py"
@@ -34,28 +36,9 @@ def test_recipe_runs_with_python(tmp_path):
 
 @pytest.mark.skipif(sys.platform != "linux", reason="gloo CPU processes")
 def test_recipe_runs_with_accelerate_launch_on_two_processes(tmp_path):
-    command = [
-        sys.executable,
-        "-m",
-        "accelerate.commands.launch",
-        "--multi_gpu",
-        "--num_processes",
-        "2",
-        "--num_machines",
-        "1",
-        "--mixed_precision",
-        "no",
-        "--dynamo_backend",
-        "no",
-        "--main_process_port",
-        "29519",
-        str(RECIPE),
-        "--config",
-        str(CONFIG),
-        "--smoke",
-        "--output",
-        str(tmp_path / "out"),
-    ]
+    command = cpu_launch_command(
+        str(RECIPE), "--config", str(CONFIG), "--smoke", "--output", str(tmp_path / "out"), port=29519
+    )
     done = subprocess.run(command, env=_env(), capture_output=True, text=True, timeout=300, cwd=ROOT)
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout.count("CLAFusion + finetune") == 1  # the table is printed by the main process only
