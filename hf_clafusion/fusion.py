@@ -451,6 +451,15 @@ class _Run:
     def average(self, aligned: dict[int, dict[str, torch.Tensor]]) -> nn.Module:
         with self._timed("averaging"):
             fused = copy.deepcopy(self.balanced[self.anchor])
+            for k, params in aligned.items():
+                differ = sorted(set(params) ^ set(aligned[self.anchor]))
+                if differ:
+                    raise IncompatibleModelsError(
+                        f"Model {k} and the anchor (model {self.anchor}) are built from different layer types: "
+                        f"parameters {differ[:6]} exist in only one of them. Fusion needs the same kinds of layers "
+                        "in the same order (e.g. both with or both without BatchNorm and biases); only widths and "
+                        "depths may differ."
+                    )
             state = {}
             for name, tensor in aligned[self.anchor].items():
                 shapes = {k: tuple(aligned[k][name].shape) for k in aligned}

@@ -137,3 +137,13 @@ def test_every_error_is_a_clafusion_error():
         UnsupportedArchitectureError,
     ):
         assert issubclass(cls, ClaFusionError)
+
+
+def test_models_built_from_different_layer_types_are_refused():
+    from ._models import cnn
+
+    x = torch.rand(16, 1, 8, 8)
+    with pytest.raises(IncompatibleModelsError, match=r"built from different layer types: parameters \['"):
+        fuse([cnn([4, 4, "M"], bn=True), cnn([4, 4, "M"], bn=False, seed=1)], x, FusionConfig(progress=False))
+    with pytest.raises(IncompatibleModelsError, match="both with or both without BatchNorm and biases"):
+        _fuse([mlp(8, [16, 16], 3, bias=True), mlp(8, [16], 3, bias=False)])
