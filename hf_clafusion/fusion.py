@@ -31,6 +31,7 @@ from .adapters.base import Adapter, capture_outputs, reset_batchnorm_stats
 from .config import FusionConfig
 from .errors import (
     AlignmentError,
+    CalibrationDataError,
     ConfigError,
     IncompatibleModelsError,
     InvalidWeightsError,
@@ -245,8 +246,7 @@ class _Run:
                 per_model = []
                 for k, model in enumerate(self.prepared):
                     with capture_outputs(model, captures[k]) as out:
-                        args, kwargs = self.adapter.model_inputs(batch)
-                        model(*args, **kwargs)
+                        self._forward(model, batch, k)
                     acts = [out[name] for name in captures[k]]
                     per_model.append(acts)
                     if needs_full:
@@ -256,6 +256,17 @@ class _Run:
                     self._update_minibatch(per_model)
             if needs_full:
                 self.layer_acts = [[torch.cat(chunks) for chunks in model_chunks] for model_chunks in stored]
+
+    def _forward(self, model: nn.Module, batch: Any, index: int) -> None:
+        args, kwargs = self.adapter.model_inputs(batch)
+        try:
+            model(*args, **kwargs)
+        except (RuntimeError, TypeError, ValueError) as error:
+            shapes = {k: tuple(v.shape) for k, v in batch.items()} if isinstance(batch, dict) else tuple(batch.shape)
+            raise CalibrationDataError(
+                f"Model {index} cannot run on the calibration data (batch shape {shapes}): "
+                f"{str(error).splitlines()[0]}. Pass inputs shaped as the models expect."
+            ) from error
 
     def _pairs_to_align(self) -> list[tuple[int, int, int]]:
         """(segment, model, reference) for every model that must be aligned to a segment's reference."""
@@ -410,8 +421,7 @@ class _Run:
                 for k, model in enumerate(self.balanced):
                     names = [g.capture for g in groups[k]]
                     with capture_outputs(model, names) as out:
-                        args, kwargs = self.adapter.model_inputs(batch)
-                        model(*args, **kwargs)
+                        self._forward(model, batch, k)
                     outputs[k] = [core.channels_as_features(out[n]) for n in names]
                 for k in others:
                     for g, stats in enumerate(self.group_stats[k]):

@@ -147,3 +147,8 @@ def test_models_built_from_different_layer_types_are_refused():
         fuse([cnn([4, 4, "M"], bn=True), cnn([4, 4, "M"], bn=False, seed=1)], x, FusionConfig(progress=False))
     with pytest.raises(IncompatibleModelsError, match="both with or both without BatchNorm and biases"):
         _fuse([mlp(8, [16, 16], 3, bias=True), mlp(8, [16], 3, bias=False)])
+
+
+def test_calibration_data_of_the_wrong_shape():
+    with pytest.raises(CalibrationDataError, match=r"cannot run on the calibration data \(batch shape \(32, 5\)\)"):
+        _fuse([mlp(8, [16, 16], 3), mlp(8, [16], 3, seed=1)], torch.randn(32, 5))
