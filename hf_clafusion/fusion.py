@@ -489,7 +489,13 @@ class _Run:
         if not self.config.reset_bn_stats:
             return
         with self._timed("bn_reset"):
-            self.bn_reset = reset_batchnorm_stats(fused, self.batches, self.adapter)
+            try:
+                self.bn_reset = reset_batchnorm_stats(fused, self.batches, self.adapter)
+            except (RuntimeError, TypeError, ValueError) as error:
+                raise CalibrationDataError(
+                    f"The fused model cannot run on the calibration data to recompute BatchNorm statistics: "
+                    f"{str(error).splitlines()[0]}. Pass inputs shaped as the models expect."
+                ) from error
 
     def result(self, fused: nn.Module) -> FusionResult:
         return FusionResult(

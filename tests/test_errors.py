@@ -152,3 +152,13 @@ def test_models_built_from_different_layer_types_are_refused():
 def test_calibration_data_of_the_wrong_shape():
     with pytest.raises(CalibrationDataError, match=r"cannot run on the calibration data \(batch shape \(32, 5\)\)"):
         _fuse([mlp(8, [16, 16], 3), mlp(8, [16], 3, seed=1)], torch.randn(32, 5))
+
+
+def test_wrong_calibration_shape_is_caught_even_without_activation_costs():
+    from ._models import cnn
+
+    models = [cnn([4, 4, "M"]), cnn([4, "M"], seed=1)]
+    with pytest.raises(CalibrationDataError, match="recompute BatchNorm statistics"):
+        fuse(
+            models, torch.rand(16, 3, 8, 8), FusionConfig(progress=False, layer_cost="index", ground_metric="weights")
+        )
