@@ -127,6 +127,7 @@ def cmd_fuse(args: argparse.Namespace) -> None:
 
 
 def cmd_finetune(args: argparse.Namespace) -> None:
+    from .api import _folder_license
     from .config import FinetuneConfig
     from .finetune import finetune
     from .hub import FUSION_CONFIG_FILE, load_fusion_result, load_pretrained, save_model
@@ -156,18 +157,11 @@ def cmd_finetune(args: argparse.Namespace) -> None:
         print(json.dumps(record))
     if result is not None:
         result.record_finetune(trained)
-        license_ = args.license or _card_license(source)
+        license_ = args.license or _folder_license(source)
         folder = result.save_pretrained(args.output, overwrite=args.overwrite, license=license_)
     else:
         folder = save_model(trained.model, args.output, overwrite=args.overwrite)
     print(f"saved to {folder}")
-
-
-def _card_license(folder: Path) -> str | None:
-    from huggingface_hub import ModelCard
-
-    card = folder / "README.md"
-    return ModelCard.load(card).data.license if card.is_file() else None
 
 
 def cmd_push(args: argparse.Namespace) -> None:

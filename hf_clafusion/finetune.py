@@ -21,6 +21,7 @@ from torch.nn import functional as F
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 from tqdm.auto import tqdm
 
+from ._data import _is_dataset, move_to
 from .adapters import get_adapter
 from .config import FinetuneConfig
 from .errors import CalibrationDataError, ConfigError
@@ -70,10 +71,6 @@ def distillation_loss(
 
 
 # ------------------------------------------------------------------------------------------------- data
-
-
-def _is_dataset(obj: Any) -> bool:
-    return type(obj).__module__.startswith("datasets.") and hasattr(obj, "column_names")
 
 
 class _ColumnDataset(Dataset):
@@ -418,16 +415,10 @@ def _num_classes(model: nn.Module, adapter, loader: DataLoader, label_column: st
     was_training = model.training
     model.eval()
     with torch.no_grad():
-        args, kwargs = _inputs(adapter, _to(inputs, device))
+        args, kwargs = _inputs(adapter, move_to(inputs, device))
         num = int(adapter.logits(model(*args, **kwargs)).shape[-1])
     model.train(was_training)
     return num
-
-
-def _to(inputs: Any, device: torch.device) -> Any:
-    if isinstance(inputs, Mapping):
-        return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in inputs.items()}
-    return inputs.to(device)
 
 
 def _save_checkpoint(accelerator, config: FinetuneConfig, epoch: int, batch: int, step: int, history: list) -> None:

@@ -93,16 +93,9 @@ def describe_layer(module: nn.Module) -> dict:
         return {"type": "Dropout", "p": module.p}
     if isinstance(module, nn.Identity):
         return {"type": "Identity"}
-    if isinstance(module, nn.MaxPool2d):
+    if isinstance(module, (nn.MaxPool2d, nn.AvgPool2d)):
         return {
-            "type": "MaxPool2d",
-            "kernel_size": module.kernel_size,
-            "stride": module.stride,
-            "padding": module.padding,
-        }
-    if isinstance(module, nn.AvgPool2d):
-        return {
-            "type": "AvgPool2d",
+            "type": type(module).__name__,
             "kernel_size": module.kernel_size,
             "stride": module.stride,
             "padding": module.padding,
