@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import socket
 from collections.abc import Sequence
@@ -13,10 +12,14 @@ from urllib.parse import urlparse
 from torch import nn
 
 from .config import FusionConfig
-from .errors import ClaFusionError, SaveError, UnsupportedArchitectureError
+from .errors import ClaFusionError, SaveError
 from .fusion import fuse
-from .hub import FUSION_CONFIG_FILE, load_pretrained
+from .hub import load_pretrained
 from .result import FusionResult
+
+
+#: Files fetched for a Hub parent: configs, safetensors weights, the card, tokenizer / processor files.
+ALLOW_PATTERNS = ["*.json", "*.safetensors", "*.md", "*.txt", "*.model", "*.tiktoken"]
 
 
 def _hub_reachable(timeout: float = 3.0) -> bool:
@@ -31,17 +34,6 @@ def _hub_reachable(timeout: float = 3.0) -> bool:
 
 
 def _load_folder(folder: Path) -> nn.Module:
-    config_file = folder / "config.json"
-    if config_file.is_file() and not (folder / FUSION_CONFIG_FILE).is_file():
-        config = json.loads(config_file.read_text())
-        family = "timm" if "architecture" in config else "transformers" if "model_type" in config else None
-        if family is not None:
-            raise UnsupportedArchitectureError(
-                f"{str(folder)!r} holds a {family} model ({config.get('architecture') or config.get('model_type')!r}); "
-                f"this version of hf_clafusion has no {family} adapter yet. Load it yourself and pass plain "
-                "nn.Sequential models, or use a release with the {family} adapter.",
-                layer_type=family,
-            )
     return load_pretrained(folder)
 
 
@@ -57,7 +49,7 @@ def _download(repo_id: str) -> Path:
         ) from None
     offline = os.environ.get("HF_HUB_OFFLINE", "0").upper() in ("1", "ON", "YES", "TRUE") or not _hub_reachable()
     try:
-        path = snapshot_download(repo_id, local_files_only=offline, allow_patterns=["*.json", "*.safetensors", "*.md"])
+        path = snapshot_download(repo_id, local_files_only=offline, allow_patterns=ALLOW_PATTERNS)
     except Exception as error:  # huggingface_hub raises several types for the same situation
         where = "the local cache (the Hub is unreachable or HF_HUB_OFFLINE is set)" if offline else "the Hub"
         raise ClaFusionError(
@@ -87,6 +79,12 @@ def resolve_parent(item: nn.Module | str | os.PathLike) -> tuple[nn.Module, dict
         raise ClaFusionError(
             f"Cannot load a parent from a {type(item).__name__}; pass a model, a folder path or a Hub id."
         )
+    from .adapters.base import _REGISTRY
+
+    for cls in _REGISTRY.values():  # family-specific names: "hf-hub:...", "local-dir:..."
+        model = cls.load_reference(str(item))
+        if model is not None:
+            return model, {"name_or_path": str(item)}
     folder = Path(item).expanduser()
     meta: dict[str, Any] = {"name_or_path": str(item)}
     if not folder.is_dir():
@@ -105,6 +103,8 @@ def fuse_pretrained(
     models_or_paths: Sequence[nn.Module | str | os.PathLike],
     data: Any,
     config: FusionConfig | None = None,
+    *,
+    processor: Any = None,
     **overrides: Any,
 ) -> FusionResult:
     """Load two or more parents and fuse them: the library's main entry point.
@@ -115,6 +115,8 @@ def fuse_pretrained(
             network access a Hub id is looked up in the local cache only and fails at once with a clear error.
         data: calibration data, as for :func:`~hf_clafusion.fuse`.
         config: a :class:`FusionConfig`; ``overrides`` replace some of its fields.
+        processor: a tokenizer / image processor / transform for raw calibration data (as for
+            :func:`~hf_clafusion.fuse`).
 
     Returns:
         `FusionResult`; its ``parents`` record each parent's path or id and content hash.
@@ -128,7 +130,7 @@ def fuse_pretrained(
         ```
     """
     resolved = [resolve_parent(item) for item in models_or_paths]
-    result = fuse([model for model, _ in resolved], data, config, **overrides)
+    result = fuse([model for model, _ in resolved], data, config, processor=processor, **overrides)
     for parent, (_, meta) in zip(result.parents, resolved):
         parent.update(meta)
     return result

@@ -137,6 +137,25 @@ class FusionConfig(_DictMixin):
         default=True, metadata={"help": "Recompute BatchNorm running statistics on the calibration data."}
     )
     progress: bool = field(default=True, metadata={"help": "Show tqdm progress bars."})
+    attention: str = field(
+        default="heads",
+        metadata={
+            "help": "How attention projections are aligned: 'heads' (heads move as wholes, exact for permuted "
+            "copies; needs equal head counts and head sizes) or 'cross_head' (every query/key/value dimension "
+            "transported freely, as transformer-fusion does; approximate, allows different widths and head "
+            "counts)."
+        },
+    )
+    input_column: str | None = field(
+        default=None,
+        metadata={
+            "help": "Column of a datasets split holding raw text or images to preprocess with the parents' "
+            "tokenizer / data config (None: the split already holds model inputs, or it is detected)."
+        },
+    )
+    max_length: int = field(
+        default=128, metadata={"help": "Truncation length when raw calibration text is tokenized."}
+    )
 
     LAYER_COSTS: ClassVar[tuple[str, ...]] = ("cka", "cka_minibatch", "cca", "wasserstein", "neuron_count", "index")
     ALIGNMENTS: ClassVar[tuple[str, ...]] = ("cla", "chain", "random")
@@ -145,6 +164,7 @@ class FusionConfig(_DictMixin):
     GROUND_METRICS: ClassVar[tuple[str, ...]] = ("activations", "weights")
     SOLVERS: ClassVar[tuple[str, ...]] = ("emd", "sinkhorn", "permutation")
     PLAN_NORMALIZATIONS: ClassVar[tuple[str, ...]] = ("two_sided", "column")
+    ATTENTION: ClassVar[tuple[str, ...]] = ("heads", "cross_head")
 
     def __post_init__(self) -> None:
         _check_choice("layer_cost", self.layer_cost, self.LAYER_COSTS)
@@ -154,6 +174,8 @@ class FusionConfig(_DictMixin):
         _check_choice("ground_metric", self.ground_metric, self.GROUND_METRICS)
         _check_choice("solver", self.solver, self.SOLVERS)
         _check_choice("plan_normalization", self.plan_normalization, self.PLAN_NORMALIZATIONS)
+        _check_choice("attention", self.attention, self.ATTENTION)
+        _check_int("max_length", self.max_length, 1)
         _check_int("first_fixed", self.first_fixed, 0)
         _check_int("last_fixed", self.last_fixed, 0)
         _check_int("num_samples", self.num_samples, 1)

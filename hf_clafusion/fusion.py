@@ -43,7 +43,14 @@ from .spec import NetworkSpec
 # --------------------------------------------------------------------------------------------- public API
 
 
-def fuse(models: Sequence[nn.Module], data: Any, config: FusionConfig | None = None, **overrides: Any) -> FusionResult:
+def fuse(
+    models: Sequence[nn.Module],
+    data: Any,
+    config: FusionConfig | None = None,
+    *,
+    processor: Any = None,
+    **overrides: Any,
+) -> FusionResult:
     """Fuse two or more trained models of the same family, possibly of different depths and widths.
 
     Args:
@@ -51,6 +58,8 @@ def fuse(models: Sequence[nn.Module], data: Any, config: FusionConfig | None = N
         data: calibration inputs: a tensor (the model's main input), a dict of model keyword tensors, an
             iterable of such batches (or of ``(inputs, labels)`` pairs), or a ``datasets.Dataset``.
         config (`FusionConfig`, *optional*): the settings; ``FusionConfig()`` when omitted.
+        processor (*optional*): a tokenizer, image processor or transform used to preprocess raw calibration
+            data (text, images); adapters find the parents' own when it is omitted.
         **overrides: field values replacing those of ``config`` (e.g. ``solver="sinkhorn"``).
 
     Returns:
@@ -82,7 +91,7 @@ def fuse(models: Sequence[nn.Module], data: Any, config: FusionConfig | None = N
         ICASSP 2023 (arXiv 2110.15538); Singh & Jaggi, "Model Fusion via Optimal Transport", NeurIPS 2020.
     """
     config = _resolve_config(config, overrides)
-    run = _Run(models, data, config)
+    run = _Run(models, data, config, processor)
     run.prepare()
     run.collect_layer_activations()
     run.align()
@@ -95,14 +104,19 @@ def fuse(models: Sequence[nn.Module], data: Any, config: FusionConfig | None = N
 
 
 def align(
-    models: Sequence[nn.Module], data: Any, config: FusionConfig | None = None, **overrides: Any
+    models: Sequence[nn.Module],
+    data: Any,
+    config: FusionConfig | None = None,
+    *,
+    processor: Any = None,
+    **overrides: Any,
 ) -> AlignmentPreview:
     """Cross-layer alignment only: the layer costs, the alignment and its plot, without fusing.
 
     Takes the same arguments as :func:`fuse`. Use it to preview which layers will be matched.
     """
     config = _resolve_config(config, overrides)
-    run = _Run(models, data, config)
+    run = _Run(models, data, config, processor)
     run.prepare()
     run.collect_layer_activations()
     run.align()
@@ -133,7 +147,7 @@ class _Segment:
 class _Run:
     """State of one fusion run; each method is one stage of :func:`fuse` (timed)."""
 
-    def __init__(self, models: Sequence[nn.Module], data: Any, config: FusionConfig):
+    def __init__(self, models: Sequence[nn.Module], data: Any, config: FusionConfig, processor: Any = None):
         models = list(models)
         if len(models) < 2:
             raise IncompatibleModelsError(f"Fusion needs at least 2 models, got {len(models)}. Pass a list of models.")
@@ -144,6 +158,7 @@ class _Run:
             )
         self.models = models
         self.data = data
+        self.processor = processor
         self.config = config
         self.timings: dict[str, float] = {}
         self.pairs: list[PairAlignment] = []
@@ -178,10 +193,12 @@ class _Run:
             self.prepared = [self.adapter.prepare(m).to(self.device) for m in self.models]
             self.specs: list[NetworkSpec] = [self.adapter.spec(m) for m in self.prepared]
             _check_compatible(self.specs)
+            self.adapter.check_compatible(self.prepared)
             self.anchor = self._anchor_index()
             self.weights = list(self.config.weights or [1.0 / len(self.models)] * len(self.models))
+            data = self.adapter.prepare_data(self.data, self.prepared, self.processor, self.config)
             self.calibration: CalibrationData = prepare_calibration(
-                self.data,
+                data,
                 num_samples=self.config.num_samples,
                 batch_size=self.config.batch_size,
                 seed=self.config.seed,
@@ -247,7 +264,7 @@ class _Run:
                 for k, model in enumerate(self.prepared):
                     with capture_outputs(model, captures[k]) as out:
                         self._forward(model, batch, k)
-                    acts = [out[name] for name in captures[k]]
+                    acts = [self.adapter.layer_features(out[name], batch) for name in captures[k]]
                     per_model.append(acts)
                     if needs_full:
                         for i, a in enumerate(acts):
@@ -362,6 +379,7 @@ class _Run:
 
     # -- 4. depth balancing
     def balance(self) -> None:
+        self.identity_errors: dict[str, float] = {}
         with self._timed("balancing"):
             balanced = list(self.prepared)
             if self.config.balancing == "identity":
@@ -378,7 +396,12 @@ class _Run:
                         layouts.append(layout)
                     if any(None in layout for layout in layouts):
                         template = self.prepared[self._template_for(k)]
-                        balanced[k] = self.adapter.insert_identity(self.prepared[k], layouts, template)
+                        balanced[k] = self.adapter.insert_identity(
+                            self.prepared[k], layouts, template, batches=self.batches
+                        )
+                        self.identity_errors.update(
+                            {f"model {k}, {key}": err for key, err in self.adapter.identity_errors.items()}
+                        )
             else:
                 for k in range(len(self.models)):
                     keeps = []
@@ -416,16 +439,24 @@ class _Run:
         groups = {k: self.balanced_specs[k].groups for k in range(len(self.models))}
         self.group_stats = {k: [core.ActivationStats() for _ in groups[k]] for k in others}
         with self._timed("activations_groups"), torch.no_grad():
+            for k in others:
+                for group_b, group_a in zip(groups[k], groups[self.anchor]):
+                    if len(group_b.captures) != len(group_a.captures):
+                        raise AlignmentError(
+                            f"Group {group_a.name!r} is captured at {len(group_b.captures)} points in model {k} but "
+                            f"{len(group_a.captures)} in the anchor after balancing; this is a bug, please report it."
+                        )
             for batch in self._bar(self.batches, "group activations"):
                 outputs = {}
                 for k, model in enumerate(self.balanced):
-                    names = [g.capture for g in groups[k]]
+                    names = list(dict.fromkeys(c for g in groups[k] for c in g.captures))
                     with capture_outputs(model, names) as out:
                         self._forward(model, batch, k)
-                    outputs[k] = [core.channels_as_features(out[n]) for n in names]
+                    outputs[k] = {n: self.adapter.features(out[n], batch) for n in names}
                 for k in others:
                     for g, stats in enumerate(self.group_stats[k]):
-                        stats.update(outputs[k][g], outputs[self.anchor][g])
+                        for name_b, name_a in zip(groups[k][g].captures, groups[self.anchor][g].captures):
+                            stats.update(outputs[k][name_b], outputs[self.anchor][name_a])
 
     # -- 6. transport every non-anchor model into the anchor's basis
     def transport(self) -> dict[int, dict[str, torch.Tensor]]:
@@ -448,14 +479,39 @@ class _Run:
                     else:
                         primary = group_b.axes[0].param
                         cost = core.weight_distances(work[primary], anchor_state[group_a.axes[0].param])
-                    plan = core.transport_plan(cost, solver=self.config.solver, reg=self.config.reg)
+                    heads = self._heads(group_b, group_a, k)
+                    if heads > 1:
+                        plan = core.head_plan(cost, heads, within=group_a.head_dims_free)
+                    else:
+                        plan = core.transport_plan(cost, solver=self.config.solver, reg=self.config.reg)
                     r_map, s_map = core.plan_maps(plan, self.config.plan_normalization)
                     for axis in group_b.axes:
                         matrix = r_map if axis.role == "out" else s_map
+                        if axis.repeat > 1:
+                            matrix = core.expand_head_plan(matrix, max(heads, 1), axis.repeat)
                         work[axis.param] = core.apply_plan(work[axis.param], axis.axis, matrix, inner=axis.inner)
                     self.plans[k][group_a.name] = plan.float().cpu()
                 aligned[k] = work
         return aligned
+
+    def _heads(self, group_b, group_a, k: int) -> int:
+        """Heads to keep whole in a group's plan: 1 for ordinary groups and in ``attention='cross_head'`` mode."""
+        if group_a.heads <= 1 or self.config.attention == "cross_head":
+            if any(axis.repeat > 1 for axis in group_b.axes) and group_b.width != group_a.width:
+                raise IncompatibleModelsError(
+                    f"Group {group_a.name!r} feeds grouped-query attention, whose query heads must follow their "
+                    f"key/value head; widths {group_b.width} (model {k}) and {group_a.width} (anchor) differ. Fuse "
+                    "models with the same attention layout."
+                )
+            return group_a.heads if any(axis.repeat > 1 for axis in group_b.axes) else 1
+        if (group_b.width, group_b.heads) != (group_a.width, group_a.heads):
+            raise IncompatibleModelsError(
+                f"Attention group {group_a.name!r} has {group_b.heads} heads of {group_b.width // group_b.heads} dims "
+                f"in model {k} but {group_a.heads} heads of {group_a.width // group_a.heads} in the anchor. Heads "
+                "can only be kept whole between equal layouts; pass attention='cross_head' to align every "
+                "dimension freely (approximate)."
+            )
+        return group_a.heads
 
     # -- 7. average and recompute BatchNorm statistics
     def average(self, aligned: dict[int, dict[str, torch.Tensor]]) -> nn.Module:
@@ -509,6 +565,7 @@ class _Run:
             anchor=self.anchor,
             parents=self.parents,
             bn_reset=self.bn_reset,
+            identity_errors=getattr(self, "identity_errors", {}),
         )
 
 

@@ -83,6 +83,7 @@ def fusion_record(result: FusionResult) -> dict[str, Any]:
         "calibration": result.calibration,
         "timings": result.timings,
         "bn_reset": result.bn_reset,
+        "identity_errors": dict(result.identity_errors),
         "evaluation": result.evaluation,
         "evaluation_dataset": result.evaluation_dataset,
         "finetune": result.finetune_history,
@@ -224,7 +225,8 @@ def save_model(model: nn.Module, save_directory: str | Path, *, overwrite: bool 
 
 
 def load_pretrained(path: str | Path, *, allow_pickle: bool = False) -> nn.Module:
-    """Load a model saved by hf_clafusion (:meth:`FusionResult.save_pretrained` or :func:`save_model`).
+    """Load a model saved by hf_clafusion (:meth:`FusionResult.save_pretrained` or :func:`save_model`), or a folder
+    in a supported family's own format (timm, transformers).
 
     ``path`` is a local folder, or a Hub id (downloaded; with no network, looked up in the local cache only).
     Only safetensors weights are read by default. A folder holding a pickle checkpoint (``pytorch_model.bin``,
@@ -247,6 +249,10 @@ def load_pretrained(path: str | Path, *, allow_pickle: bool = False) -> nn.Modul
         name = json.loads((folder / FUSION_CONFIG_FILE).read_text()).get("adapter")
     if name is None and (folder / ARCHITECTURE_FILE).is_file():
         name = SequentialAdapter.name
+    if name is None:
+        from .adapters.base import _REGISTRY
+
+        name = next((n for n, cls in _REGISTRY.items() if cls.can_load(folder)), None)
     if name is None:
         raise SaveError(
             f"{str(path)!r} holds neither {FUSION_CONFIG_FILE} nor {ARCHITECTURE_FILE}; it was not saved by hf_clafusion."
@@ -382,6 +388,7 @@ def load_fusion_result(path: str | Path, *, allow_pickle: bool = False) -> Fusio
         anchor=record["anchor"],
         parents=record["parents"],
         bn_reset=record.get("bn_reset", False),
+        identity_errors=record.get("identity_errors", {}),
         evaluation=record.get("evaluation", []),
         evaluation_dataset=record.get("evaluation_dataset"),
         finetune_history=record.get("finetune", []),

@@ -118,6 +118,8 @@ class FusionResult(_AlignmentMixin):
         anchor: index of the model whose widths and neuron basis the fused model has.
         parents: identity cards of the parents (class, name or path, parameter count, content hash).
         bn_reset: whether BatchNorm statistics were recomputed on the calibration data.
+        identity_errors: relative output error of every *approximate* identity block inserted for depth
+            balancing, measured on the calibration data (post-LN transformers); empty when all are exact.
         evaluation: evaluation rows attached by the user (e.g. from :func:`~hf_clafusion.evaluate`), recorded
             in ``fusion_config.json``.
     """
@@ -132,6 +134,7 @@ class FusionResult(_AlignmentMixin):
     anchor: int
     parents: list[dict[str, Any]]
     bn_reset: bool = False
+    identity_errors: dict[str, float] = field(default_factory=dict)
     evaluation: list[dict[str, Any]] = field(default_factory=list)
     evaluation_dataset: str | None = None
     evaluation_task: str = "image-classification"
@@ -188,6 +191,8 @@ class FusionResult(_AlignmentMixin):
                 lines.append(f"  segment {s}: model {shallow} layers -> model {deep} layers {mapping}")
         if self.bn_reset:
             lines.append("  BatchNorm statistics recomputed on the calibration data")
+        for where, error in self.identity_errors.items():
+            lines.append(f"  approximate identity block ({where}): relative error {error:.2%} on the calibration data")
         total = sum(self.timings.values())
         stages = ", ".join(f"{k} {v:.3f}s" for k, v in self.timings.items())
         lines.append(f"  time {total:.3f}s ({stages})")

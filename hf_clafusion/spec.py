@@ -22,12 +22,16 @@ class AxisRef:
             with ``R``), ``"in"`` when it reads them (the next layer's input axis: transported with ``S``).
         inner: positions per channel when the axis is a flattened ``(channels, positions)`` pair (a Linear
             after ``Flatten``); 1 otherwise.
+        repeat: for head-structured groups, how many consecutive heads of this axis share one head of the
+            group: the axis is ``(group heads, repeat, head_dim)`` and the head plan acts identically on every
+            repeat (query heads of grouped-query attention follow their key/value head). 1 otherwise.
     """
 
     param: str
     axis: int
     role: Literal["out", "in"]
     inner: int = 1
+    repeat: int = 1
 
 
 @dataclass(frozen=True)
@@ -39,14 +43,26 @@ class Group:
         width: number of neurons.
         axes: the parameter axes; the first ``"out"`` axis is the group's primary weight (used by the weight
             ground metric).
-        capture: the module whose output gives the group's activations (channels on dim 1 for conv maps, last
-            dim for vectors).
+        capture: where the group's activations are read, one capture or a tuple of them whose samples are
+            pooled (every block output of a residual stream). A capture is a module name (its output),
+            ``"name:input"`` (its first positional input), optionally followed by ``"[a:b]"`` to keep channels
+            ``a..b-1`` (dim 1 of conv maps, the last dim otherwise), e.g. ``"blocks.0.attn.qkv[0:64]"``.
+        heads: number of attention heads the width is split into (``width = heads * head_dim``). With
+            ``heads > 1`` the plan is a hard head-structured permutation: heads move as wholes.
+        head_dims_free: whether dimensions may also be permuted inside a head (False under rotary embeddings).
     """
 
     name: str
     width: int
     axes: tuple[AxisRef, ...]
-    capture: str
+    capture: str | tuple[str, ...]
+    heads: int = 1
+    head_dims_free: bool = True
+
+    @property
+    def captures(self) -> tuple[str, ...]:
+        """The capture points as a tuple."""
+        return (self.capture,) if isinstance(self.capture, str) else tuple(self.capture)
 
 
 @dataclass(frozen=True)

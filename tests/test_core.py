@@ -193,3 +193,86 @@ def test_cka_gram_and_feature_forms_agree():
     cost = cka_cost_matrix([x], [y, wide_y])
     assert float(cost[0, 0]) == pytest.approx(1 - _reference_cka(x, y), abs=1e-12)
     assert float(cost[0, 1]) == pytest.approx(1 - _reference_cka(x, wide_y), abs=1e-12)
+
+
+# --------------------------------------------------------------------------- head-structured plans
+
+
+def _head_perm(heads: int, dim: int, within: bool, seed: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    order = torch.randperm(heads, generator=g)
+    index = []
+    for h in order.tolist():
+        inner = torch.randperm(dim, generator=g) if within else torch.arange(dim)
+        index.extend((h * dim + inner).tolist())
+    return torch.tensor(index)
+
+
+@pytest.mark.parametrize("within", [True, False])
+def test_head_plan_recovers_a_head_structured_permutation(within):
+    from hf_clafusion.core import ActivationStats, head_plan
+
+    heads, dim = 4, 6
+    acts_a = torch.randn(300, heads * dim)
+    perm = _head_perm(heads, dim, within, seed=3)
+    acts_b = acts_a[:, perm]  # neuron i of B is neuron perm[i] of A
+    stats = ActivationStats()
+    stats.update(acts_b, acts_a)
+    plan = head_plan(stats.distances(), heads, within=within)
+    assert torch.allclose(plan.sum(0), torch.full((heads * dim,), 1 / (heads * dim), dtype=torch.float64))
+    assert plan.argmax(1).tolist() == perm.tolist()
+
+
+def test_head_plan_keeps_heads_whole_even_when_a_free_assignment_would_split_them():
+    from hf_clafusion.core import head_plan
+
+    heads, dim = 2, 2
+    # the free optimum maps B's dims {0, 2} to A's head 0, which would split B's heads
+    cost = torch.tensor([[0.0, 9, 9, 9], [9, 9, 0, 9], [9, 0, 9, 9], [9, 9, 9, 0]])
+    plan = head_plan(cost, heads, within=True)
+    targets = plan.argmax(1).tolist()
+    for h in range(heads):
+        assert len({t // dim for t in targets[h * dim : (h + 1) * dim]}) == 1
+
+
+def test_head_plan_without_within_head_freedom_keeps_dimensions_in_place():
+    from hf_clafusion.core import head_plan
+
+    cost = torch.rand(12, 12)
+    targets = head_plan(cost, 3, within=False).argmax(1)
+    assert all((targets[h * 4 : (h + 1) * 4] - targets[h * 4]).tolist() == [0, 1, 2, 3] for h in range(3))
+
+
+def test_expand_head_plan_repeats_the_head_map_for_grouped_query_heads():
+    from hf_clafusion.core import expand_head_plan
+
+    kv_heads, dim, repeat = 2, 3, 2
+    perm = _head_perm(kv_heads, dim, True, seed=1)
+    matrix = torch.eye(kv_heads * dim)[perm]
+    expanded = expand_head_plan(matrix, kv_heads, repeat)
+    q = torch.randn(kv_heads * repeat * dim, 5)  # rows (kv_head, repeat, dim)
+    moved = (expanded.T @ q).reshape(kv_heads, repeat, dim, 5)
+    rows = q.reshape(kv_heads, repeat, dim, 5)
+    for r in range(repeat):  # every query head of a group follows its key/value head's map
+        assert torch.equal(moved[:, r].reshape(-1, 5), matrix.T @ rows[:, r].reshape(-1, 5))
+    assert not torch.equal(moved, rows)
+
+
+def test_capture_points_read_inputs_outputs_and_channel_slices():
+    from torch import nn
+
+    from hf_clafusion.adapters.base import capture_outputs, parse_capture
+
+    assert parse_capture("a.b:input[2:5]") == ("a.b", "input", slice(2, 5))
+    assert parse_capture("fc") == ("fc", "output", None)
+    model = nn.Sequential(nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 2))
+    x = torch.randn(3, 4)
+    with capture_outputs(model, ["0", "2:input", "0[1:3]"]) as out:
+        model(x)
+    hidden = model[0](x)
+    assert torch.equal(out["0"], hidden)
+    assert torch.equal(out["2:input"], torch.relu(hidden))
+    assert torch.equal(out["0[1:3]"], hidden[:, 1:3])
+    with pytest.raises(KeyError, match="Malformed capture"):
+        with capture_outputs(model, ["0[1:]"]):
+            pass

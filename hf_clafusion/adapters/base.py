@@ -8,6 +8,7 @@ saves/loads models in the family's own format. Register one with :func:`register
 from __future__ import annotations
 
 import contextlib
+import re
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
@@ -42,16 +43,66 @@ class Adapter(ABC):
     def spec(self, model: nn.Module) -> NetworkSpec:
         """The network description of a prepared model."""
 
+    #: Relative error of each approximate identity block inserted by the last :meth:`insert_identity` call
+    #: (``{"<segment>.<position>": error}``); empty when every inserted block is exact.
+    identity_errors: dict[str, float]
+
+    def __init__(self) -> None:
+        self.identity_errors = {}
+
     @abstractmethod
     def insert_identity(
-        self, model: nn.Module, layouts: Sequence[Sequence[int | None]], template: nn.Module
+        self,
+        model: nn.Module,
+        layouts: Sequence[Sequence[int | None]],
+        template: nn.Module,
+        *,
+        batches: Sequence[Any] | None = None,
     ) -> nn.Module:
         """Balance depth: a copy of ``model`` whose segment ``s`` has ``len(layouts[s])`` layers.
 
         ``layouts[s][p]`` is the index (within the segment) of the model's own layer placed at position ``p``,
         or ``None`` for an inserted identity layer shaped like ``template``'s layer at that position
-        (``template`` is the deeper model). The result computes the same function as ``model``.
+        (``template`` is the deeper model). The result computes the same function as ``model``. Families
+        without an exact identity (post-LN transformers) fit an approximate one on ``batches`` (the
+        calibration batches) and record its relative error in :attr:`identity_errors`.
         """
+
+    def check_compatible(self, models: Sequence[nn.Module]) -> None:
+        """Refuse (``IncompatibleModelsError``) prepared models of this family that cannot be fused together.
+
+        The pipeline already compares output sizes, input sizes and segment counts; adapters add what only
+        they know (vocabularies, label sets, norm types, head layouts).
+        """
+        return None
+
+    def prepare_data(self, data: Any, models: Sequence[nn.Module], processor: Any = None, config: Any = None) -> Any:
+        """Turn calibration data as users have it (raw images, raw text) into model inputs.
+
+        ``processor`` is a tokenizer / image processor / transform given by the user, ``config`` the
+        :class:`~hf_clafusion.FusionConfig` (``input_column``, ``max_length``). The default returns ``data``.
+        """
+        return data
+
+    def features(self, output: torch.Tensor, batch: Any) -> torch.Tensor:
+        """A captured activation as ``(samples, channels)`` for neuron transport (positions/tokens are samples)."""
+        from ..core import channels_as_features
+
+        return channels_as_features(output)
+
+    def layer_features(self, output: torch.Tensor, batch: Any) -> torch.Tensor:
+        """A captured layer output for cross-layer costs: ``(samples, ...)``, flattened per sample by the costs."""
+        return output
+
+    @classmethod
+    def load_reference(cls, reference: str) -> nn.Module | None:
+        """Load a parent named by a family-specific string (``"hf-hub:..."``, a model name), or return None."""
+        return None
+
+    @classmethod
+    def can_load(cls, directory: Path) -> bool:
+        """Whether ``directory`` holds a model in this family's own format (read by :meth:`load`)."""
+        return False
 
     def merge_layers(
         self,
@@ -152,24 +203,60 @@ def adapter_class(name: str) -> type[Adapter]:
         ) from None
 
 
+_CAPTURE = re.compile(r"^(?P<module>[^:\[]*)(?::(?P<kind>input|output))?(?:\[(?P<start>\d+):(?P<stop>\d+)\])?$")
+
+
+def parse_capture(capture: str) -> tuple[str, str, slice | None]:
+    """``"name[:input|:output][[a:b]]"`` -> ``(module name, "input" | "output", channel slice or None)``."""
+    match = _CAPTURE.match(capture)
+    if match is None:
+        raise KeyError(f"Malformed capture {capture!r}; use 'module', 'module:input' or 'module[a:b]'.")
+    start, stop = match["start"], match["stop"]
+    return match["module"], match["kind"] or "output", None if start is None else slice(int(start), int(stop))
+
+
+def _first_tensor(value: Any) -> torch.Tensor:
+    while isinstance(value, (tuple, list)):
+        value = value[0]
+    if hasattr(value, "last_hidden_state") and not isinstance(value, torch.Tensor):
+        value = value.last_hidden_state
+    return value.detach()
+
+
+def _slice_channels(tensor: torch.Tensor, channels: slice | None) -> torch.Tensor:
+    if channels is None:
+        return tensor
+    return tensor[:, channels] if tensor.ndim == 4 else tensor[..., channels]
+
+
 @contextlib.contextmanager
 def capture_outputs(model: nn.Module, names: Sequence[str]) -> Iterator[dict[str, torch.Tensor]]:
-    """Record the outputs of the named submodules during forward passes inside the ``with`` block.
+    """Record activations of the named submodules during forward passes inside the ``with`` block.
 
-    The dictionary maps each name to the output of its latest call (detached). Hooks are always removed.
+    Each name is a capture (see :class:`~hf_clafusion.spec.Group`): a module's output (the first tensor of a
+    tuple output), ``"module:input"`` for its first positional input, optionally with a ``"[a:b]"`` channel
+    slice. The dictionary maps each capture to its latest value (detached). Hooks are always removed.
     """
     modules = dict(model.named_modules())
-    missing = [n for n in names if n not in modules]
+    parsed = {name: parse_capture(name) for name in dict.fromkeys(names)}
+    missing = [n for n, (module, _, _) in parsed.items() if module not in modules]
     if missing:
         raise KeyError(f"Modules not found in the model: {missing}.")
     store: dict[str, torch.Tensor] = {}
     handles = []
-    for name in dict.fromkeys(names):
+    for name, (module, kind, channels) in parsed.items():
+        if kind == "input":
 
-        def hook(_module, _inputs, output, _name=name):
-            store[_name] = (output[0] if isinstance(output, (tuple, list)) else output).detach()
+            def pre_hook(_module, inputs, _name=name, _channels=channels):
+                store[_name] = _slice_channels(_first_tensor(inputs), _channels)
 
-        handles.append(modules[name].register_forward_hook(hook))
+            handles.append(modules[module].register_forward_pre_hook(pre_hook))
+        else:
+
+            def hook(_module, _inputs, output, _name=name, _channels=channels):
+                store[_name] = _slice_channels(_first_tensor(output), _channels)
+
+            handles.append(modules[module].register_forward_hook(hook))
     try:
         yield store
     finally:
@@ -211,6 +298,7 @@ __all__ = [
     "capture_outputs",
     "get_adapter",
     "list_adapters",
+    "parse_capture",
     "register_adapter",
     "reset_batchnorm_stats",
 ]

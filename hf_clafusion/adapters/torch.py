@@ -287,7 +287,7 @@ class SequentialAdapter(Adapter):
             description=self.description(model),
         )
 
-    def insert_identity(self, model, layouts, template):
+    def insert_identity(self, model, layouts, template, *, batches=None):
         layers, t_layers = list(model), list(template)
         layout, t_layout = _layout(layers), _layout(t_layers)
         if len(layouts) != len(layout.segments):

@@ -24,7 +24,14 @@ from .similarity import (
     neuron_distances,
     wasserstein_cost_matrix,
 )
-from .transport import ActivationStats, plan_maps, transport_plan, weight_distances
+from .transport import (
+    ActivationStats,
+    expand_head_plan,
+    head_plan,
+    plan_maps,
+    transport_plan,
+    weight_distances,
+)
 
 
 __all__ = [
@@ -38,6 +45,8 @@ __all__ = [
     "chain_alignment",
     "channels_as_features",
     "cka_cost_matrix",
+    "expand_head_plan",
+    "head_plan",
     "identity_batchnorm",
     "identity_weight",
     "index_cost_matrix",

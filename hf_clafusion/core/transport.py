@@ -149,6 +149,64 @@ def transport_plan(
     return plan if is_torch else plan.cpu().numpy()
 
 
+def head_plan(cost, heads: int, *, within: bool = True) -> torch.Tensor:
+    """A hard plan that keeps attention heads whole: heads move as units, dimensions only inside a head.
+
+    The cost between head ``h_B`` of B and head ``h_A`` of A is the cost of the best assignment of their
+    dimensions (``within=True``) or of the dimensions in place (``within=False``, for rotary embeddings, where a
+    dimension's position inside a head fixes its frequency); a second assignment matches the heads.
+
+    Args:
+        cost (`Tensor` of shape `(n, n)`): neuron costs, ``n = heads * head_dim`` on both sides.
+        heads (`int`): number of heads.
+        within (`bool`): whether dimensions may be permuted inside a head.
+
+    Returns:
+        `Tensor` of shape `(n, n)`, float64: a permutation matrix divided by ``n`` (uniform marginals, as
+        :func:`transport_plan`).
+
+    Raises:
+        ValueError: the cost is not square or its size is not a multiple of ``heads``.
+    """
+    cost_t = torch.as_tensor(cost).detach().double().cpu()
+    n_b, n_a = cost_t.shape
+    if n_b != n_a or n_b % heads:
+        raise ValueError(f"A head-structured plan needs a square cost divisible by {heads} heads, got {n_b}x{n_a}.")
+    dim = n_b // heads
+    blocks = cost_t.reshape(heads, dim, heads, dim).permute(0, 2, 1, 3).numpy()  # (H_B, H_A, d, d)
+    inner: dict[tuple[int, int], np.ndarray] = {}
+    head_cost = np.zeros((heads, heads))
+    for hb in range(heads):
+        for ha in range(heads):
+            if within:
+                rows, cols = linear_sum_assignment(blocks[hb, ha])
+                inner[(hb, ha)] = cols[np.argsort(rows)]
+                head_cost[hb, ha] = blocks[hb, ha][rows, cols].sum()
+            else:
+                head_cost[hb, ha] = np.trace(blocks[hb, ha])
+    rows, cols = linear_sum_assignment(head_cost)
+    plan = torch.zeros(n_b, n_a, dtype=torch.float64)
+    for hb, ha in zip(rows.tolist(), cols.tolist()):
+        targets = inner[(hb, ha)] if within else np.arange(dim)
+        plan[hb * dim + np.arange(dim), ha * dim + targets] = 1.0 / n_b
+    return plan.to(cost.device if isinstance(cost, torch.Tensor) else "cpu")
+
+
+def expand_head_plan(matrix: torch.Tensor, heads: int, repeat: int) -> torch.Tensor:
+    """The map of a head-structured group for an axis that holds every head ``repeat`` times in a row.
+
+    With grouped-query attention a key/value head serves ``repeat`` consecutive query heads; the query
+    projection's rows ``(kv_head, repeat, head_dim)`` must follow the key/value heads' plan identically.
+    """
+    if repeat == 1:
+        return matrix
+    n_b, n_a = matrix.shape
+    blocks = matrix.reshape(heads, n_b // heads, heads, n_a // heads)
+    eye = torch.eye(repeat, dtype=matrix.dtype, device=matrix.device)
+    out = torch.einsum("aebf,rs->arebsf", blocks, eye)
+    return out.reshape(n_b * repeat, n_a * repeat)
+
+
 def plan_maps(plan: torch.Tensor, normalization: str = "two_sided") -> tuple[torch.Tensor, torch.Tensor]:
     """The two rescalings of a plan ``(n_B, n_A)``: ``R`` for output axes and ``S`` for input axes.
 
@@ -163,4 +221,11 @@ def plan_maps(plan: torch.Tensor, normalization: str = "two_sided") -> tuple[tor
     return r, plan / plan.sum(1, keepdim=True).clamp_min(1e-300)
 
 
-__all__ = ["ActivationStats", "plan_maps", "transport_plan", "weight_distances"]
+__all__ = [
+    "ActivationStats",
+    "expand_head_plan",
+    "head_plan",
+    "plan_maps",
+    "transport_plan",
+    "weight_distances",
+]
