@@ -489,7 +489,9 @@ class _Run:
                         matrix = r_map if axis.role == "out" else s_map
                         if axis.repeat > 1:
                             matrix = core.expand_head_plan(matrix, max(heads, 1), axis.repeat)
-                        work[axis.param] = core.apply_plan(work[axis.param], axis.axis, matrix, inner=axis.inner)
+                        work[axis.param] = core.apply_plan(
+                            work[axis.param], axis.axis, matrix, inner=axis.inner, outer=axis.outer
+                        )
                     self.plans[k][group_a.name] = plan.float().cpu()
                 aligned[k] = work
         return aligned

@@ -25,6 +25,8 @@ class AxisRef:
         repeat: for head-structured groups, how many consecutive heads of this axis share one head of the
             group: the axis is ``(group heads, repeat, head_dim)`` and the head plan acts identically on every
             repeat (query heads of grouped-query attention follow their key/value head). 1 otherwise.
+        outer: when the axis holds several blocks of the group one after the other (a fused ``[q|k|v]``
+            projection: ``(outer, width)``), the number of blocks; the map acts identically on each. 1 otherwise.
     """
 
     param: str
@@ -32,6 +34,7 @@ class AxisRef:
     role: Literal["out", "in"]
     inner: int = 1
     repeat: int = 1
+    outer: int = 1
 
 
 @dataclass(frozen=True)

@@ -7,7 +7,9 @@ from collections.abc import Sequence
 import torch
 
 
-def apply_plan(tensor: torch.Tensor, axis: int, matrix: torch.Tensor, *, inner: int = 1) -> torch.Tensor:
+def apply_plan(
+    tensor: torch.Tensor, axis: int, matrix: torch.Tensor, *, inner: int = 1, outer: int = 1
+) -> torch.Tensor:
     """Re-express one axis of ``tensor`` in another neuron basis: ``out[.., j, ..] = sum_i matrix[i, j] t[.., i, ..]``.
 
     Use ``R`` for an axis that *writes* the neurons (rows of a weight, biases, norm parameters, conv output
@@ -21,12 +23,21 @@ def apply_plan(tensor: torch.Tensor, axis: int, matrix: torch.Tensor, *, inner: 
         inner (`int`, defaults to 1): when the axis is a flattened ``(channels, positions)`` pair in
             channel-major order (a Linear reading a flattened conv map), the number of positions per channel;
             the map acts on channels, identically at every position.
+        outer (`int`, defaults to 1): when the axis holds ``outer`` blocks of ``n_B * inner`` entries one after
+            the other (a fused ``[q|k|v]`` projection), the map acts identically on each block.
 
     Returns:
         `Tensor` with ``shape[axis] == n_A * inner``, in ``tensor``'s dtype.
     """
     axis = axis % tensor.ndim
     n_b, n_a = matrix.shape
+    if outer > 1:
+        if tensor.shape[axis] % outer:
+            raise ValueError(f"Axis {axis} of a tensor of shape {tuple(tensor.shape)} is not {outer} blocks.")
+        moved = tensor.movedim(axis, 0)
+        blocks = moved.reshape(outer, moved.shape[0] // outer, *moved.shape[1:])
+        out = apply_plan(blocks, 1, matrix, inner=inner)
+        return out.reshape(-1, *moved.shape[1:]).movedim(0, axis)
     if tensor.shape[axis] != n_b * inner:
         raise ValueError(
             f"Axis {axis} of a tensor of shape {tuple(tensor.shape)} does not have {n_b} x {inner} entries."
