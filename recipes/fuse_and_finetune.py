@@ -94,8 +94,12 @@ def training_function(config: dict, args: argparse.Namespace) -> list[dict]:
     shape = tuple(train[0]["image"].shape)
     test_rows = test[:]
     num_classes = int(max(int(train[:]["label"].max()), int(test_rows["label"].max()))) + 1
-    parent_cfg = FinetuneConfig.from_dict({"progress": False, "input_column": "image", **config["parent_training"]})
-    tune_cfg = FinetuneConfig.from_dict({"progress": False, "input_column": "image", **config["finetune"]})
+    parent_cfg = FinetuneConfig.from_dict(
+        {"progress": False, "seed": config.get("seed", 0), "input_column": "image", **config["parent_training"]}
+    )
+    tune_cfg = FinetuneConfig.from_dict(
+        {"progress": False, "seed": config.get("seed", 0), "input_column": "image", **config["finetune"]}
+    )
     test_pair = (test_rows["image"], test_rows["label"])
 
     deep = build_model(config["deep"], shape, num_classes)
@@ -135,8 +139,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--config", required=True, help="YAML recipe config (see recipes/configs/)")
     parser.add_argument("--output", default=None, help="where to save the fused, finetuned model")
     parser.add_argument("--smoke", action="store_true", help="a few steps only (CI)")
+    parser.add_argument("--seed", type=int, default=None, help="override the config's seed (data split and training)")
     args = parser.parse_args(argv)
     config = yaml.safe_load(Path(args.config).read_text())
+    if args.seed is not None:
+        config["seed"] = args.seed
     if args.smoke:
         config["max_train"] = 256
         for key in ("parent_training", "finetune"):

@@ -149,3 +149,18 @@ def test_two_cpu_processes_stay_in_sync(tmp_path):
     assert reports[0]["weights"] == reports[1]["weights"]  # gradients were synchronised
     assert reports[0]["eval_samples"] == reports[1]["eval_samples"] == 101  # gathered once, no duplicates
     assert reports[0]["steps"] == 4  # 192 samples / (2 processes x 24) per step
+
+
+@pytest.mark.parametrize(
+    ("name", "kind"),
+    [("fsdp", "FSDP"), ("deepspeed_zero2", "DEEPSPEED"), ("multi_node", "MULTI_GPU")],
+)
+def test_the_documented_accelerate_configs_parse_into_their_distributed_type(name, kind):
+    from pathlib import Path
+
+    from accelerate.commands.config.config_args import load_config_from_file
+
+    path = Path(__file__).resolve().parents[1] / "recipes" / "accelerate_configs" / f"{name}.yaml"
+    config = load_config_from_file(str(path))
+    assert config.distributed_type.name == kind
+    assert config.num_processes == config.num_machines * 8
