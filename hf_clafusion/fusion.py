@@ -365,6 +365,8 @@ class _Run:
         if m == n:
             return list(range(n))
         first, last = core.relax_constraints(n, self.config.first_fixed, self.config.last_fixed)
+        if first < self.config.first_fixed and any(spec.segments[segment].first_pinned for spec in self.specs):
+            first, last = 1, min(last, n - 1)  # relaxed, but the segment's first layer has no identity
         if first + last > n:
             raise AlignmentError(
                 f"Segment {segment} of the shallower model has {n} layer(s), fewer than first_fixed="

@@ -85,10 +85,16 @@ class LayerSpec:
 
 @dataclass(frozen=True)
 class SegmentSpec:
-    """A run of hidden layers between two resolution changes (pooling layers, stages)."""
+    """A run of hidden layers between two resolution changes (pooling layers, stages).
+
+    ``first_pinned``: the first layer changes resolution or width (a ResNet/ConvNeXt stage's downsampling
+    block), so no identity exists in its place: it stays matched even where a one-layer segment would otherwise
+    have its first/last constraints relaxed.
+    """
 
     name: str
     layers: tuple[LayerSpec, ...]
+    first_pinned: bool = False
 
     @property
     def depth(self) -> int:
