@@ -1,0 +1,761 @@
+"""Adapter for timm models: ResNet (BasicBlock, Bottleneck), ViT / DeiT (pre-LN) and ConvNeXt.
+
+The blocks are found from timm's own structure (``model.layer1..4``, ``model.blocks``,
+``model.stages[s].blocks``) and captured with the generic forward-hook helper. One segment per ResNet /
+ConvNeXt stage, one segment for a ViT. Alignment groups (``docs/timm.md``, ``fusion_math.md`` §5.3-5.5):
+
+* ResNet: one residual group per stage (every block's last conv + BN, the downsample branch, the readers of the
+  stream; the stem joins stage 1 when ``layer1.0`` has no downsample), one inner group per conv-BN pair inside a
+  block. BatchNorm statistics are recomputed after fusion.
+* ViT / DeiT: one residual group for the whole network (patch embedding, class/distillation/register tokens,
+  position embedding, every norm, every block's writes and reads, the head's input), per block one attention
+  group (heads move whole; the fused ``[q|k|v]`` rows follow one head plan) and one MLP hidden group.
+* ConvNeXt: one residual group per stage (stem or downsample conv, depthwise convs, norms, layer-scale gammas,
+  ``fc2``, readers), one MLP hidden group per block.
+
+Identity blocks are exact: ResNet: a block whose last BatchNorm has weight and bias zero (the stream is
+post-ReLU, so ``relu(x + 0) = x``); ViT: ``attn.proj`` and ``mlp.fc2`` zeroed; ConvNeXt: ``gamma = 0`` (or
+``fc2`` zeroed). Fused models are ordinary timm models whose ``_model_args`` record the new depth, so
+:meth:`TimmAdapter.save` writes timm's own format and ``timm.create_model("local-dir:" + folder,
+pretrained=True)`` rebuilds them.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..errors import (
+    AlignmentError,
+    CalibrationDataError,
+    ClaFusionWarning,
+    IncompatibleModelsError,
+    SaveError,
+    UnsupportedArchitectureError,
+)
+from ..spec import AxisRef, Group, LayerSpec, NetworkSpec, SegmentSpec
+from .base import Adapter, register_adapter
+
+
+SUPPORTED = ("ResNet (BasicBlock, Bottleneck)", "VisionTransformer (ViT, DeiT)", "ConvNeXt")
+#: Keys of timm's data config that must agree between parents for raw-image calibration.
+DATA_KEYS = ("input_size", "interpolation", "mean", "std", "crop_pct", "crop_mode")
+
+
+def _timm():
+    try:
+        import timm
+    except ImportError:  # pragma: no cover - exercised only without timm
+        raise ImportError("The timm adapter needs timm: pip install hf_clafusion[timm]") from None
+    return timm
+
+
+def _family(model: nn.Module) -> str:
+    """``"resnet"``, ``"vit"`` or ``"convnext"``; raises for other timm models."""
+    _timm()
+    from timm.models.convnext import ConvNeXt
+    from timm.models.resnet import ResNet
+    from timm.models.vision_transformer import VisionTransformer
+
+    if isinstance(model, ResNet):
+        return "resnet"
+    if isinstance(model, VisionTransformer):
+        return "vit"
+    if isinstance(model, ConvNeXt):
+        return "convnext"
+    hint = ""
+    if type(model).__name__ == "VGG":
+        hint = (
+            " timm VGGs are not supported by this adapter yet; rebuild the VGG as a plain nn.Sequential (the "
+            "torch.sequential adapter fuses VGG-style CNNs)."
+        )
+    raise UnsupportedArchitectureError(
+        f"Unsupported timm model class {type(model).__name__!r}. The timm adapter fuses: {', '.join(SUPPORTED)}.{hint}",
+        layer_type=type(model).__name__,
+        supported=SUPPORTED,
+    )
+
+
+def _unsupported(what: str, where: str, fix: str = "") -> UnsupportedArchitectureError:
+    return UnsupportedArchitectureError(
+        f"Unsupported {what} at {where!r}.{(' ' + fix) if fix else ''}", layer_type=what, supported=SUPPORTED
+    )
+
+
+# --------------------------------------------------------------------------------------------- group building
+
+
+def _norm_axes(name: str, module: nn.Module) -> list[AxisRef]:
+    """Per-channel parameters (and BatchNorm statistics) of a norm layer, as ``out`` axes."""
+    axes = []
+    for param in ("weight", "bias", "running_mean", "running_var"):
+        if getattr(module, param, None) is not None:
+            axes.append(AxisRef(f"{name}.{param}", 0, "out"))
+    return axes
+
+
+def _writer_axes(name: str, module: nn.Module) -> list[AxisRef]:
+    axes = [AxisRef(f"{name}.weight", 0, "out")]
+    if getattr(module, "bias", None) is not None:
+        axes.append(AxisRef(f"{name}.bias", 0, "out"))
+    return axes
+
+
+def _out_channels(module: nn.Module) -> int:
+    return module.out_channels if isinstance(module, nn.Conv2d) else module.out_features
+
+
+@dataclass
+class _Stream:
+    """A residual (or plain) group being assembled: writers, readers and capture points."""
+
+    name: str
+    width: int
+    axes: list[AxisRef] = field(default_factory=list)
+    captures: list[str] = field(default_factory=list)
+
+    def group(self) -> Group:
+        return Group(self.name, self.width, tuple(self.axes), capture=tuple(self.captures))
+
+
+def _check_conv(name: str, conv: nn.Module) -> None:
+    if not isinstance(conv, nn.Conv2d) or conv.groups != 1:
+        raise _unsupported(
+            f"layer {type(conv).__name__}(groups={getattr(conv, 'groups', '?')})",
+            name,
+            "Grouped convolutions (ResNeXt, cardinality > 1) cannot be permuted freely.",
+        )
+
+
+def _is_identity(module: nn.Module | None) -> bool:
+    return module is None or isinstance(module, nn.Identity)
+
+
+# --------------------------------------------------------------------------------------------- ResNet
+
+
+def _resnet_stages(model: nn.Module) -> list[str]:
+    return [name for name, _ in model.named_children() if name.startswith("layer") and name[5:].isdigit()]
+
+
+def _resnet_block_kind(name: str, block: nn.Module) -> str:
+    from timm.models.resnet import BasicBlock, Bottleneck
+
+    kind = "basic" if type(block) is BasicBlock else "bottleneck" if type(block) is Bottleneck else None
+    if kind is None:
+        raise _unsupported(f"ResNet block type {type(block).__name__}", name, "Supported: BasicBlock, Bottleneck.")
+    if getattr(block, "se", None) is not None:
+        raise _unsupported("squeeze-excitation / attention layer in a ResNet block", f"{name}.se")
+    if not _is_identity(getattr(block, "aa", None)):
+        raise _unsupported("anti-aliasing layer in a ResNet block", f"{name}.aa")
+    for conv in ("conv1", "conv2", "conv3") if kind == "bottleneck" else ("conv1", "conv2"):
+        _check_conv(f"{name}.{conv}", getattr(block, conv))
+    return kind
+
+
+def _resnet_downsample(name: str, block: nn.Module) -> tuple[str, str] | None:
+    """(conv, norm) names of a block's downsample branch (plain or average-pool variant)."""
+    ds = block.downsample
+    if ds is None or isinstance(ds, nn.Identity):
+        return None
+    convs = [(n, m) for n, m in ds.named_children() if isinstance(m, nn.Conv2d)]
+    norms = [(n, m) for n, m in ds.named_children() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    if len(convs) != 1 or len(norms) != 1:
+        raise _unsupported("downsample branch", f"{name}.downsample", "Expected one convolution and one BatchNorm.")
+    _check_conv(f"{name}.downsample.{convs[0][0]}", convs[0][1])
+    return f"{name}.downsample.{convs[0][0]}", f"{name}.downsample.{norms[0][0]}"
+
+
+def _resnet_spec(model: nn.Module) -> tuple[list[SegmentSpec], list[Group]]:
+    groups: list[Group] = []
+    modules = dict(model.named_modules())
+    # stem: a single conv, or a deep stem Sequential(conv, bn, act, conv, bn, act, conv); then bn1
+    if isinstance(model.conv1, nn.Conv2d):
+        convs = ["conv1"]
+    else:
+        convs = [f"conv1.{n}" for n, m in model.conv1.named_children() if isinstance(m, nn.Conv2d)]
+    for c in convs:
+        _check_conv(c, modules[c])
+    for i, c in enumerate(convs[:-1]):  # deep-stem inner groups
+        stem_children = list(model.conv1.named_children())
+        idx = [n for n, _ in stem_children].index(c.split(".")[1])
+        norm = next(n for n, m in stem_children[idx + 1 :] if isinstance(m, nn.modules.batchnorm._BatchNorm))
+        axes = _writer_axes(c, modules[c]) + _norm_axes(f"conv1.{norm}", modules[f"conv1.{norm}"])
+        axes.append(AxisRef(f"{convs[i + 1]}.weight", 1, "in"))
+        groups.append(Group(f"stem.{i}", modules[c].out_channels, tuple(axes), capture=f"{convs[i + 1]}:input"))
+    stream = _Stream("stem", modules[convs[-1]].out_channels, captures=["maxpool"])
+    stream.axes += _writer_axes(convs[-1], modules[convs[-1]]) + _norm_axes("bn1", model.bn1)
+    segments = []
+    for stage in _resnet_stages(model):
+        layers = []
+        for j, block in enumerate(getattr(model, stage)):
+            name = f"{stage}.{j}"
+            kind = _resnet_block_kind(name, block)
+            ds = _resnet_downsample(name, block)
+            stream.axes.append(AxisRef(f"{name}.conv1.weight", 1, "in"))
+            if ds is not None:
+                if j != 0:
+                    raise _unsupported("downsample branch after the first block of a stage", name)
+                stream.axes.append(AxisRef(f"{ds[0]}.weight", 1, "in"))
+                groups.append(stream.group())
+                stream = _Stream(f"{stage}.residual", modules[ds[0]].out_channels)
+                stream.axes += _writer_axes(ds[0], modules[ds[0]]) + _norm_axes(ds[1], modules[ds[1]])
+            pairs = [("conv1", "bn1", "conv2")] + ([("conv2", "bn2", "conv3")] if kind == "bottleneck" else [])
+            for conv, norm, nxt in pairs:
+                axes = _writer_axes(f"{name}.{conv}", getattr(block, conv)) + _norm_axes(
+                    f"{name}.{norm}", getattr(block, norm)
+                )
+                axes.append(AxisRef(f"{name}.{nxt}.weight", 1, "in"))
+                groups.append(
+                    Group(f"{name}.{conv}", getattr(block, conv).out_channels, tuple(axes), f"{name}.{nxt}:input")
+                )
+            last_conv, last_norm = ("conv3", "bn3") if kind == "bottleneck" else ("conv2", "bn2")
+            stream.axes += _writer_axes(f"{name}.{last_conv}", getattr(block, last_conv))
+            stream.axes += _norm_axes(f"{name}.{last_norm}", getattr(block, last_norm))
+            stream.captures.append(name)
+            layers.append(LayerSpec(name, name, getattr(block, last_conv).out_channels))
+        segments.append(SegmentSpec(stage, tuple(layers), first_pinned=True))
+    fc = model.get_classifier()
+    if not isinstance(fc, nn.Linear):
+        raise _unsupported(f"classifier {type(fc).__name__}", "fc", "Expected one nn.Linear classifier.")
+    stream.axes.append(AxisRef("fc.weight", 1, "in"))
+    groups.append(stream.group())
+    return segments, groups
+
+
+def _zero_resnet_block(block: nn.Module) -> None:
+    norm = block.bn3 if hasattr(block, "bn3") else block.bn2
+    with torch.no_grad():
+        norm.weight.zero_()
+        norm.bias.zero_()
+
+
+def _plain_resnet_block(model: nn.Module, stage: nn.Sequential) -> nn.Module:
+    """A fresh non-downsampling block shaped like the stage's blocks 1.. (for a stage that has only block 0)."""
+    first = stage[0]
+    width = first.conv1.out_channels
+    out = first.conv3.out_channels if hasattr(first, "conv3") else first.conv2.out_channels
+    kwargs: dict[str, Any] = dict(act_layer=type(first.act1), norm_layer=type(first.bn1))
+    if hasattr(first, "conv3"):
+        planes = out // type(first).expansion
+        kwargs["base_width"] = 64 * width // planes
+    else:
+        planes = out
+    return type(first)(out, planes, **kwargs)
+
+
+# --------------------------------------------------------------------------------------------- ViT / DeiT
+
+
+def _vit_check_block(name: str, block: nn.Module) -> None:
+    from timm.layers import LayerScale, Mlp
+    from timm.models.vision_transformer import Attention, Block
+
+    if type(block) is not Block:
+        raise _unsupported(
+            f"ViT block type {type(block).__name__}", name, "Supported: timm's pre-LN Block (ViT, DeiT)."
+        )
+    attn = block.attn
+    if type(attn) is not Attention:
+        raise _unsupported(f"attention type {type(attn).__name__}", f"{name}.attn")
+    if not (_is_identity(attn.q_norm) and _is_identity(attn.k_norm) and _is_identity(getattr(attn, "norm", None))):
+        raise _unsupported("qk-norm / attention-output norm", f"{name}.attn", "Build the models with qk_norm=False.")
+    if type(block.mlp) is not Mlp or not _is_identity(getattr(block.mlp, "norm", None)):
+        raise _unsupported(
+            f"MLP type {type(block.mlp).__name__}", f"{name}.mlp", "Supported: timm Mlp (fc1, act, fc2)."
+        )
+    for ls in ("ls1", "ls2"):
+        if not isinstance(getattr(block, ls), (nn.Identity, LayerScale)):
+            raise _unsupported(f"layer scale {type(getattr(block, ls)).__name__}", f"{name}.{ls}")
+
+
+def _vit_spec(model: nn.Module) -> tuple[list[SegmentSpec], list[Group]]:
+    if getattr(model, "attn_pool", None) is not None:
+        raise _unsupported("attention-pooling head (global_pool='map')", "attn_pool", "Use 'token' or 'avg' pooling.")
+    if not _is_identity(getattr(model, "pre_logits", None)):
+        raise _unsupported("pre-logits layer (representation_size)", "pre_logits")
+    proj = model.patch_embed.proj
+    if not isinstance(proj, nn.Conv2d):
+        raise _unsupported(f"patch embedding {type(proj).__name__}", "patch_embed.proj")
+    dim = model.embed_dim
+    res = _Stream("residual", dim, captures=["norm_pre"])
+    res.axes += _writer_axes("patch_embed.proj", proj)
+    if not _is_identity(getattr(model.patch_embed, "norm", None)):
+        res.axes += _norm_axes("patch_embed.norm", model.patch_embed.norm)
+    for token in ("cls_token", "reg_token", "dist_token", "pos_embed"):
+        if getattr(model, token, None) is not None:
+            res.axes.append(AxisRef(token, 2, "out"))
+    if not _is_identity(model.norm_pre):
+        res.axes += _norm_axes("norm_pre", model.norm_pre)
+    groups: list[Group] = []
+    layers = []
+    for i, block in enumerate(model.blocks):
+        name = f"blocks.{i}"
+        _vit_check_block(name, block)
+        attn = block.attn
+        heads = attn.num_heads
+        width = attn.proj.in_features
+        res.axes += _norm_axes(f"{name}.norm1", block.norm1)
+        res.axes.append(AxisRef(f"{name}.attn.qkv.weight", 1, "in"))
+        res.axes += _writer_axes(f"{name}.attn.proj", attn.proj)
+        if not _is_identity(block.ls1):
+            res.axes.append(AxisRef(f"{name}.ls1.gamma", 0, "out"))
+        res.axes += _norm_axes(f"{name}.norm2", block.norm2)
+        res.axes.append(AxisRef(f"{name}.mlp.fc1.weight", 1, "in"))
+        res.axes += _writer_axes(f"{name}.mlp.fc2", block.mlp.fc2)
+        if not _is_identity(block.ls2):
+            res.axes.append(AxisRef(f"{name}.ls2.gamma", 0, "out"))
+        res.captures.append(name)
+        # attention: heads move whole; q, k and v rows of the fused projection follow one head plan
+        axes = [AxisRef(f"{name}.attn.qkv.weight", 0, "out", outer=3)]
+        if attn.qkv.bias is not None:
+            axes.append(AxisRef(f"{name}.attn.qkv.bias", 0, "out", outer=3))
+        axes.append(AxisRef(f"{name}.attn.proj.weight", 1, "in"))
+        captures = (f"{name}.attn.qkv[0:{width}]", f"{name}.attn.qkv[{width}:{2 * width}]", f"{name}.attn.proj:input")
+        groups.append(Group(f"{name}.attn", width, tuple(axes), capture=captures, heads=heads))
+        fc1 = block.mlp.fc1
+        axes = _writer_axes(f"{name}.mlp.fc1", fc1) + [AxisRef(f"{name}.mlp.fc2.weight", 1, "in")]
+        groups.append(Group(f"{name}.mlp", fc1.out_features, tuple(axes), capture=f"{name}.mlp.fc2:input"))
+        layers.append(LayerSpec(name, name, dim))
+    for norm in ("norm", "fc_norm"):
+        if not _is_identity(getattr(model, norm, None)):
+            res.axes += _norm_axes(norm, getattr(model, norm))
+    for head in ("head", "head_dist"):
+        module = getattr(model, head, None)
+        if module is None or isinstance(module, nn.Identity):
+            continue
+        if not isinstance(module, nn.Linear):
+            raise _unsupported(f"classifier {type(module).__name__}", head)
+        res.axes.append(AxisRef(f"{head}.weight", 1, "in"))
+    groups.insert(0, res.group())
+    return [SegmentSpec("blocks", tuple(layers))], groups
+
+
+def _zero_vit_block(block: nn.Module) -> None:
+    with torch.no_grad():
+        for linear in (block.attn.proj, block.mlp.fc2):
+            linear.weight.zero_()
+            if linear.bias is not None:
+                linear.bias.zero_()
+
+
+# --------------------------------------------------------------------------------------------- ConvNeXt
+
+
+def _convnext_spec(model: nn.Module, channels_last: set[int]) -> tuple[list[SegmentSpec], list[Group]]:
+    from timm.layers import LayerNorm2d
+    from timm.models.convnext import ConvNeXtBlock
+
+    stem = list(model.stem.children())
+    if len(stem) != 2 or not isinstance(stem[0], nn.Conv2d) or not isinstance(stem[1], LayerNorm2d):
+        raise _unsupported("ConvNeXt stem", "stem", "Supported: the 'patch' stem (Conv2d + LayerNorm2d).")
+    stream = _Stream("stem", stem[0].out_channels, captures=["stem"])
+    stream.axes += _writer_axes("stem.0", stem[0]) + _norm_axes("stem.1", stem[1])
+    groups: list[Group] = []
+    segments = []
+    for s, stage in enumerate(model.stages):
+        prefix = f"stages.{s}"
+        if not _is_identity(stage.downsample):
+            parts = list(stage.downsample.children())
+            if len(parts) != 2 or not isinstance(parts[1], nn.Conv2d):
+                raise _unsupported("ConvNeXt downsample", f"{prefix}.downsample")
+            _check_conv(f"{prefix}.downsample.1", parts[1])
+            stream.axes += _norm_axes(f"{prefix}.downsample.0", parts[0])
+            stream.axes.append(AxisRef(f"{prefix}.downsample.1.weight", 1, "in"))
+            groups.append(stream.group())
+            stream = _Stream(f"{prefix}.residual", parts[1].out_channels, captures=[f"{prefix}.downsample"])
+            stream.axes += _writer_axes(f"{prefix}.downsample.1", parts[1])
+        layers = []
+        for j, block in enumerate(stage.blocks):
+            name = f"{prefix}.blocks.{j}"
+            if type(block) is not ConvNeXtBlock:
+                raise _unsupported(f"ConvNeXt block type {type(block).__name__}", name)
+            if not _is_identity(block.shortcut):
+                raise _unsupported("projection shortcut in a ConvNeXt block", f"{name}.shortcut")
+            if block.conv_dw.groups != block.conv_dw.in_channels:
+                raise _unsupported("non-depthwise conv_dw", f"{name}.conv_dw")
+            if not _is_identity(getattr(block.mlp, "norm", None)) or not hasattr(block.mlp, "fc2"):
+                raise _unsupported(f"ConvNeXt MLP {type(block.mlp).__name__}", f"{name}.mlp")
+            stream.axes += _writer_axes(f"{name}.conv_dw", block.conv_dw) + _norm_axes(f"{name}.norm", block.norm)
+            stream.axes.append(AxisRef(f"{name}.mlp.fc1.weight", 1, "in"))
+            stream.axes += _writer_axes(f"{name}.mlp.fc2", block.mlp.fc2)
+            if block.gamma is not None:
+                stream.axes.append(AxisRef(f"{name}.gamma", 0, "out"))
+            stream.captures.append(name)
+            fc1 = block.mlp.fc1
+            hidden = _out_channels(fc1)
+            if not block.use_conv_mlp:
+                channels_last.add(hidden)
+            axes = _writer_axes(f"{name}.mlp.fc1", fc1) + [AxisRef(f"{name}.mlp.fc2.weight", 1, "in")]
+            groups.append(Group(f"{name}.mlp", hidden, tuple(axes), capture=f"{name}.mlp.fc2:input"))
+            layers.append(LayerSpec(name, name, stream.width))
+        segments.append(SegmentSpec(prefix, tuple(layers), first_pinned=True))
+    if not _is_identity(model.norm_pre):
+        stream.axes += _norm_axes("norm_pre", model.norm_pre)
+    head = model.head
+    if not _is_identity(getattr(head, "pre_logits", None)) or not isinstance(getattr(head, "fc", None), nn.Linear):
+        raise _unsupported("ConvNeXt head", "head", "Supported: norm + pooling + one Linear (no head_hidden_size).")
+    if not _is_identity(getattr(head, "norm", None)):
+        stream.axes += _norm_axes("head.norm", head.norm)
+    stream.axes.append(AxisRef("head.fc.weight", 1, "in"))
+    groups.append(stream.group())
+    return segments, groups
+
+
+def _zero_convnext_block(block: nn.Module) -> None:
+    with torch.no_grad():
+        if block.gamma is not None:
+            block.gamma.zero_()
+        else:
+            block.mlp.fc2.weight.zero_()
+            if block.mlp.fc2.bias is not None:
+                block.mlp.fc2.bias.zero_()
+
+
+# --------------------------------------------------------------------------------------------- containers
+
+
+def _containers(model: nn.Module, family: str) -> list[str]:
+    """Module names of the ``nn.Sequential`` holding each segment's blocks."""
+    if family == "resnet":
+        return _resnet_stages(model)
+    if family == "vit":
+        return ["blocks"]
+    return [f"stages.{s}.blocks" for s in range(len(model.stages))]
+
+
+def _set_depths(model: nn.Module, family: str, depths: list[int]) -> None:
+    """Record the new depth where timm rebuilds the architecture from (``_model_args``) and in feature info."""
+    args = getattr(model, "_model_args", None)
+    if family == "resnet":
+        key, value = "layers", list(depths)
+    elif family == "vit":
+        key, value = "depth", depths[0]
+        info = getattr(model, "feature_info", None)
+        if isinstance(info, list) and info:
+            model.feature_info = [{**info[0], "module": f"blocks.{i}"} for i in range(depths[0])]
+    else:
+        key, value = "depths", list(depths)
+    if isinstance(args, dict):
+        args[key] = value
+
+
+def _shapes(module: nn.Module) -> dict[str, tuple[int, ...]]:
+    return {k: tuple(v.shape) for k, v in module.state_dict().items()}
+
+
+# --------------------------------------------------------------------------------------------- the adapter
+
+
+@register_adapter("timm")
+class TimmAdapter(Adapter):
+    """timm ResNet (BasicBlock / Bottleneck), ViT / DeiT and ConvNeXt models."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._channels_last: set[int] = set()  # hidden widths captured channels-last (ConvNeXt Linear MLPs)
+        self._channels_first: set[int] = set()
+        self._first: tuple[str, str] | None = None  # (family, class) of the first prepared model
+
+    @classmethod
+    def matches(cls, model: nn.Module) -> bool:
+        return type(model).__module__.startswith("timm.")
+
+    def prepare(self, model: nn.Module) -> nn.Module:
+        family = _family(model)
+        if self._first is not None and self._first[0] != family:
+            raise IncompatibleModelsError(
+                f"The models belong to different timm families: {self._first[1]} and {type(model).__name__}. "
+                "Fuse models of one architecture family (ResNet with ResNet, ViT with ViT, ConvNeXt with ConvNeXt)."
+            )
+        self._first = self._first or (family, type(model).__name__)
+        out = copy.deepcopy(model).eval()
+        self.spec(out)  # refuse unsupported layers early
+        return out
+
+    def spec(self, model: nn.Module) -> NetworkSpec:
+        family = _family(model)
+        if family == "resnet":
+            segments, groups = _resnet_spec(model)
+        elif family == "vit":
+            segments, groups = _vit_spec(model)
+        else:
+            segments, groups = _convnext_spec(model, self._channels_last)
+            self._channels_first.update(g.width for g in groups if not g.name.endswith(".mlp"))
+        return NetworkSpec(
+            family=self.name,
+            segments=tuple(segments),
+            groups=tuple(groups),
+            output_size=model.num_classes,
+            input_size=_in_chans(model, family),
+            description={"family": family, "class": type(model).__name__, "depths": [s.depth for s in segments]},
+        )
+
+    # -- activations
+    def features(self, output: torch.Tensor, batch: Any) -> torch.Tensor:
+        if output.ndim == 3:  # ViT tokens: (N, L, D) -> every token is a sample
+            return output.reshape(-1, output.shape[-1])
+        if (
+            output.ndim == 4
+            and output.shape[-1] in self._channels_last
+            and (output.shape[1] not in self._channels_first or output.shape[-2] != output.shape[-1])
+        ):  # ConvNeXt Linear-MLP hidden units are channels-last (N, H, W, hidden); stream maps are (N, C, H, W)
+            return output.reshape(-1, output.shape[-1])
+        return super().features(output, batch)
+
+    # -- compatibility
+    def check_compatible(self, models: Sequence[nn.Module]) -> None:
+        families = [_family(m) for m in models]
+        classes = [type(m).__name__ for m in models]
+        if len(set(families)) > 1:
+            raise IncompatibleModelsError(
+                f"The models belong to different timm families: {classes}. Fuse models of one architecture family "
+                "(ResNet with ResNet, ViT with ViT, ConvNeXt with ConvNeXt)."
+            )
+        layouts = [_layout(m, families[0]) for m in models]
+        for key in layouts[0]:
+            values = [layout[key] for layout in layouts]
+            if any(v != values[0] for v in values):
+                raise IncompatibleModelsError(
+                    f"The models differ in {key}: {values}. Fusion needs the same {key}; only depths and widths may "
+                    "differ."
+                )
+
+    # -- raw images
+    def prepare_data(self, data: Any, models: Sequence[nn.Module], processor: Any = None, config: Any = None) -> Any:
+        images = _raw_images(data, getattr(config, "input_column", None))
+        if images is None:
+            return data
+        if processor is None:
+            from timm.data import create_transform, resolve_data_config
+
+            configs = [resolve_data_config({}, model=m) for m in models]
+            keyed = [{k: c.get(k) for k in DATA_KEYS} for c in configs]
+            if any(c != keyed[0] for c in keyed):
+                diff = {k: [c[k] for c in keyed] for k in DATA_KEYS if len({str(c[k]) for c in keyed}) > 1}
+                raise CalibrationDataError(
+                    f"The parents preprocess images differently (timm data configs differ in {diff}). Preprocess the "
+                    "calibration images yourself and pass tensors, or pass `processor=` (a transform) to use one."
+                )
+            processor = create_transform(**configs[0], is_training=False)
+        channels = _in_chans(models[0], _family(models[0]))
+        mode = "L" if channels == 1 else "RGB"
+        if config is not None and len(images) > config.num_samples:
+            from .._data import _subset
+
+            images = [images[i] for i in _subset(len(images), config.num_samples, config.seed)]
+        try:
+            return torch.stack([processor(img.convert(mode) if hasattr(img, "convert") else img) for img in images])
+        except (TypeError, ValueError, RuntimeError) as error:
+            raise CalibrationDataError(
+                f"Could not preprocess the calibration images: {error}. Pass tensors shaped as the models expect."
+            ) from error
+
+    # -- depth balancing
+    def insert_identity(self, model, layouts, template, *, batches=None):
+        family = _family(model)
+        names = _containers(model, family)
+        t_names = _containers(template, family)
+        if len(layouts) != len(names):
+            raise AlignmentError(f"Got {len(layouts)} segment layouts for a model with {len(names)} segments.")
+        new = copy.deepcopy(model)
+        depths = []
+        for s, (name, layout) in enumerate(zip(names, layouts)):
+            own = list(model.get_submodule(name))
+            if family != "vit" and layout and layout[0] is None:
+                raise AlignmentError(
+                    f"Segment {s} ({name}) would get an identity block at position 0, where the stage's first block "
+                    "changes resolution and width; no identity exists there. Keep first_fixed >= 1 (the default) so "
+                    "each stage's first block stays matched."
+                )
+            template_blocks = list(template.get_submodule(t_names[s]))
+            blocks = []
+            for p, choice in enumerate(layout):
+                if choice is not None:
+                    blocks.append(copy.deepcopy(own[choice]))
+                    continue
+                blocks.append(self._identity_block(model, family, name, own, template_blocks, p))
+            _replace(new, name, nn.Sequential(*blocks))
+            depths.append(len(blocks))
+        _set_depths(new, family, depths)
+        return new.eval()
+
+    def _identity_block(self, model, family, name, own, template_blocks, position) -> nn.Module:
+        reference = own[1] if family == "resnet" and len(own) > 1 else own[0]
+        if family == "resnet" and len(own) == 1:
+            reference = _plain_resnet_block(model, model.get_submodule(name))
+        candidate = template_blocks[position] if position < len(template_blocks) else None
+        if candidate is not None and _shapes(candidate) == _shapes(reference):
+            block = copy.deepcopy(candidate)  # the template's inner weights: meaningful, and exact as identity
+        else:
+            block = copy.deepcopy(reference)
+        {"resnet": _zero_resnet_block, "vit": _zero_vit_block, "convnext": _zero_convnext_block}[family](block)
+        return block.eval()
+
+    def merge_layers(self, model, keep, preactivations, relu_approx):
+        """Experimental depth reduction: drop the blocks that cross-layer alignment left unmatched (not exact)."""
+        family = _family(model)
+        warnings.warn(
+            "balancing='merge' on timm models drops the residual blocks left unmatched by the alignment. This is "
+            "experimental: residual blocks have no exact merge, so the fused model needs finetuning.",
+            ClaFusionWarning,
+            stacklevel=3,
+        )
+        new = copy.deepcopy(model)
+        depths = []
+        for s, (name, kept) in enumerate(zip(_containers(model, family), keep)):
+            if family != "vit" and 0 not in kept:
+                raise AlignmentError(
+                    f"Segment {s} ({name}) would drop its first block, which changes resolution and width. Keep "
+                    "first_fixed >= 1 (the default)."
+                )
+            blocks = list(model.get_submodule(name))
+            _replace(new, name, nn.Sequential(*[copy.deepcopy(blocks[i]) for i in kept]))
+            depths.append(len(kept))
+        _set_depths(new, family, depths)
+        return new.eval()
+
+    # -- saving and loading in timm's own format
+    def save(self, model: nn.Module, directory: Path) -> None:
+        _timm()
+        from timm.models import save_for_hf
+
+        cfg = getattr(model, "pretrained_cfg", None)
+        if not cfg or not cfg.get("architecture") or not isinstance(getattr(model, "_model_args", None), dict):
+            raise SaveError(
+                f"This {type(model).__name__} was not built by timm.create_model (it has no pretrained_cfg / recorded "
+                "model arguments), so timm's config.json cannot describe it. Build the parents with "
+                "timm.create_model(name, num_classes=..., layers=/depth=/depths=...) instead of the class constructor."
+            )
+        try:
+            save_for_hf(model, str(directory), safe_serialization=True)
+        except (ValueError, TypeError) as error:
+            raise SaveError(f"timm could not write the model's config.json: {error}") from error
+
+    @classmethod
+    def can_load(cls, directory: Path) -> bool:
+        config = Path(directory) / "config.json"
+        if not config.is_file():
+            return False
+        try:
+            data = json.loads(config.read_text())
+        except (OSError, ValueError):
+            return False
+        return isinstance(data, dict) and "architecture" in data and "model_type" not in data
+
+    @classmethod
+    def load(cls, directory: Path, *, allow_pickle: bool = False) -> nn.Module:
+        timm = _timm()
+        directory = Path(directory)
+        if not cls.can_load(directory):
+            raise SaveError(f"{str(directory)!r} has no timm config.json (with an 'architecture' key).")
+        if not (directory / "model.safetensors").is_file():
+            if (directory / "pytorch_model.bin").is_file() and not allow_pickle:
+                raise SaveError(
+                    f"{str(directory / 'pytorch_model.bin')!r} is a pickle checkpoint; only safetensors are loaded by "
+                    "default. Pass allow_pickle=True if you trust its source."
+                )
+            if not (directory / "pytorch_model.bin").is_file():
+                raise SaveError(f"No model.safetensors in {str(directory)!r}.")
+        try:
+            model = timm.create_model(f"local-dir:{directory}", pretrained=True)
+        except (RuntimeError, OSError, ValueError, KeyError) as error:
+            raise SaveError(f"timm could not load {str(directory)!r}: {str(error).splitlines()[0]}") from error
+        return model.eval()
+
+    @classmethod
+    def load_reference(cls, reference: str) -> nn.Module | None:
+        """``"hf-hub:<repo id>"`` (downloaded, failing fast offline) or ``"local-dir:<folder>"``."""
+        if reference.startswith("hf-hub:"):
+            from ..api import _download
+
+            repo_id = reference[len("hf-hub:") :].split("@")[0]
+            return cls.load(_download(repo_id))
+        if reference.startswith("local-dir:"):
+            folder = Path(reference[len("local-dir:") :]).expanduser()
+            if not folder.is_dir():
+                raise SaveError(f"{reference!r}: {str(folder)!r} is not a folder. Check the path.")
+            return cls.load(folder)
+        return None
+
+
+def _replace(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, child, module)
+
+
+def _in_chans(model: nn.Module, family: str) -> int:
+    if family == "vit":
+        return model.patch_embed.proj.in_channels
+    if family == "convnext":
+        return model.stem[0].in_channels
+    conv = model.conv1 if isinstance(model.conv1, nn.Conv2d) else next(iter(model.conv1))
+    return conv.in_channels
+
+
+def _layout(model: nn.Module, family: str) -> dict[str, Any]:
+    """What must agree between parents of one family (beyond depths and widths)."""
+    if family == "resnet":
+        stages = _resnet_stages(model)
+        return {
+            "number of stages": len(stages),
+            "block type": sorted({type(b).__name__ for st in stages for b in getattr(model, st)}),
+            "stem": "deep" if not isinstance(model.conv1, nn.Conv2d) else "single conv",
+            "downsample in layer1.0": getattr(model, stages[0])[0].downsample is not None,
+            "stem pooling": type(model.maxpool).__name__,
+            "global pooling": getattr(model.global_pool, "pool_type", None),
+        }
+    if family == "vit":
+        attn = model.blocks[0].attn if len(model.blocks) else None
+        return {
+            "number of heads": None if attn is None else attn.num_heads,
+            "head size": None if attn is None else attn.head_dim,
+            "patch embedding": (tuple(model.patch_embed.patch_size), tuple(model.patch_embed.img_size or ())),
+            "prefix tokens": model.num_prefix_tokens,
+            "position embedding": None if model.pos_embed is None else tuple(model.pos_embed.shape[:2]),
+            "global pooling": model.global_pool,
+            "layer scale": sorted({type(b.ls1).__name__ for b in model.blocks}),
+            "distillation head": getattr(model, "head_dist", None) is not None,
+        }
+    return {
+        "number of stages": len(model.stages),
+        "MLP layout (conv_mlp)": sorted({b.use_conv_mlp for st in model.stages for b in st.blocks}),
+        "layer scale": sorted({b.gamma is not None for st in model.stages for b in st.blocks}),
+        "head norm position": (type(model.norm_pre).__name__, type(model.head.norm).__name__),
+    }
+
+
+def _raw_images(data: Any, column: str | None) -> list | None:
+    """A list of raw images (PIL) from a PIL image, a list of them, or a datasets split with an image column."""
+    try:
+        from PIL import Image
+    except ImportError:  # pragma: no cover
+        return None
+    if isinstance(data, Image.Image):
+        return [data]
+    if isinstance(data, (list, tuple)) and data and all(isinstance(x, Image.Image) for x in data):
+        return list(data)
+    if type(data).__module__.startswith("datasets.") and hasattr(data, "column_names"):
+        features = getattr(data, "features", {}) or {}
+        if column is None:
+            image_columns = [c for c, f in features.items() if type(f).__name__ == "Image"]
+            if not image_columns:
+                return None
+            column = image_columns[0]
+        elif column not in data.column_names:
+            raise CalibrationDataError(f"Column {column!r} not in the dataset; it has {data.column_names}.")
+        elif type(features.get(column)).__name__ != "Image":
+            return None
+        return list(data.with_format(None)[column])
+    return None
+
+
+__all__ = ["TimmAdapter"]

@@ -1,0 +1,388 @@
+"""The timm adapter: ResNet (BasicBlock, Bottleneck), ViT/DeiT and ConvNeXt on tiny models built in code.
+
+Invariants (DESIGN.md): identity-block insertion is exact, fusing with a permuted copy returns the model, the
+fused model round-trips through timm's own format, deep/shallow pairs fuse to the anchor's depth, and the
+cross-layer alignment is no worse than any random admissible alignment.
+"""
+
+import copy
+import time
+
+import pytest
+import torch
+
+
+timm = pytest.importorskip("timm")
+
+from hf_clafusion import FusionConfig, fuse, fuse_pretrained  # noqa: E402
+from hf_clafusion.adapters import get_adapter  # noqa: E402
+from hf_clafusion.core import alignment_cost, apply_plan, random_alignment  # noqa: E402
+from hf_clafusion.errors import (  # noqa: E402
+    AlignmentError,
+    CalibrationDataError,
+    ClaFusionError,
+    ClaFusionWarning,
+    IncompatibleModelsError,
+    SaveError,
+    UnsupportedArchitectureError,
+)
+from hf_clafusion.hub import load_pretrained  # noqa: E402
+
+from ._models import max_rel_error, randomize_bn  # noqa: E402
+
+
+EXACT = FusionConfig(reset_bn_stats=False, progress=False, num_samples=64, batch_size=32)
+SIZE = 32
+
+
+# --------------------------------------------------------------------------------------------- tiny models
+
+
+def resnet(layers, *, bottleneck=False, channels=(8, 16, 16, 16), seed=0, num_classes=5, **kwargs):
+    torch.manual_seed(seed)
+    name = "resnet50" if bottleneck else "resnet18"
+    model = timm.create_model(
+        name, pretrained=False, num_classes=num_classes, layers=layers, channels=channels, in_chans=1, **kwargs
+    )
+    randomize_bn(model, seed)
+    return model.eval()
+
+
+def vit(depth, *, seed=0, num_heads=4, embed_dim=32, num_classes=5, **kwargs):
+    torch.manual_seed(seed)
+    model = timm.create_model(
+        "vit_tiny_patch16_224",
+        pretrained=False,
+        num_classes=num_classes,
+        img_size=SIZE,
+        patch_size=8,
+        embed_dim=embed_dim,
+        depth=depth,
+        num_heads=num_heads,
+        in_chans=1,
+        **kwargs,
+    )
+    _sharpen(model, seed)
+    return model.eval()
+
+
+def convnext(depths, *, seed=0, dims=(8, 8, 16, 16), conv_mlp=True, num_classes=5, **kwargs):
+    torch.manual_seed(seed)
+    model = timm.create_model(
+        "convnext_atto",
+        pretrained=False,
+        num_classes=num_classes,
+        depths=depths,
+        dims=dims,
+        conv_mlp=conv_mlp,
+        in_chans=1,
+        **kwargs,
+    )
+    _sharpen(model, seed)
+    return model.eval()
+
+
+def _sharpen(model, seed):
+    """Random-init timm models have near-zero residual branches (small init, layer scale 1e-6): make them matter."""
+    g = torch.Generator().manual_seed(seed + 7)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("gamma"):
+                p.copy_(0.5 + torch.rand(p.shape, generator=g))
+            elif p.ndim >= 2:
+                p.mul_(3.0)
+            else:
+                p.add_(0.1 * torch.randn(p.shape, generator=g))
+
+
+def images(n=48, seed=0):
+    return torch.rand(n, 1, SIZE, SIZE, generator=torch.Generator().manual_seed(seed))
+
+
+FAMILIES = {
+    "resnet-basic": (lambda d, **kw: resnet([d, 1, 1, 1], **kw), 0),
+    "resnet-bottleneck": (lambda d, **kw: resnet([d, 1, 1, 1], bottleneck=True, channels=(4, 8, 8, 8), **kw), 0),
+    "vit": (lambda d, **kw: vit(d, **kw), 0),
+    "vit-layerscale": (lambda d, **kw: vit(d, init_values=0.5, **kw), 0),
+    "convnext": (lambda d, **kw: convnext((d, 1, 1, 1), **kw), 0),
+    "convnext-linear-mlp": (lambda d, **kw: convnext((d, 1, 1, 1), conv_mlp=False, **kw), 0),
+}
+
+
+def build(family, depth, **kwargs):
+    return FAMILIES[family][0](depth, **kwargs)
+
+
+# --------------------------------------------------------------------------------------------- helpers
+
+
+def _permutation(perm):
+    n = perm.numel()
+    matrix = torch.zeros(n, n, dtype=torch.float64)
+    matrix[perm, torch.arange(n)] = 1.0
+    return matrix
+
+
+def permuted_copy(model, seed=0):
+    """Every alignment group permuted at random; attention groups by whole heads and inside each head."""
+    adapter = get_adapter(model)
+    prepared = adapter.prepare(model)
+    state = {k: v.clone() for k, v in prepared.state_dict().items()}
+    g = torch.Generator().manual_seed(seed)
+    for group in adapter.spec(prepared).groups:
+        if group.heads > 1:
+            dim = group.width // group.heads
+            heads = torch.randperm(group.heads, generator=g)
+            perm = torch.cat([heads[h] * dim + torch.randperm(dim, generator=g) for h in range(group.heads)])
+        else:
+            perm = torch.randperm(group.width, generator=g)
+        matrix = _permutation(perm)
+        for axis in group.axes:
+            state[axis.param] = apply_plan(state[axis.param], axis.axis, matrix, inner=axis.inner, outer=axis.outer)
+    out = copy.deepcopy(prepared)
+    out.load_state_dict(state)
+    return out.eval()
+
+
+def depth(model):
+    return get_adapter(model).spec(model).segment_depths
+
+
+# --------------------------------------------------------------------------------------------- invariants
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_identity_blocks_leave_outputs_unchanged(family):
+    shallow, deep = build(family, 2, seed=1), build(family, 4, seed=2)
+    adapter = get_adapter(shallow)
+    balanced = adapter.insert_identity(
+        adapter.prepare(shallow), [[0, None, 1, None], [0], [0], [0]][: len(depth(shallow))], adapter.prepare(deep)
+    )
+    assert depth(balanced)[0] == 4
+    x = images()
+    with torch.no_grad():
+        assert max_rel_error(balanced(x), shallow(x)) < 1e-6
+    assert adapter.identity_errors == {}
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_fusing_with_a_permuted_copy_returns_the_model(family):
+    model = build(family, 3, seed=3)
+    other = permuted_copy(model, seed=4)
+    x = images(64)
+    with torch.no_grad():
+        assert max_rel_error(other(x), model(x)) < 1e-5  # the permutation preserves the function...
+    moved = sum(not torch.equal(a, b) for a, b in zip(model.state_dict().values(), other.state_dict().values()))
+    assert moved > 0  # ...and really moved the weights
+    result = fuse([model, other], x, EXACT)
+    with torch.no_grad():
+        assert max_rel_error(result.model(x), model(x)) < 1e-4
+
+
+def test_head_permutation_must_keep_heads_whole():
+    """The attention spec matters: moving single dimensions across heads changes the function."""
+    model = vit(2, seed=5)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    perm = _permutation(torch.randperm(32, generator=torch.Generator().manual_seed(0)))
+    for key, axis, outer in (("blocks.0.attn.qkv.weight", 0, 3), ("blocks.0.attn.qkv.bias", 0, 3)):
+        state[key] = apply_plan(state[key], axis, perm, outer=outer)
+    state["blocks.0.attn.proj.weight"] = apply_plan(state["blocks.0.attn.proj.weight"], 1, perm)
+    broken = copy.deepcopy(model)
+    broken.load_state_dict(state)
+    x = images()
+    with torch.no_grad():
+        assert max_rel_error(broken(x), model(x)) > 1e-3
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_deep_shallow_pair_fuses_to_the_anchor_depth_and_round_trips(family, tmp_path):
+    deep, shallow = build(family, 3, seed=1), build(family, 2, seed=2)
+    result = fuse([deep, shallow], images(64), progress=False, num_samples=64)
+    assert depth(result.model) == depth(deep)
+    assert type(result.model) is type(deep)
+    saved = result.save_pretrained(tmp_path / "fused")
+    x = images(8, seed=9)
+    reloaded = timm.create_model(f"local-dir:{saved}", pretrained=True).eval()
+    ours = load_pretrained(saved)
+    with torch.no_grad():
+        expected = result.model(x)
+        assert torch.allclose(reloaded(x), expected, atol=1e-6)
+        assert torch.allclose(ours(x), expected, atol=1e-6)
+    assert depth(reloaded) == depth(deep)
+
+
+def test_compression_anchor_on_the_narrow_model_keeps_teacher_depth_and_student_widths():
+    teacher = resnet([3, 2, 1, 1], channels=(16, 16, 32, 32), seed=1)
+    student = resnet([2, 1, 1, 1], channels=(8, 8, 16, 16), seed=2)
+    result = fuse([teacher, student], images(64), progress=False, anchor="shallowest", num_samples=64)
+    assert depth(result.model) == (3, 2, 1, 1)
+    assert result.model.layer1[0].conv2.out_channels == 8
+    assert result.model.fc.in_features == 16
+    with torch.no_grad():
+        assert torch.isfinite(result.model(images(4))).all()
+
+
+def test_cross_layer_alignment_is_no_worse_than_random_admissible_alignments():
+    deep, shallow = vit(7, seed=1), vit(5, seed=2)
+    result = fuse([deep, shallow], images(64), progress=False, num_samples=64)
+    cost = result.layer_costs[0]
+    chosen = result.pairs[0].local(0)
+    m, n = cost.shape
+    assert (m, n) == (7, 5) and n - 2 >= 3  # three free shallow blocks
+    best = alignment_cost(cost, chosen)
+    for seed in range(50):
+        assert best <= alignment_cost(cost, random_alignment(m, n, seed=seed)) + 1e-9
+
+
+def test_bn_statistics_are_recomputed_after_fusion():
+    deep, shallow = resnet([3, 1, 1, 1], seed=1), resnet([2, 1, 1, 1], seed=2)
+    result = fuse([deep, shallow], images(64), progress=False, num_samples=64)
+    assert result.bn_reset
+    assert not torch.equal(result.model.layer1[0].bn1.running_var, deep.layer1[0].bn1.running_var)
+
+
+# --------------------------------------------------------------------------------------------- loading
+
+
+def test_fuse_pretrained_accepts_local_dir_names_folders_and_objects(tmp_path):
+    from timm.models import save_for_hf
+
+    deep, shallow = resnet([3, 1, 1, 1], seed=1), resnet([2, 1, 1, 1], seed=2)
+    save_for_hf(deep, str(tmp_path / "deep"), safe_serialization=True)
+    save_for_hf(shallow, str(tmp_path / "shallow"), safe_serialization=True)
+    for parents in (
+        [f"local-dir:{tmp_path / 'deep'}", f"local-dir:{tmp_path / 'shallow'}"],
+        [str(tmp_path / "deep"), shallow],
+    ):
+        result = fuse_pretrained(parents, images(64), progress=False, num_samples=64)
+        assert depth(result.model) == (3, 1, 1, 1)
+    assert result.parents[0]["name_or_path"] == str(tmp_path / "deep")
+
+
+def test_hub_ids_fail_fast_offline(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    start = time.perf_counter()
+    with pytest.raises(ClaFusionError, match="local folder"):
+        fuse_pretrained(["hf-hub:timm/resnet18.a1_in1k", resnet([1, 1, 1, 1])], images(), progress=False)
+    assert time.perf_counter() - start < 10
+
+
+def test_pickle_only_folders_are_refused(tmp_path):
+    from timm.models import save_for_hf
+
+    save_for_hf(resnet([1, 1, 1, 1]), str(tmp_path / "m"), safe_serialization=False)
+    with pytest.raises(SaveError, match="allow_pickle"):
+        load_pretrained(tmp_path / "m")
+    assert isinstance(load_pretrained(tmp_path / "m", allow_pickle=True), torch.nn.Module)
+
+
+def test_bare_constructor_models_fuse_but_cannot_be_saved_in_timm_format(tmp_path):
+    from timm.models.resnet import BasicBlock, ResNet
+
+    torch.manual_seed(0)
+    deep = ResNet(BasicBlock, [3, 1, 1, 1], num_classes=5, in_chans=1, channels=(8, 8, 8, 8)).eval()
+    shallow = ResNet(BasicBlock, [2, 1, 1, 1], num_classes=5, in_chans=1, channels=(8, 8, 8, 8)).eval()
+    result = fuse([deep, shallow], images(64), progress=False, num_samples=64)
+    with pytest.raises(SaveError, match="timm.create_model"):
+        result.save_pretrained(tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+# --------------------------------------------------------------------------------------------- raw images
+
+
+def _pil_images(n=24, mode="L"):
+    from PIL import Image
+
+    g = torch.Generator().manual_seed(0)
+    return [
+        Image.fromarray((torch.rand(20, 20, generator=g) * 255).to(torch.uint8).numpy(), mode="L").convert(mode)
+        for _ in range(n)
+    ]
+
+
+def _with_data_config(model, **cfg):
+    model.pretrained_cfg = {**model.pretrained_cfg, "input_size": (1, SIZE, SIZE), "crop_pct": 1.0, **cfg}
+    return model
+
+
+def test_raw_pil_images_are_preprocessed_with_the_parents_data_config():
+    deep = _with_data_config(resnet([2, 1, 1, 1], seed=1), mean=(0.5,), std=(0.25,))
+    shallow = _with_data_config(resnet([1, 1, 1, 1], seed=2), mean=(0.5,), std=(0.25,))
+    result = fuse([deep, shallow], _pil_images(), progress=False, num_samples=16)
+    assert result.calibration["num_samples"] == 16
+    assert depth(result.model) == (2, 1, 1, 1)
+
+
+def test_raw_images_from_a_datasets_split():
+    datasets = pytest.importorskip("datasets")
+    deep = _with_data_config(vit(3, seed=1), mean=(0.5,), std=(0.5,))
+    shallow = _with_data_config(vit(2, seed=2), mean=(0.5,), std=(0.5,))
+    split = datasets.Dataset.from_dict({"image": _pil_images(12), "label": [0] * 12}).cast_column(
+        "image", datasets.Image()
+    )
+    result = fuse([deep, shallow], split, progress=False)
+    assert depth(result.model) == (3,)
+
+
+def test_parents_with_different_preprocessing_are_refused_for_raw_images():
+    deep = _with_data_config(resnet([2, 1, 1, 1], seed=1), mean=(0.5,), std=(0.25,))
+    shallow = _with_data_config(resnet([1, 1, 1, 1], seed=2), mean=(0.1,), std=(0.25,))
+    with pytest.raises(CalibrationDataError, match="mean"):
+        fuse([deep, shallow], _pil_images(), progress=False)
+    fuse([deep, shallow], images(), progress=False)  # tensors are accepted
+
+
+# --------------------------------------------------------------------------------------------- refusals
+
+
+def test_different_families_are_refused():
+    with pytest.raises(IncompatibleModelsError, match="different timm families"):
+        fuse([resnet([1, 1, 1, 1]), vit(2)], images(), progress=False)
+
+
+def test_different_numbers_of_classes_are_refused():
+    with pytest.raises(IncompatibleModelsError, match="output sizes"):
+        fuse([vit(3), vit(2, num_classes=7)], images(), progress=False)
+
+
+def test_different_head_layouts_are_refused():
+    with pytest.raises(IncompatibleModelsError, match="number of heads"):
+        fuse([vit(3), vit(2, num_heads=2)], images(), progress=False)
+
+
+def test_basic_and_bottleneck_resnets_are_refused():
+    a = resnet([1, 1, 1, 1])
+    b = resnet([1, 1, 1, 1], bottleneck=True, channels=(2, 4, 4, 4))
+    with pytest.raises(IncompatibleModelsError, match="block type"):
+        fuse([a, b], images(), progress=False)
+
+
+@pytest.mark.parametrize(
+    "make, what",
+    [
+        (lambda: resnet([1, 1, 1, 1], block_args={"attn_layer": "se"}), "squeeze-excitation"),
+        (lambda: resnet([1, 1, 1, 1], bottleneck=True, channels=(4, 8, 8, 8), cardinality=2), "Grouped"),
+        (lambda: vit(2, qk_norm=True), "qk-norm"),
+        (lambda: timm.create_model("vgg11", pretrained=False, num_classes=5), "VGG"),
+    ],
+)
+def test_unknown_layers_are_refused_with_the_reason(make, what):
+    model = make()
+    with pytest.raises(UnsupportedArchitectureError, match=what):
+        get_adapter(model).prepare(model)
+
+
+def test_identity_at_a_stage_start_is_refused():
+    shallow, deep = resnet([1, 1, 1, 1], seed=1), resnet([2, 1, 1, 1], seed=2)
+    adapter = get_adapter(shallow)
+    with pytest.raises(AlignmentError, match="first_fixed"):
+        adapter.insert_identity(adapter.prepare(shallow), [[None, 0], [0], [0], [0]], adapter.prepare(deep))
+
+
+def test_merge_balancing_drops_unmatched_blocks_experimentally():
+    deep, shallow = vit(4, seed=1), vit(2, seed=2)
+    with pytest.warns(ClaFusionWarning, match="experimental"):
+        result = fuse([deep, shallow], images(64), progress=False, balancing="merge", num_samples=64)
+    assert depth(result.model) == (2,)
+    assert result.model._model_args["depth"] == 2
