@@ -6,6 +6,8 @@ Nothing here knows about ``nn.Module``s, timm or transformers; shapes are docume
 from .averaging import apply_plan, weighted_average
 from .depth import (
     absorb_signed_input,
+    fit_layernorm_identity,
+    fit_post_ln_identity,
     identity_batchnorm,
     identity_weight,
     merge_linear,
@@ -46,6 +48,8 @@ __all__ = [
     "channels_as_features",
     "cka_cost_matrix",
     "expand_head_plan",
+    "fit_layernorm_identity",
+    "fit_post_ln_identity",
     "head_plan",
     "identity_batchnorm",
     "identity_weight",

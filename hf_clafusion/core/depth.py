@@ -143,3 +143,89 @@ __all__ = [
     "relu_diagonal",
     "signed_identity_weight",
 ]
+
+
+def fit_layernorm_identity(
+    inputs: torch.Tensor, target: torch.Tensor | None = None, *, eps: float = 1e-12
+) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """LayerNorm parameters that make ``LayerNorm(inputs)`` as close as possible to ``target`` (least squares).
+
+    A post-LN transformer block (BERT) has no exact identity: with its output projections zeroed it computes
+    ``LN2(LN1(x))``, and a layer norm re-normalises every token. The best per-feature fit is
+    ``gamma_i = Cov(t_i, u_i) / Var(u_i)``, ``beta_i = E t_i - gamma_i E u_i`` with ``u`` the normalised
+    inputs (fusion_math.md §5.6).
+
+    Args:
+        inputs (`Tensor` of shape `(samples, d)`): what the layer norm reads (tokens as samples).
+        target (`Tensor` of shape `(samples, d)`, *optional*): what it should output; ``inputs`` when omitted.
+        eps (`float`): the layer norm's epsilon.
+
+    Returns:
+        ``(gamma, beta, error)``: float64 tensors of shape `(d,)` and the relative error
+        ``||LN(inputs) - target|| / ||target - mean(target)||`` on these samples.
+    """
+    x = inputs.double()
+    t = x if target is None else target.double()
+    if x.ndim != 2 or t.shape != x.shape:
+        raise ValueError(f"Expected two (samples, d) tensors of one shape, got {tuple(x.shape)} and {tuple(t.shape)}.")
+    u = (x - x.mean(-1, keepdim=True)) / (x.var(-1, unbiased=False, keepdim=True) + eps).sqrt()
+    u_mean, t_mean = u.mean(0), t.mean(0)
+    uc, tc = u - u_mean, t - t_mean
+    var_u = (uc * uc).mean(0)
+    gamma = torch.where(var_u > 1e-12, (uc * tc).mean(0) / var_u.clamp_min(1e-12), torch.zeros_like(var_u))
+    beta = t_mean - gamma * u_mean
+    error = float((u * gamma + beta - t).norm() / tc.norm().clamp_min(1e-300))
+    return gamma, beta, error
+
+
+def fit_post_ln_identity(
+    inputs: torch.Tensor, *, eps: tuple[float, float] = (1e-12, 1e-12), steps: int = 50
+) -> tuple[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], float]:
+    """Parameters of two stacked layer norms so that ``LN2(LN1(x)) ≈ x``: a post-LN block's approximate identity.
+
+    With its output projections zeroed, a post-LN block (BERT) computes ``LN2(LN1(x))``. Each norm is first fitted
+    by least squares (:func:`fit_layernorm_identity`: LN1 on ``x``, LN2 on ``LN1(x)``, both with target ``x``),
+    then the four vectors are refined jointly (``steps`` L-BFGS iterations on the squared error), which typically
+    halves the error again because the second norm can undo part of the first one's per-token rescaling.
+
+    Args:
+        inputs (`Tensor` of shape `(samples, d)`): the stream entering the block (tokens as samples).
+        eps (`tuple[float, float]`): the two norms' epsilons.
+        steps (`int`): L-BFGS iterations of the joint refinement (0: least squares only).
+
+    Returns:
+        ``((gamma1, beta1, gamma2, beta2), error)``: float64 tensors of shape `(d,)` and the relative error
+        ``||LN2(LN1(x)) - x|| / ||x - mean(x)||`` on these samples.
+    """
+    import torch.nn.functional as F
+
+    x = inputs.double()
+    d = x.shape[-1]
+    gamma1, beta1, _ = fit_layernorm_identity(x, x, eps=eps[0])
+    h = F.layer_norm(x, (d,), gamma1, beta1, eps[0])
+    gamma2, beta2, _ = fit_layernorm_identity(h, x, eps=eps[1])
+    params = [gamma1, beta1, gamma2, beta2]
+    spread = ((x - x.mean(0)) ** 2).sum()
+
+    def forward(p: list[torch.Tensor], data: torch.Tensor) -> torch.Tensor:
+        return F.layer_norm(F.layer_norm(data, (d,), p[0], p[1], eps[0]), (d,), p[2], p[3], eps[1])
+
+    if steps > 0:
+        with torch.enable_grad():
+            xs = x.float()
+            work = [p.float().clone().requires_grad_(True) for p in params]
+            optimizer = torch.optim.LBFGS(work, max_iter=steps, line_search_fn="strong_wolfe")
+            scale = float(spread)
+
+            def closure():
+                optimizer.zero_grad()
+                loss = ((forward(work, xs) - xs) ** 2).sum() / scale
+                loss.backward()
+                return loss
+
+            optimizer.step(closure)
+        refined = [p.detach().double() for p in work]
+        if ((forward(refined, x) - x) ** 2).sum() < ((forward(params, x) - x) ** 2).sum():
+            params = refined
+    error = float(((forward(params, x) - x) ** 2).sum().sqrt() / spread.sqrt().clamp_min(1e-300))
+    return (params[0], params[1], params[2], params[3]), error
