@@ -21,6 +21,15 @@ from hf_clafusion.hub import load_pretrained  # noqa: E402
 from ._models import max_rel_error  # noqa: E402
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny models run fastest on one thread (the CI machine's cores are shared)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 EXACT = FusionConfig(progress=False, reset_bn_stats=False, num_samples=16, batch_size=8)
 VOCAB = 96
 
@@ -265,7 +274,6 @@ def test_post_ln_identity_is_fitted_and_its_error_reported(family):
             ln = layers[p].get_submodule(n)
             torch.nn.init.ones_(ln.weight)
             torch.nn.init.zeros_(ln.bias)
-
 
     @torch.no_grad()
     def block_error(model) -> float:
