@@ -25,6 +25,7 @@ import yaml
 from accelerate import PartialState
 from datasets import ClassLabel, Dataset, load_dataset, load_from_disk
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
+from transformers.utils import logging as transformers_logging
 
 from hf_clafusion import FinetuneConfig, FusionConfig, evaluate, finetune, fuse
 
@@ -109,7 +110,13 @@ def training_function(config: dict, args: argparse.Namespace) -> list[dict]:
 
     def parent(layers: int | None):
         overrides = {} if layers is None else {"num_hidden_layers": layers}
-        return AutoModelForSequenceClassification.from_pretrained(checkpoint, num_labels=num_labels, **overrides)
+        # the shallow parent drops the checkpoint's upper layers and both get a new classifier: expected, not news
+        verbosity = transformers_logging.get_verbosity()
+        transformers_logging.set_verbosity_error()
+        try:
+            return AutoModelForSequenceClassification.from_pretrained(checkpoint, num_labels=num_labels, **overrides)
+        finally:
+            transformers_logging.set_verbosity(verbosity)
 
     parent_cfg = FinetuneConfig.from_dict(
         {"progress": False, "seed": config.get("seed", 0), **config["parent_training"]}
