@@ -38,9 +38,9 @@ SIZE = 32
 # --------------------------------------------------------------------------------------------- tiny models
 
 
-def resnet(layers, *, bottleneck=False, channels=(8, 16, 16, 16), seed=0, num_classes=5, **kwargs):
+def resnet(layers, *, bottleneck=False, channels=(8, 16, 16, 16), seed=0, num_classes=5, arch=None, **kwargs):
     torch.manual_seed(seed)
-    name = "resnet50" if bottleneck else "resnet18"
+    name = arch or ("resnet50" if bottleneck else "resnet18")
     model = timm.create_model(
         name, pretrained=False, num_classes=num_classes, layers=layers, channels=channels, in_chans=1, **kwargs
     )
@@ -48,10 +48,10 @@ def resnet(layers, *, bottleneck=False, channels=(8, 16, 16, 16), seed=0, num_cl
     return model.eval()
 
 
-def vit(depth, *, seed=0, num_heads=4, embed_dim=32, num_classes=5, **kwargs):
+def vit(depth, *, seed=0, num_heads=4, embed_dim=32, num_classes=5, arch="vit_tiny_patch16_224", **kwargs):
     torch.manual_seed(seed)
     model = timm.create_model(
-        "vit_tiny_patch16_224",
+        arch,
         pretrained=False,
         num_classes=num_classes,
         img_size=SIZE,
@@ -100,17 +100,20 @@ def images(n=48, seed=0):
 
 
 FAMILIES = {
-    "resnet-basic": (lambda d, **kw: resnet([d, 1, 1, 1], **kw), 0),
-    "resnet-bottleneck": (lambda d, **kw: resnet([d, 1, 1, 1], bottleneck=True, channels=(4, 8, 8, 8), **kw), 0),
-    "vit": (lambda d, **kw: vit(d, **kw), 0),
-    "vit-layerscale": (lambda d, **kw: vit(d, init_values=0.5, **kw), 0),
-    "convnext": (lambda d, **kw: convnext((d, 1, 1, 1), **kw), 0),
-    "convnext-linear-mlp": (lambda d, **kw: convnext((d, 1, 1, 1), conv_mlp=False, **kw), 0),
+    "resnet-basic": lambda d, **kw: resnet([d, 1, 1, 1], **kw),
+    "resnet-bottleneck": lambda d, **kw: resnet([d, 1, 1, 1], bottleneck=True, channels=(4, 8, 8, 8), **kw),
+    # deep stem, average-pool downsample, and a stem that joins stage 1's residual group (no layer1.0 downsample)
+    "resnet-d": lambda d, **kw: resnet([d, 1, 1, 1], arch="resnet18d", stem_width=4, **kw),
+    "vit": lambda d, **kw: vit(d, **kw),
+    "vit-layerscale": lambda d, **kw: vit(d, init_values=0.5, **kw),
+    "deit-distilled": lambda d, **kw: vit(d, arch="deit_tiny_distilled_patch16_224", **kw),
+    "convnext": lambda d, **kw: convnext((d, 1, 1, 1), **kw),
+    "convnext-linear-mlp": lambda d, **kw: convnext((d, 1, 1, 1), conv_mlp=False, **kw),
 }
 
 
 def build(family, depth, **kwargs):
-    return FAMILIES[family][0](depth, **kwargs)
+    return FAMILIES[family](depth, **kwargs)
 
 
 # --------------------------------------------------------------------------------------------- helpers
@@ -358,9 +361,10 @@ def test_basic_and_bottleneck_resnets_are_refused():
         fuse([a, b], images(), progress=False)
 
 
-def _on_meta(make):
-    with torch.device("meta"):  # a stock VGG has 133M parameters; the refusal needs none of them
-        return make()
+def _custom_vgg():
+    from timm.models.vgg import VGG
+
+    return VGG([8, "M", 16, 16, "M"], num_classes=5, in_chans=1)
 
 
 @pytest.mark.parametrize(
@@ -369,7 +373,7 @@ def _on_meta(make):
         (lambda: resnet([1, 1, 1, 1], block_args={"attn_layer": "se"}), "squeeze-excitation"),
         (lambda: resnet([1, 1, 1, 1], bottleneck=True, channels=(4, 8, 8, 8), cardinality=2), "Grouped"),
         (lambda: vit(2, qk_norm=True), "qk-norm"),
-        (lambda: _on_meta(lambda: timm.create_model("vgg11", pretrained=False, num_classes=5)), "VGG"),
+        (lambda: _custom_vgg(), "stock timm VGGs"),
     ],
 )
 def test_unknown_layers_are_refused_with_the_reason(make, what):
@@ -391,3 +395,36 @@ def test_merge_balancing_drops_unmatched_blocks_experimentally():
         result = fuse([deep, shallow], images(64), progress=False, balancing="merge", num_samples=64)
     assert depth(result.model) == (2,)
     assert result.model._model_args["depth"] == 2
+
+
+# --------------------------------------------------------------------------------------------- stock VGGs (slow)
+
+
+def _stock_vgg(name, seed):
+    torch.manual_seed(seed)
+    model = timm.create_model(name, pretrained=False, num_classes=5, in_chans=1)
+    randomize_bn(model, seed)
+    return model.eval()
+
+
+@pytest.mark.slow
+def test_vgg_identity_convolutions_leave_outputs_unchanged():
+    shallow, deep = _stock_vgg("vgg11_bn", 0), _stock_vgg("vgg13_bn", 1)
+    adapter = get_adapter(shallow)
+    balanced = adapter.insert_identity(shallow, [[0, None], [0, None], [0, 1], [0, 1], [0, 1]], deep)
+    assert balanced.pretrained_cfg["architecture"] == "vgg13_bn"
+    x = images(4)
+    with torch.no_grad():
+        assert max_rel_error(balanced(x), shallow(x)) < 1e-6
+
+
+@pytest.mark.slow
+def test_vgg_deep_shallow_pair_fuses_and_round_trips(tmp_path):
+    deep, shallow = _stock_vgg("vgg13", 0), _stock_vgg("vgg11", 1)
+    result = fuse([deep, shallow], images(16), progress=False, num_samples=16, solver="sinkhorn")
+    assert depth(result.model) == (2, 2, 2, 2, 2)
+    saved = result.save_pretrained(tmp_path / "fused")
+    reloaded = timm.create_model(f"local-dir:{saved}", pretrained=True).eval()
+    x = images(2, seed=3)
+    with torch.no_grad():
+        assert torch.allclose(reloaded(x), result.model(x), atol=1e-5)

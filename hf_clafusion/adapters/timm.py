@@ -45,7 +45,12 @@ from ..spec import AxisRef, Group, LayerSpec, NetworkSpec, SegmentSpec
 from .base import Adapter, register_adapter
 
 
-SUPPORTED = ("ResNet (BasicBlock, Bottleneck)", "VisionTransformer (ViT, DeiT)", "ConvNeXt")
+SUPPORTED = (
+    "ResNet (BasicBlock, Bottleneck)",
+    "VisionTransformer (ViT, DeiT)",
+    "ConvNeXt",
+    "VGG (stock vgg11-19[_bn])",
+)
 #: Keys of timm's data config that must agree between parents for raw-image calibration.
 DATA_KEYS = ("input_size", "interpolation", "mean", "std", "crop_pct", "crop_mode")
 
@@ -71,14 +76,12 @@ def _family(model: nn.Module) -> str:
         return "vit"
     if isinstance(model, ConvNeXt):
         return "convnext"
-    hint = ""
-    if type(model).__name__ == "VGG":
-        hint = (
-            " timm VGGs are not supported by this adapter yet; rebuild the VGG as a plain nn.Sequential (the "
-            "torch.sequential adapter fuses VGG-style CNNs)."
-        )
+    from timm.models.vgg import VGG
+
+    if isinstance(model, VGG):
+        return "vgg"
     raise UnsupportedArchitectureError(
-        f"Unsupported timm model class {type(model).__name__!r}. The timm adapter fuses: {', '.join(SUPPORTED)}.{hint}",
+        f"Unsupported timm model class {type(model).__name__!r}. The timm adapter fuses: {', '.join(SUPPORTED)}.",
         layer_type=type(model).__name__,
         supported=SUPPORTED,
     )
@@ -420,6 +423,127 @@ def _zero_convnext_block(block: nn.Module) -> None:
                 block.mlp.fc2.bias.zero_()
 
 
+# --------------------------------------------------------------------------------------------- VGG
+
+
+def _vgg_chunks(model: nn.Module) -> list[list[tuple[int, int | None, int]]]:
+    """``features`` cut at its max-pools: per chunk, ``(conv, norm or None, activation)`` indices of each unit."""
+    layers = list(model.features)
+    chunks: list[list[tuple[int, int | None, int]]] = [[]]
+    i = 0
+    while i < len(layers):
+        layer = layers[i]
+        if isinstance(layer, nn.MaxPool2d):
+            chunks.append([])
+            i += 1
+            continue
+        if not isinstance(layer, nn.Conv2d):
+            raise _unsupported(f"layer {type(layer).__name__}", f"features.{i}")
+        _check_conv(f"features.{i}", layer)
+        norm = i + 1 if isinstance(layers[i + 1], nn.modules.batchnorm._BatchNorm) else None
+        act = (norm or i) + 1
+        if not isinstance(layers[act], nn.ReLU):
+            raise _unsupported(f"activation {type(layers[act]).__name__}", f"features.{act}", "VGGs need ReLU.")
+        chunks[-1].append((i, norm, act))
+        i = act + 1
+    return [c for c in chunks if c]
+
+
+def _vgg_name(model: nn.Module, depths: Sequence[int] | None = None) -> str:
+    """The stock timm name of a VGG with these chunk depths (``vgg13_bn``...); refuses custom configurations."""
+    from timm.models.vgg import cfgs
+
+    chunks = _vgg_chunks(model)
+    layers = list(model.features)
+    widths = [layers[chunk[0][0]].out_channels for chunk in chunks]
+    depths = list(depths) if depths is not None else [len(c) for c in chunks]
+    cfg = [item for w, d in zip(widths, depths) for item in [w] * d + ["M"]]
+    for name, stock in cfgs.items():
+        if stock == cfg:
+            return name + ("_bn" if chunks[0][0][1] is not None else "")
+    raise UnsupportedArchitectureError(
+        f"Unsupported VGG configuration {cfg}: the timm adapter fuses only the stock timm VGGs (vgg11/13/16/19, "
+        "with or without _bn), which timm can rebuild by name. Custom VGGs go through the plain-PyTorch adapter: "
+        "write them as an nn.Sequential.",
+        layer_type="VGG",
+        supported=SUPPORTED,
+    )
+
+
+def _vgg_spec(model: nn.Module) -> tuple[list[SegmentSpec], list[Group]]:
+    _vgg_name(model)
+    chunks = _vgg_chunks(model)
+    layers = list(model.features)
+    units = [u for chunk in chunks for u in chunk]
+    groups = []
+    for k, (conv, norm, act) in enumerate(units):
+        axes = _writer_axes(f"features.{conv}", layers[conv])
+        if norm is not None:
+            axes += _norm_axes(f"features.{norm}", layers[norm])
+        reader = f"features.{units[k + 1][0]}" if k + 1 < len(units) else "pre_logits.fc1"
+        axes.append(AxisRef(f"{reader}.weight", 1, "in"))
+        groups.append(Group(f"features.{conv}", layers[conv].out_channels, tuple(axes), capture=f"features.{act}"))
+    head = model.pre_logits
+    if not isinstance(getattr(model.head, "fc", None), nn.Linear):
+        raise _unsupported("VGG classifier head", "head.fc", "Expected a Linear classifier (no conv head).")
+    axes = _writer_axes("pre_logits.fc1", head.fc1) + [AxisRef("pre_logits.fc2.weight", 1, "in")]
+    groups.append(Group("pre_logits.fc1", head.fc1.out_channels, tuple(axes), capture="pre_logits.fc2:input"))
+    axes = _writer_axes("pre_logits.fc2", head.fc2) + [AxisRef("head.fc.weight", 1, "in")]
+    groups.append(Group("pre_logits.fc2", head.fc2.out_channels, tuple(axes), capture="head.fc:input"))
+    segments = [
+        SegmentSpec(
+            f"chunk.{s}",
+            tuple(LayerSpec(f"features.{c}", f"features.{a}", layers[c].out_channels) for c, _, a in chunk),
+            first_pinned=True,  # each chunk's first conv changes width (and chunk 0 reads the raw, signed image)
+        )
+        for s, chunk in enumerate(chunks)
+    ]
+    return segments, groups
+
+
+def _vgg_rebuild(model: nn.Module, layouts: Sequence[Sequence[int | None]]) -> nn.Module:
+    """A copy of a VGG whose chunk ``s`` holds ``layouts[s]`` (own unit indices, or None for an identity conv)."""
+    from ..core import identity_batchnorm, identity_weight
+
+    chunks = _vgg_chunks(model)
+    layers = list(model.features)
+    pools = [i for i, m in enumerate(layers) if isinstance(m, nn.MaxPool2d)]
+    new_layers: list[nn.Module] = []
+    for s, (chunk, layout) in enumerate(zip(chunks, layouts)):
+        if layout and layout[0] is None:
+            raise AlignmentError(
+                f"VGG chunk {s} would get an identity convolution at its first position, where the stock "
+                "configuration changes width. Keep first_fixed >= 1 (the default)."
+            )
+        width = layers[chunk[0][0]].out_channels
+        for choice in layout:
+            if choice is not None:
+                conv, norm, act = chunk[choice]
+                new_layers += [copy.deepcopy(layers[i]) for i in (conv, norm, act) if i is not None]
+                continue
+            conv = nn.Conv2d(width, width, 3, padding=1)
+            with torch.no_grad():
+                conv.weight.copy_(identity_weight(width, [3, 3]))
+                conv.bias.zero_()
+            new_layers.append(conv)
+            if chunk[0][1] is not None:
+                norm = copy.deepcopy(layers[chunk[0][1]])
+                norm.load_state_dict(identity_batchnorm(width, norm.eps))
+                new_layers.append(norm)
+            new_layers.append(nn.ReLU(inplace=True))
+        new_layers.append(copy.deepcopy(layers[pools[s]]))
+    new = copy.deepcopy(model)
+    new.features = nn.Sequential(*new_layers)
+    name = _vgg_name(new)
+    if isinstance(getattr(new, "pretrained_cfg", None), dict) and new.pretrained_cfg.get("architecture"):
+        new.pretrained_cfg = {**new.pretrained_cfg, "architecture": name}
+    ends = [i - 1 for i, m in enumerate(new_layers) if isinstance(m, nn.MaxPool2d)]
+    new.feature_ends = ends[:-1] + [len(new_layers) - 1]
+    for info, end in zip(new.feature_info, new.feature_ends):
+        info["module"] = f"features.{end}"
+    return new.eval()
+
+
 # --------------------------------------------------------------------------------------------- containers
 
 
@@ -487,6 +611,8 @@ class TimmAdapter(Adapter):
             segments, groups = _resnet_spec(model)
         elif family == "vit":
             segments, groups = _vit_spec(model)
+        elif family == "vgg":
+            segments, groups = _vgg_spec(model)
         else:
             segments, groups = _convnext_spec(model, self._channels_last)
             self._channels_first.update(g.width for g in groups if not g.name.endswith(".mlp"))
@@ -562,6 +688,8 @@ class TimmAdapter(Adapter):
     # -- depth balancing
     def insert_identity(self, model, layouts, template, *, batches=None):
         family = _family(model)
+        if family == "vgg":
+            return _vgg_rebuild(model, layouts)
         names = _containers(model, family)
         t_names = _containers(template, family)
         if len(layouts) != len(names):
@@ -603,6 +731,11 @@ class TimmAdapter(Adapter):
     def merge_layers(self, model, keep, preactivations, relu_approx):
         """Experimental depth reduction: drop the blocks that cross-layer alignment left unmatched (not exact)."""
         family = _family(model)
+        if family == "vgg":
+            raise UnsupportedArchitectureError(
+                "balancing='merge' is not supported for VGGs (timm rebuilds only the stock depths). Use "
+                "balancing='identity'."
+            )
         warnings.warn(
             "balancing='merge' on timm models drops the residual blocks left unmatched by the alignment. This is "
             "experimental: residual blocks have no exact merge, so the fused model needs finetuning.",
@@ -697,6 +830,8 @@ def _in_chans(model: nn.Module, family: str) -> int:
         return model.patch_embed.proj.in_channels
     if family == "convnext":
         return model.stem[0].in_channels
+    if family == "vgg":
+        return model.features[0].in_channels
     conv = model.conv1 if isinstance(model.conv1, nn.Conv2d) else next(iter(model.conv1))
     return conv.in_channels
 
@@ -712,6 +847,13 @@ def _layout(model: nn.Module, family: str) -> dict[str, Any]:
             "downsample in layer1.0": getattr(model, stages[0])[0].downsample is not None,
             "stem pooling": type(model.maxpool).__name__,
             "global pooling": getattr(model.global_pool, "pool_type", None),
+        }
+    if family == "vgg":
+        chunks = _vgg_chunks(model)
+        return {
+            "BatchNorm": chunks[0][0][1] is not None,
+            "chunk widths": [model.features[c[0][0]].out_channels for c in chunks],
+            "head width": model.pre_logits.fc1.out_channels,
         }
     if family == "vit":
         attn = model.blocks[0].attn if len(model.blocks) else None
