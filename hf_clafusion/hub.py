@@ -198,8 +198,10 @@ def save_fusion_result(
     datasets: list[str] | None = None,
     model_name: str | None = None,
     load_path: str | None = None,
+    processor: Any = None,
 ) -> Path:
-    """Implementation of :meth:`FusionResult.save_pretrained` (``load_path``: what the card tells users to load)."""
+    """Implementation of :meth:`FusionResult.save_pretrained` (``load_path``: what the card tells users to load;
+    ``processor``: a tokenizer / image processor saved beside the model with its own ``save_pretrained``)."""
     adapter = adapter_class(result.adapter)()
     card = build_model_card(
         result, license=license, datasets=datasets, model_name=model_name, load_path=load_path or str(save_directory)
@@ -207,6 +209,8 @@ def save_fusion_result(
 
     def write(tmp: Path) -> None:
         adapter.save(result.model, tmp)
+        if processor is not None:
+            processor.save_pretrained(tmp)
         (tmp / FUSION_CONFIG_FILE).write_text(json.dumps(fusion_record(result), indent=2) + "\n")
         result.plot_alignment(tmp / PLOT_FILE)
         card.save(tmp / "README.md")

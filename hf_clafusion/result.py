@@ -206,6 +206,7 @@ class FusionResult(_AlignmentMixin):
         license: str | None = None,  # noqa: A002
         datasets: list[str] | None = None,
         model_name: str | None = None,
+        processor: Any = None,
     ) -> Path:
         """Write the fused model, ``fusion_config.json``, the alignment plot and a ``README.md`` model card.
 
@@ -219,11 +220,19 @@ class FusionResult(_AlignmentMixin):
             license: the card's license (default: the parents' license when they all agree).
             datasets: data set ids for the card's metadata.
             model_name: the card's title and ``model-index`` name.
+            processor: the anchor's tokenizer / image processor, saved beside the model (``save_pretrained``) so
+                ``AutoTokenizer.from_pretrained(save_directory)`` works.
         """
         from .hub import save_fusion_result
 
         return save_fusion_result(
-            self, save_directory, overwrite=overwrite, license=license, datasets=datasets, model_name=model_name
+            self,
+            save_directory,
+            overwrite=overwrite,
+            license=license,
+            datasets=datasets,
+            model_name=model_name,
+            processor=processor,
         )
 
     def push_to_hub(
@@ -237,10 +246,12 @@ class FusionResult(_AlignmentMixin):
         commit_message: str | None = None,
         license: str | None = None,  # noqa: A002
         datasets: list[str] | None = None,
+        processor: Any = None,
     ) -> str:
         """Save into a temporary folder and upload it to ``repo_id`` in one commit; returns the commit URL.
 
-        See :func:`hf_clafusion.hub.push_folder_to_hub` for the arguments and errors.
+        See :func:`hf_clafusion.hub.push_folder_to_hub` for the arguments and errors; ``processor`` (a tokenizer /
+        image processor) is uploaded beside the model.
         """
         import tempfile
 
@@ -248,7 +259,13 @@ class FusionResult(_AlignmentMixin):
 
         with tempfile.TemporaryDirectory() as tmp:
             folder = save_fusion_result(
-                self, Path(tmp) / "model", license=license, datasets=datasets, model_name=repo_id, load_path=repo_id
+                self,
+                Path(tmp) / "model",
+                license=license,
+                datasets=datasets,
+                model_name=repo_id,
+                load_path=repo_id,
+                processor=processor,
             )
             return push_folder_to_hub(
                 folder,

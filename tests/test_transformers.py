@@ -550,3 +550,78 @@ def test_minilm_fused_with_a_layer_dropped_student_stays_closer_to_the_teacher()
 @pytest.mark.slow
 def test_minilm_fused_with_a_distilled_student_stays_closer_to_the_teacher():
     _minilm_check(60, weights=(0.7, 0.3))
+
+
+# ----------------------------------------------------------------------------------------------- precision, images,
+# processors, cross-head
+
+
+def test_bf16_parents_are_aligned_in_float32_and_saved_in_bf16(tmp_path):
+    model = make("llama", 2).to(torch.bfloat16)
+    twin = permuted_copy(model, seed=5).to(torch.bfloat16)
+    batch = inputs("llama")
+    result = fuse([model, twin], batch, EXACT)
+    assert next(result.model.parameters()).dtype == torch.float32  # aligned and averaged in float32
+    result.save_pretrained(tmp_path / "fused")
+    reloaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "fused").eval()
+    assert next(reloaded.parameters()).dtype == torch.bfloat16
+    # a permuted copy fuses back to the original: the saved bf16 weights are the original's, bit for bit
+    original = model.state_dict()
+    assert all(torch.equal(v, original[k]) for k, v in reloaded.state_dict().items())
+    assert max_rel_error(out(reloaded, batch).float(), out(model, batch).float()) < 1e-2
+
+
+def test_max_length_truncates_raw_text(tmp_path):
+    paths = _saved_pair(tmp_path)
+    models = [transformers.AutoModelForSequenceClassification.from_pretrained(p) for p in paths]
+    adapter = TransformersAdapter()
+    data = adapter.prepare_data(TEXTS, models, None, FusionConfig(max_length=5))
+    assert data["input_ids"].shape == (len(TEXTS), 5)
+    assert {"input_ids", "attention_mask"} <= set(data)
+    assert int(data["attention_mask"].sum()) < data["attention_mask"].numel()  # padded rows are masked
+
+
+def test_raw_images_through_the_image_processor_and_processor_saved(tmp_path):
+    from PIL import Image
+
+    processor = transformers.ViTImageProcessor(size={"height": 16, "width": 16})
+    g = torch.Generator().manual_seed(0)
+    images = [Image.fromarray((torch.rand(20, 20, 3, generator=g) * 255).to(torch.uint8).numpy()) for _ in range(12)]
+    deep, shallow = make("vit", 4), make("vit", 2, seed=1)
+    result = fuse([deep, shallow], images, EXACT, processor=processor)
+    assert result.calibration["num_samples"] == 12
+    result.save_pretrained(tmp_path / "fused", processor=processor)
+    assert transformers.AutoImageProcessor.from_pretrained(tmp_path / "fused").size == {"height": 16, "width": 16}
+    pixels = processor(images=images, return_tensors="pt")["pixel_values"]
+    reloaded = transformers.AutoModelForImageClassification.from_pretrained(tmp_path / "fused").eval()
+    with torch.no_grad():
+        assert torch.allclose(
+            reloaded(pixel_values=pixels).logits, result.model(pixel_values=pixels).logits, atol=1e-5
+        )
+
+
+def test_tokenizer_saved_beside_the_fused_model(tmp_path):
+    paths = _saved_pair(tmp_path)
+    tokenizer = transformers.AutoTokenizer.from_pretrained(paths[0])
+    result = fuse_pretrained(paths, TEXTS, EXACT.replace(max_length=8, num_samples=40))
+    result.save_pretrained(tmp_path / "fused", processor=tokenizer)
+    again = transformers.AutoTokenizer.from_pretrained(tmp_path / "fused")
+    assert again.get_vocab() == tokenizer.get_vocab()
+    assert result.parents[0]["name_or_path"] == paths[0]
+
+
+@pytest.mark.parametrize("family", ["gpt2", "bert"])
+def test_cross_head_mode_fuses_different_widths(family, tmp_path):
+    """Different hidden sizes and head counts: refused by default, fused (approximately) with attention='cross_head'."""
+    wide = {"gpt2": dict(n_embd=48, n_head=6), "bert": dict(hidden_size=48, num_attention_heads=6)}[family]
+    deep, shallow = make(family, 4), make(family, 2, seed=1, **wide)
+    batch = inputs(family, n=24)
+    with pytest.raises(IncompatibleModelsError, match="cross_head"):
+        fuse([deep, shallow], batch, EXACT)
+    result = fuse([deep, shallow], batch, EXACT.replace(attention="cross_head"))
+    fused = result.model
+    assert type(fused) is type(deep) and fused.config.hidden_size == 32 and fused.config.num_hidden_layers == 4
+    assert torch.isfinite(out(fused, batch)).all()
+    result.save_pretrained(tmp_path / "fused")
+    reloaded = type(fused).from_pretrained(tmp_path / "fused").eval()
+    assert torch.allclose(out(reloaded, batch), out(fused, batch), atol=1e-5)
