@@ -771,12 +771,12 @@ class TransformersAdapter(Adapter):
             with capture_outputs(model, list(streams)) as out:
                 model(*args, **kwargs)
             for name in streams:
-                streams[name].append(self._tokens(out[name], batch).double())
+                streams[name].append(self._tokens(out[name], batch).float())
         for name, chunks in streams.items():
             tokens = torch.cat(chunks)
             if tokens.shape[0] > FIT_TOKENS:
                 tokens = tokens[torch.randperm(tokens.shape[0], generator=generator)[:FIT_TOKENS]]
-            streams[name] = tokens
+            streams[name] = tokens.double()
         for p in inserted:
             x = streams[sources[p]]
             ln1 = new.get_submodule(f"{layers}.{p}.{fam.norms[0]}")
