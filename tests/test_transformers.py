@@ -625,3 +625,11 @@ def test_cross_head_mode_fuses_different_widths(family, tmp_path):
     result.save_pretrained(tmp_path / "fused")
     reloaded = type(fused).from_pretrained(tmp_path / "fused").eval()
     assert torch.allclose(out(reloaded, batch), out(fused, batch), atol=1e-5)
+
+
+def test_base_model_without_pooler_is_rebuilt_without_it():
+    torch.manual_seed(0)
+    deep = transformers.BertModel(_config("bert", 4), add_pooling_layer=False).eval()
+    shallow = transformers.BertModel(_config("bert", 2), add_pooling_layer=False).eval()
+    result = fuse([deep, shallow], inputs("bert"), EXACT)
+    assert result.model.pooler is None and result.model.config.num_hidden_layers == 4

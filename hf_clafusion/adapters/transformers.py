@@ -262,8 +262,9 @@ FAMILIES: dict[str, Family] = {
     ),
 }
 
-#: Cap on the calibration tokens used to fit an approximate (post-LN) identity block.
-FIT_TOKENS = 8192
+#: Cap on the calibration tokens used to fit an approximate (post-LN) identity block, and L-BFGS iterations.
+FIT_TOKENS = 4096
+FIT_STEPS = 30
 
 
 def _family(model: nn.Module) -> Family:
@@ -685,8 +686,11 @@ class TransformersAdapter(Adapter):
             from transformers.initialization import no_init_weights
         except ImportError:  # older transformers
             from transformers.modeling_utils import no_init_weights
+        kwargs = {}
+        if "add_pooling_layer" in inspect.signature(type(model).__init__).parameters:  # BertModel(add_pooling_layer=)
+            kwargs["add_pooling_layer"] = getattr(model.base_model, "pooler", None) is not None
         with no_init_weights():
-            new = type(model)(config)
+            new = type(model)(config, **kwargs)
         return new
 
     def insert_identity(self, model, layouts, template, *, batches=None):
@@ -781,7 +785,7 @@ class TransformersAdapter(Adapter):
             x = streams[sources[p]]
             ln1 = new.get_submodule(f"{layers}.{p}.{fam.norms[0]}")
             ln2 = new.get_submodule(f"{layers}.{p}.{fam.norms[1]}")
-            (gamma1, beta1, gamma2, beta2), _ = fit_post_ln_identity(x, eps=(ln1.eps, ln2.eps))
+            (gamma1, beta1, gamma2, beta2), _ = fit_post_ln_identity(x, eps=(ln1.eps, ln2.eps), steps=FIT_STEPS)
             for ln, gamma, beta in ((ln1, gamma1, beta1), (ln2, gamma2, beta2)):
                 ln.weight.copy_(gamma.to(ln.weight.dtype))
                 ln.bias.copy_(beta.to(ln.bias.dtype))
