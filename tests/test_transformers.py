@@ -411,6 +411,9 @@ def test_padding_is_masked_out_of_features():
     feats = adapter.features(hidden, batch)
     assert feats.shape == (int(batch["attention_mask"].sum()), 5)
     assert adapter.layer_features(hidden, {"input_ids": batch["input_ids"]}).shape == (96, 5)
+    long = torch.randn(2, 100, 5)  # layer costs keep at most 16 evenly spaced tokens per sequence
+    kept = adapter.layer_features(long, {"attention_mask": torch.ones(2, 100)})
+    assert kept.shape == (32, 5) and torch.equal(kept[0], long[0, 0]) and torch.equal(kept[-1], long[1, -1])
 
 
 def test_raw_text_without_a_tokenizer_is_refused():

@@ -262,6 +262,10 @@ FAMILIES: dict[str, Family] = {
     ),
 }
 
+#: Cross-layer costs keep at most this many (evenly spaced, non-padding) tokens per calibration sequence: CKA needs
+#: a few thousand samples, and every layer's activations are held for the cost matrix.
+LAYER_TOKENS_PER_SEQUENCE = 16
+
 #: Cap on the calibration tokens used to fit an approximate (post-LN) identity block, and L-BFGS iterations.
 FIT_TOKENS = 4096
 FIT_STEPS = 30
@@ -527,7 +531,15 @@ class TransformersAdapter(Adapter):
         return self._tokens(output, batch)
 
     def layer_features(self, output: torch.Tensor, batch: Any) -> torch.Tensor:
-        return self._tokens(output, batch)
+        """Non-padding tokens as samples for the layer costs, at most :data:`LAYER_TOKENS_PER_SEQUENCE` per
+        sequence on average (evenly spaced, so every layer of every model keeps the same tokens)."""
+        tokens = self._tokens(output, batch)
+        if output.ndim == 3:
+            cap = LAYER_TOKENS_PER_SEQUENCE * output.shape[0]
+            if tokens.shape[0] > cap:
+                keep = torch.linspace(0, tokens.shape[0] - 1, cap, device=tokens.device).round().long()
+                tokens = tokens[keep]
+        return tokens
 
     def prepare_data(self, data: Any, models: Sequence[nn.Module], processor: Any = None, config: Any = None) -> Any:
         fam = _family(models[0])
