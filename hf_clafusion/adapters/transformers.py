@@ -266,7 +266,8 @@ FAMILIES: dict[str, Family] = {
 #: a few thousand samples, and every layer's activations are held for the cost matrix.
 LAYER_TOKENS_PER_SEQUENCE = 16
 
-#: Cap on the calibration tokens used to fit an approximate (post-LN) identity block, and L-BFGS iterations.
+#: Cap on the calibration tokens used to fit an approximate (post-LN) identity block (the fit and the measurement
+#: of its error read the first batches up to twice as many tokens), and L-BFGS iterations.
 FIT_TOKENS = 4096
 FIT_STEPS = 30
 
@@ -788,6 +789,8 @@ class TransformersAdapter(Adapter):
                 model(*args, **kwargs)
             for name in streams:
                 streams[name].append(self._tokens(out[name], batch).float())
+            if sum(c.shape[0] for c in next(iter(streams.values()))) >= 2 * FIT_TOKENS:
+                break  # enough tokens: the fit and its measurement cost O(FIT_TOKENS), not O(calibration data)
         for name, chunks in streams.items():
             tokens = torch.cat(chunks)
             if tokens.shape[0] > FIT_TOKENS:
@@ -816,6 +819,8 @@ class TransformersAdapter(Adapter):
                 sums[p][1] += (x**2).sum()
                 means[p][0] += x.shape[0]
                 means[p][1] = means[p][1] + x.sum(0)
+            if means[inserted[0]][0] >= 2 * FIT_TOKENS:
+                break
         for p in inserted:
             count, total = means[p]
             spread = sums[p][1] - (total**2).sum() / max(count, 1)
