@@ -98,7 +98,7 @@ def build(case: str):
     raise KeyError(case)
 
 
-def worker(case: str, sequences: int, tokens: int, batch_size: int) -> dict:
+def worker(case: str, sequences: int, tokens: int, batch_size: int, solver: str) -> dict:
     import torch
 
     from hf_clafusion import FusionConfig, fuse
@@ -111,7 +111,7 @@ def worker(case: str, sequences: int, tokens: int, batch_size: int) -> dict:
     }
     data["attention_mask"][: sequences // 4, tokens // 2 :] = 0  # a quarter of the sequences half padding
     weight_mib = sum(p.numel() * p.element_size() for m in (deep, shallow) for p in m.parameters()) / 2**20
-    config = FusionConfig(progress=False, num_samples=sequences, batch_size=batch_size)
+    config = FusionConfig(progress=False, num_samples=sequences, batch_size=batch_size, solver=solver)
 
     def floor() -> float:
         start = time.perf_counter()
@@ -149,22 +149,23 @@ def main() -> None:
     parser.add_argument("--sequences", type=int, default=256)
     parser.add_argument("--tokens", type=int, default=128)
     parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--solver", default="emd", help="FusionConfig.solver (emd, sinkhorn, permutation)")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
-        print(json.dumps(worker(args.worker, args.sequences, args.tokens, args.batch_size)))
+        print(json.dumps(worker(args.worker, args.sequences, args.tokens, args.batch_size, args.solver)))
         return
     import torch
 
     print(
         f"# transformers fusion benchmark: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
         f"torch {torch.__version__}, {torch.get_num_threads()} threads; {args.sequences} sequences x {args.tokens} "
-        "tokens (a quarter half padding)\n"
+        f"tokens (a quarter half padding), batch size {args.batch_size}, solver {args.solver}\n"
     )
     rows = []
     for case in args.cases:
         command = [sys.executable, __file__, "--worker", case, "--sequences", str(args.sequences)]
-        command += ["--tokens", str(args.tokens), "--batch-size", str(args.batch_size)]
+        command += ["--tokens", str(args.tokens), "--batch-size", str(args.batch_size), "--solver", args.solver]
         done = subprocess.run(command, capture_output=True, text=True)
         if done.returncode:
             print(f"{case}: failed\n{done.stderr[-2000:]}", file=sys.stderr)
