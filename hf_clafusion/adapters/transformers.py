@@ -33,7 +33,7 @@ import inspect
 import json
 import re
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -176,19 +176,17 @@ _LLAMA = Family(
 #: ``config.model_type`` -> family description. Adding a family is one entry (see docs/adding_an_architecture.md).
 FAMILIES: dict[str, Family] = {
     "bert": _BERT,
-    "roberta": Family(
-        **{
-            **_BERT.__dict__,
-            "heads": (
-                HeadLinear("{base}pooler.dense", writes="pooler"),
-                HeadLinear("classifier.dense", writes="classifier.dense"),
-                HeadLinear("classifier.out_proj", reads=("classifier.dense",)),
-                HeadLinear("classifier", reads=("residual",)),
-                HeadLinear("lm_head.dense", writes="residual"),
-                HeadNorm("lm_head.layer_norm"),
-                HeadLinear("lm_head.decoder"),
-            ),
-        }
+    "roberta": replace(
+        _BERT,
+        heads=(
+            HeadLinear("{base}pooler.dense", writes="pooler"),
+            HeadLinear("classifier.dense", writes="classifier.dense"),
+            HeadLinear("classifier.out_proj", reads=("classifier.dense",)),
+            HeadLinear("classifier", reads=("residual",)),
+            HeadLinear("lm_head.dense", writes="residual"),
+            HeadNorm("lm_head.layer_norm"),
+            HeadLinear("lm_head.decoder"),
+        ),
     ),
     "distilbert": Family(
         layers="transformer.layer",
