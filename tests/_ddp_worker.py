@@ -30,6 +30,10 @@ def main(out: Path) -> None:
         "steps": result.history[-1]["step"],
     }
     (out / f"rank{state.process_index}.json").write_text(json.dumps(report))
+    # Tear gloo down before the interpreter exits: an open process group aborts at exit now and then
+    # ("terminate called without an active exception").
+    state.wait_for_everyone()
+    state.destroy_process_group()
 
 
 if __name__ == "__main__":

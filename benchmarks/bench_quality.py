@@ -1,0 +1,385 @@
+"""Benchmark: is the fused model worth having? Accuracy against the baselines a user could get without fusion.
+
+Run by hand (not a test), from the repository root, in the project's environment:
+
+    .venv/bin/python benchmarks/bench_quality.py                          # every pair, 3 seeds
+    .venv/bin/python benchmarks/bench_quality.py --pairs mlp cnn --seeds 0  # part of it
+    .venv/bin/python benchmarks/bench_quality.py --output docs/quality.json
+
+For each pair and seed the data are split into a parent-training part, a finetuning part that no parent saw and
+a test part (the official test set where there is one). Parents are trained on the first part (and cached under
+``--cache``); fusion is calibrated on ``num_samples`` images of it. The columns:
+
+- **one-shot**: test accuracy right after fusion (or of the parent / ensemble as they are);
+- **+finetune**: test accuracy after the same finetuning budget (same ``FinetuneConfig``, epochs, data and data
+  order) given to the fused model, to each parent and to the shallow parent distilled from both parents. The
+  final epoch is reported: nothing is selected on the test split.
+
+A seed fixes the split, the initialisations, the calibration subset and the data order, and is shared by every
+method, so differences are paired: the summary gives mean +- std over seeds of each method and of its paired
+difference to the reference rows (chain alignment, the better parent).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from hf_clafusion import FinetuneConfig, FusionConfig, evaluate, finetune, fuse
+from hf_clafusion.demo import load_fashion_mnist_splits, make_cnn, make_mlp
+
+
+@dataclass
+class Split:
+    x: Any
+    y: torch.Tensor
+
+
+@dataclass
+class Pair:
+    """A benchmark pair: how to build and train its models and which data it uses."""
+
+    deep: nn.Module
+    shallow: nn.Module
+    deep2: nn.Module  # a second deep model of another seed: the same-depth fusion baseline
+    parents_train: Split
+    finetune_train: Split
+    test: Split
+    parent_epochs: int
+    parent_lr: float
+    finetune: FinetuneConfig
+
+
+# --------------------------------------------------------------------------------------------- data and pairs
+
+
+def _subset(split: Split, idx: torch.Tensor) -> Split:
+    return Split(split.x[idx], split.y[idx])
+
+
+def _partition(x: torch.Tensor, y: torch.Tensor, sizes: tuple[int, int], seed: int) -> tuple[Split, Split, Split]:
+    perm = torch.randperm(len(x), generator=torch.Generator().manual_seed(seed))
+    a, b = sizes
+    whole = Split(x, y)
+    return _subset(whole, perm[:a]), _subset(whole, perm[a : a + b]), _subset(whole, perm[a + b :])
+
+
+def _mlp_no_bias(in_features: int, hidden: list[int], num_classes: int) -> nn.Sequential:
+    model = make_mlp(in_features, hidden, num_classes)
+    return nn.Sequential(
+        *[nn.Linear(m.in_features, m.out_features, bias=False) if isinstance(m, nn.Linear) else m for m in model]
+    )
+
+
+def pair_mlp(seed: int) -> Pair:
+    """The paper's MLP pair (no bias, 400-200-100-50-25 vs 400-200-100) on digits upsampled to 28x28."""
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    x = torch.tensor(digits.images / 16.0, dtype=torch.float32)[:, None]
+    x = F.interpolate(x, size=28, mode="bilinear", align_corners=False).flatten(1)
+    y = torch.tensor(digits.target)
+    parents, tune, test = _partition(x, y, (900, 500), seed)
+    torch.manual_seed(seed)
+    deep = _mlp_no_bias(784, [400, 200, 100, 50, 25], 10)
+    shallow = _mlp_no_bias(784, [400, 200, 100], 10)
+    deep2 = _mlp_no_bias(784, [400, 200, 100, 50, 25], 10)
+    config = FinetuneConfig(epochs=5, batch_size=64, lr=0.01, seed=seed, progress=False)
+    return Pair(deep, shallow, deep2, parents, tune, test, parent_epochs=30, parent_lr=1e-3, finetune=config)
+
+
+def _fashion(seed: int) -> tuple[Split, Split, Split]:
+    train, val, test = load_fashion_mnist_splits(seed, num_train=10000, num_val=5000)
+    return Split(train.x, train.y), Split(val.x, val.y), Split(test.x, test.y)
+
+
+def _cnn(config: list, batchnorm: bool) -> nn.Sequential:
+    model = make_cnn(config, 1, 14, 10)
+    if batchnorm:
+        return model
+    layers = []
+    for m in model:
+        if isinstance(m, nn.BatchNorm2d):
+            continue
+        if isinstance(m, nn.Conv2d):
+            m = nn.Conv2d(m.in_channels, m.out_channels, 3, padding=1)
+        layers.append(m)
+    return nn.Sequential(*layers)
+
+
+def pair_cnn(seed: int, batchnorm: bool = True) -> Pair:
+    """VGG-style CNNs (32-32-M-64-64-64-M vs 16-M-32-M) on Fashion-MNIST at 14x14."""
+    parents, tune, test = _fashion(seed)
+    torch.manual_seed(seed)
+    deep = _cnn([32, 32, "M", 64, 64, 64, "M"], batchnorm)
+    shallow = _cnn([16, "M", 32, "M"], batchnorm)
+    deep2 = _cnn([32, 32, "M", 64, 64, 64, "M"], batchnorm)
+    config = FinetuneConfig(epochs=2, batch_size=64, lr=0.01, seed=seed, progress=False)
+    return Pair(deep, shallow, deep2, parents, tune, test, parent_epochs=4, parent_lr=1e-3, finetune=config)
+
+
+def pair_resnet(seed: int) -> Pair:
+    """timm ResNet-34/18-shaped models (stage widths 16-128, BatchNorm) on Fashion-MNIST at 14x14."""
+    from timm.models.resnet import BasicBlock, ResNet
+
+    parents, tune, test = _fashion(seed)
+    torch.manual_seed(seed)
+
+    def make(layers: list[int]) -> nn.Module:
+        return ResNet(BasicBlock, layers, num_classes=10, in_chans=1, channels=(16, 32, 64, 128))
+
+    deep, shallow, deep2 = make([3, 4, 6, 3]), make([2, 2, 2, 2]), make([3, 4, 6, 3])
+    config = FinetuneConfig(epochs=2, batch_size=64, lr=0.01, seed=seed, progress=False)
+    return Pair(deep, shallow, deep2, parents, tune, test, parent_epochs=3, parent_lr=1e-3, finetune=config)
+
+
+def pair_text(seed: int) -> Pair:
+    """Tiny BERT classifiers (4 vs 2 layers, hidden 64) trained from scratch on a generated text task.
+
+    Sequences of 24 tokens over a 200-token vocabulary; the class (of 4) is which of four token sets appears
+    most often, so a model must count across the sequence.
+    """
+    from transformers import BertConfig, BertForSequenceClassification
+
+    g = torch.Generator().manual_seed(1234)  # the task itself is fixed; the seed splits and initialises
+    n, length, vocab = 9000, 24, 200
+    ids = torch.randint(5, vocab, (n, length), generator=g)
+    sets = torch.arange(5, vocab) % 4
+    counts = torch.stack([(sets[ids - 5] == c).sum(1) + torch.rand(n, generator=g) * 0.5 for c in range(4)], 1)
+    y = counts.argmax(1)
+    ids[:, 0] = 2  # [CLS]
+    x = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+    parts = [perm[:5000], perm[5000:7000], perm[7000:]]
+    parents, tune, test = (Split({k: v[p] for k, v in x.items()}, y[p]) for p in parts)
+    torch.manual_seed(seed)
+
+    def make(layers: int) -> nn.Module:
+        config = BertConfig(
+            vocab_size=vocab,
+            hidden_size=64,
+            num_hidden_layers=layers,
+            num_attention_heads=4,
+            intermediate_size=128,
+            max_position_embeddings=32,
+            num_labels=4,
+        )
+        return BertForSequenceClassification(config)
+
+    deep, shallow, deep2 = make(4), make(2), make(4)
+    config = FinetuneConfig(epochs=2, batch_size=64, lr=0.01, seed=seed, progress=False)
+    return Pair(deep, shallow, deep2, parents, tune, test, parent_epochs=6, parent_lr=1e-3, finetune=config)
+
+
+PAIRS = {
+    "mlp": pair_mlp,
+    "cnn_bn": lambda seed: pair_cnn(seed, batchnorm=True),
+    "cnn": lambda seed: pair_cnn(seed, batchnorm=False),
+    "resnet": pair_resnet,
+    "text": pair_text,
+}
+
+#: Fusion methods: FusionConfig overrides on top of the defaults (or of `official()`).
+METHODS: dict[str, dict[str, Any]] = {
+    "default": {},
+    "official()": {"__official__": True},
+    "repair=None": {"repair": None},
+    "repair='bn'": {"repair": "bn"},
+    "repair='repair'": {"repair": "repair"},
+    "correlation cost": {"ground_metric": "correlation"},
+    "weight matching": {"ground_metric": "weights"},
+    "sinkhorn reg=0.1": {"solver": "sinkhorn", "reg": 0.1},
+    "chain alignment": {"alignment": "chain"},
+    "random alignment": {"alignment": "random"},
+}
+
+
+# --------------------------------------------------------------------------------------------- running
+
+
+def _logits(model: nn.Module, x: Any) -> torch.Tensor:
+    out = model(**x) if isinstance(x, dict) else model(x)
+    return out.logits if hasattr(out, "logits") else out
+
+
+def train_parent(model: nn.Module, data: Split, epochs: int, lr: float, seed: int) -> nn.Module:
+    torch.manual_seed(seed)
+    optimizer = torch.optim.Adam(model.parameters(), lr=lr)
+    order = torch.Generator().manual_seed(seed)
+    model.train()
+    n = len(data.y)
+    for _ in range(epochs):
+        perm = torch.randperm(n, generator=order)
+        for start in range(0, n, 64):
+            idx = perm[start : start + 64]
+            x = {k: v[idx] for k, v in data.x.items()} if isinstance(data.x, dict) else data.x[idx]
+            loss = F.cross_entropy(_logits(model, x), data.y[idx])
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+    return model.eval()
+
+
+def _as_data(split: Split) -> tuple[Any, torch.Tensor]:
+    return (split.x, split.y)
+
+
+def accuracy(model: nn.Module, split: Split) -> float:
+    return float(evaluate([model], _as_data(split), ensemble=False)[0].accuracy)
+
+
+def _cached_parents(name: str, seed: int, pair: Pair, cache: Path) -> None:
+    path = cache / f"{name}-seed{seed}.pt"
+    models = {"deep": pair.deep, "shallow": pair.shallow, "deep2": pair.deep2}
+    if path.is_file():
+        states = torch.load(path, weights_only=True)
+        for key, model in models.items():
+            model.load_state_dict(states[key])
+            model.eval()
+        return
+    for offset, (key, model) in enumerate(models.items()):
+        start = time.perf_counter()
+        train_parent(model, pair.parents_train, pair.parent_epochs, pair.parent_lr, seed * 10 + offset)
+        print(f"  trained {name}/{key} (seed {seed}) in {time.perf_counter() - start:.0f}s")
+    cache.mkdir(parents=True, exist_ok=True)
+    torch.save({key: model.state_dict() for key, model in models.items()}, path)
+
+
+def _config(overrides: dict[str, Any], seed: int) -> FusionConfig | None:
+    overrides = dict(overrides)
+    try:
+        if overrides.pop("__official__", False):
+            return FusionConfig.official(progress=False, **overrides)
+        return FusionConfig(seed=seed, progress=False, **overrides)
+    except (TypeError, ValueError) as error:  # a method this version does not have
+        print(f"  (skipped: {str(error).splitlines()[0]})")
+        return None
+
+
+def _calibration(pair: Pair, num: int = 200) -> Any:
+    x = pair.parents_train.x
+    return {k: v[:num] for k, v in x.items()} if isinstance(x, dict) else x[:num]
+
+
+def run_seed(name: str, seed: int, args: argparse.Namespace) -> dict[str, dict[str, float]]:
+    import copy
+
+    pair = PAIRS[name](seed)
+    _cached_parents(name, seed, pair, Path(args.cache))
+    calibration = _calibration(pair)
+    rows: dict[str, dict[str, float]] = {}
+    test = pair.test
+    rows["deep parent"] = {"one-shot": accuracy(pair.deep, test)}
+    rows["shallow parent"] = {"one-shot": accuracy(pair.shallow, test)}
+    ensemble = evaluate([pair.deep, pair.shallow], _as_data(test))
+    rows["ensemble"] = {"one-shot": float(ensemble[-1].accuracy)}
+    fused_default = None
+    for method, overrides in METHODS.items():
+        if args.methods and method not in args.methods:
+            continue
+        config = _config(overrides, seed)
+        if config is None:
+            continue
+        start = time.perf_counter()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            result = fuse([pair.deep, pair.shallow], calibration, config)
+        rows[method] = {"one-shot": accuracy(result.model, test), "seconds": time.perf_counter() - start}
+        if method == "default":
+            fused_default = result.model
+    config = _config({}, seed)
+    same = fuse([pair.deep, pair.deep2], calibration, config)
+    rows["same-depth fusion (deep + deep)"] = {"one-shot": accuracy(same.model, test)}
+
+    if args.finetune and fused_default is not None:
+        budget = pair.finetune
+        tune = _as_data(pair.finetune_train)
+        runs = {
+            "default": (fused_default, None),
+            "deep parent": (copy.deepcopy(pair.deep), None),
+            "shallow parent": (copy.deepcopy(pair.shallow), None),
+            "shallow distilled from both": (copy.deepcopy(pair.shallow), [pair.deep, pair.shallow]),
+        }
+        for row, (model, teacher) in runs.items():
+            start = time.perf_counter()
+            out = finetune(model, tune, None, budget, teacher=teacher)
+            rows.setdefault(row, {})["+finetune"] = accuracy(out.model, test)
+            rows[row]["finetune seconds"] = time.perf_counter() - start
+    return rows
+
+
+# --------------------------------------------------------------------------------------------- report
+
+
+def _mean_std(values: list[float]) -> str:
+    if not values:
+        return "–"
+    mean = 100 * statistics.fmean(values)
+    std = 100 * statistics.stdev(values) if len(values) > 1 else 0.0
+    return f"{mean:.2f} ± {std:.2f}"
+
+
+def summarise(name: str, per_seed: list[dict[str, dict[str, float]]]) -> str:
+    order = list(dict.fromkeys(row for seed in per_seed for row in seed))
+    lines = [
+        f"\n### {name} ({len(per_seed)} seed(s); test accuracy %, mean ± std)\n",
+        "| model | one-shot | Δ vs chain (paired) | +finetune | Δ vs best parent +finetune (paired) |",
+        "|---|---|---|---|---|",
+    ]
+    for row in order:
+        one = [s[row]["one-shot"] for s in per_seed if "one-shot" in s.get(row, {})]
+        tuned = [s[row]["+finetune"] for s in per_seed if "+finetune" in s.get(row, {})]
+        chain = [
+            s[row]["one-shot"] - s["chain alignment"]["one-shot"]
+            for s in per_seed
+            if "one-shot" in s.get(row, {}) and "chain alignment" in s
+        ]
+        best = [
+            s[row]["+finetune"] - max(s["deep parent"]["+finetune"], s["shallow parent"]["+finetune"])
+            for s in per_seed
+            if "+finetune" in s.get(row, {}) and "+finetune" in s["deep parent"]
+        ]
+        lines.append(
+            f"| {row} | {_mean_std(one)} | {_mean_std(chain) if row not in ('deep parent', 'shallow parent', 'ensemble') else '–'} "
+            f"| {_mean_std(tuned)} | {_mean_std(best)} |"
+        )
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--pairs", nargs="+", default=list(PAIRS), choices=list(PAIRS))
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    parser.add_argument("--methods", nargs="+", default=None, help="Subset of fusion methods (default: all).")
+    parser.add_argument("--no-finetune", dest="finetune", action="store_false", help="One-shot columns only.")
+    parser.add_argument("--cache", default=str(Path.home() / ".cache" / "hf_clafusion_bench"))
+    parser.add_argument("--output", default=None, help="Also write the raw results as JSON here.")
+    args = parser.parse_args()
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    results: dict[str, list] = {}
+    for name in args.pairs:
+        results[name] = []
+        for seed in args.seeds:
+            start = time.perf_counter()
+            print(f"{name}, seed {seed}")
+            results[name].append(run_seed(name, seed, args))
+            print(f"  done in {time.perf_counter() - start:.0f}s")
+        print(summarise(name, results[name]), flush=True)
+        if args.output:
+            Path(args.output).write_text(json.dumps(results, indent=1))
+    print("\n".join(summarise(name, per_seed) for name, per_seed in results.items()))
+
+
+if __name__ == "__main__":
+    main()
