@@ -398,12 +398,10 @@ class _Run:
                         layouts.append(layout)
                     if any(None in layout for layout in layouts):
                         template = self.prepared[self._template_for(k)]
-                        balanced[k] = self.adapter.insert_identity(
+                        balanced[k], errors = self.adapter.insert_identity(
                             self.prepared[k], layouts, template, batches=self.batches
                         )
-                        self.identity_errors.update(
-                            {f"model {k}, {key}": err for key, err in self.adapter.identity_errors.items()}
-                        )
+                        self.identity_errors.update({f"model {k}, {key}": err for key, err in errors.items()})
             else:
                 for k in range(len(self.models)):
                     keeps = []
