@@ -1,14 +1,26 @@
 """The CLAFusion pipeline: ``fuse(models, data, config) -> FusionResult``.
 
-Read top to bottom, :func:`fuse` is the algorithm:
+Read top to bottom, :func:`fuse` is the algorithm. Each step is a stage function that takes the values it
+needs and returns new ones (small frozen dataclasses); no stage reads anything an earlier stage left behind
+elsewhere, and a :class:`Stopwatch` records the seconds of each stage under a fixed name:
 
-1. prepare the models through their adapter and check that they can be fused;
-2. collect activations of every hidden layer on the calibration data (one pass per model);
-3. cross-layer alignment per segment (:func:`hf_clafusion.core.align_layers`);
-4. depth balancing: identity layers into the shallower model, or merging the deeper one's unmatched layers;
-5. activation statistics of every alignment group of the balanced models (one pass per model);
-6. a transport plan per group, applied to every axis of the group (:mod:`hf_clafusion.core.transport`);
-7. weighted average with the anchor, then BatchNorm statistics recomputed.
+1. :func:`prepare` (``prepare``): the models through their adapter, checked for fusability, plus the
+   calibration batches, the anchor, the weights and each segment's depth roles;
+2. :func:`collect_layer_activations` (``activations_layers``): activations of every hidden layer on the
+   calibration data, one pass per model, when the layer cost or ``balancing="merge"`` needs them;
+3. :func:`align_segments` (``layer_alignment``): cross-layer alignment per segment
+   (:func:`hf_clafusion.core.align_layers`);
+4. :func:`balance_depths` (``balancing``): identity layers into the shallower model
+   (:func:`balance_identity`) or the deeper one's unmatched layers merged (:func:`balance_merge`);
+5. :func:`collect_group_statistics` (``activations_groups``): activation statistics of every alignment group
+   of the balanced models, one pass per model, for ``ground_metric="activations"``;
+6. :func:`transport_to_anchor` (``transport``): a transport plan per group, applied to every axis of the
+   group (:mod:`hf_clafusion.core.transport`);
+7. :func:`average` then :func:`load_fused` (``averaging``): the weighted average with the anchor, produced
+   tensor by tensor and only then loaded into a copy of the balanced anchor;
+8. :func:`repair_statistics` (``bn_reset``): the statistics step after averaging. Today it recomputes
+   BatchNorm statistics (``reset_bn_stats``); it is the seam for REPAIR-style corrections, and receives
+   everything those need.
 """
 
 from __future__ import annotations
@@ -16,8 +28,8 @@ from __future__ import annotations
 import contextlib
 import copy
 import time
-from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -37,7 +49,7 @@ from .errors import (
     InvalidWeightsError,
 )
 from .result import AlignmentPreview, FusionResult, PairAlignment, describe_parent
-from .spec import NetworkSpec
+from .spec import Group, NetworkSpec
 
 
 # --------------------------------------------------------------------------------------------- public API
@@ -90,17 +102,17 @@ def fuse(
         Nguyen et al., "On Cross-Layer Alignment for Model Fusion of Heterogeneous Neural Networks",
         ICASSP 2023 (arXiv 2110.15538); Singh & Jaggi, "Model Fusion via Optimal Transport", NeurIPS 2020.
     """
-    config = _resolve_config(config, overrides)
-    run = _Run(models, data, config, processor)
-    run.prepare()
-    run.collect_layer_activations()
-    run.align()
-    run.balance()
-    run.collect_group_statistics()
-    aligned = run.transport()
-    fused = run.average(aligned)
-    run.reset_bn(fused)
-    return run.result(fused)
+    clock = Stopwatch()
+    run = prepare(models, data, _resolve_config(config, overrides), processor, clock=clock)
+    activations = collect_layer_activations(run, clock=clock)
+    alignment = align_segments(run, activations, clock=clock)
+    balanced = balance_depths(run, alignment, activations, clock=clock)
+    statistics = collect_group_statistics(run, balanced, clock=clock)
+    transported = transport_to_anchor(run, balanced, statistics, clock=clock)
+    with clock("averaging"):
+        fused = load_fused(balanced.models[run.anchor], average(transported.states, run.weights, anchor=run.anchor))
+    bn_reset = repair_statistics(fused, run, balanced, transported, clock=clock)
+    return _result(run, alignment, balanced, transported, fused, bn_reset, clock)
 
 
 def align(
@@ -115,12 +127,492 @@ def align(
 
     Takes the same arguments as :func:`fuse`. Use it to preview which layers will be matched.
     """
-    config = _resolve_config(config, overrides)
-    run = _Run(models, data, config, processor)
-    run.prepare()
-    run.collect_layer_activations()
-    run.align()
-    return AlignmentPreview(pairs=run.pairs, timings=run.timings, config=config)
+    clock = Stopwatch()
+    run = prepare(models, data, _resolve_config(config, overrides), processor, clock=clock)
+    activations = collect_layer_activations(run, clock=clock)
+    alignment = align_segments(run, activations, clock=clock)
+    return AlignmentPreview(pairs=alignment.pairs, timings=clock.timings, config=run.config)
+
+
+# --------------------------------------------------------------------------------------------- values
+
+
+class Stopwatch:
+    """Seconds spent in each named stage, summed over repeated entries; ``timings`` is the dict it owns.
+
+    Example:
+        ```py
+        >>> clock = Stopwatch()
+        >>> with clock("prepare"):
+        ...     pass
+        >>> list(clock.timings)
+        ['prepare']
+        ```
+    """
+
+    def __init__(self) -> None:
+        self.timings: dict[str, float] = {}
+
+    @contextlib.contextmanager
+    def __call__(self, stage: str) -> Iterator[None]:
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.timings[stage] = self.timings.get(stage, 0.0) + time.perf_counter() - start
+
+
+@dataclass(frozen=True)
+class SegmentRoles:
+    """Depth roles of one segment across the K models.
+
+    Attributes:
+        depths: hidden layers of the segment in each model.
+        reference: the model whose depth the balanced segment takes (the anchor when it has that depth).
+    """
+
+    depths: tuple[int, ...]
+    reference: int
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """What every later stage reads, fixed once the models and data are checked (:func:`prepare`).
+
+    Attributes:
+        config: the resolved settings.
+        adapter: the family's adapter (stateless; one instance for the whole run).
+        device: where the fusion runs.
+        parents: identity cards of the user's models (:func:`~hf_clafusion.result.describe_parent`).
+        models: the adapter's prepared copies of the parents, on ``device``, in eval mode.
+        specs: the network description of each prepared model.
+        anchor: index of the model whose widths and neuron basis the fused model takes.
+        weights: averaging weight of each model (sum to 1 unless the user chose otherwise).
+        calibration: the calibration data and its provenance.
+        batches: the calibration batches on ``device``.
+        segments: depth roles of each segment.
+    """
+
+    config: FusionConfig
+    adapter: Adapter
+    device: torch.device
+    parents: tuple[dict[str, Any], ...]
+    models: tuple[nn.Module, ...]
+    specs: tuple[NetworkSpec, ...]
+    anchor: int
+    weights: tuple[float, ...]
+    calibration: CalibrationData
+    batches: tuple[Any, ...]
+    segments: tuple[SegmentRoles, ...]
+
+
+@dataclass(frozen=True)
+class LayerActivations:
+    """Hidden-layer activations of the prepared models on the calibration data (:func:`collect_layer_activations`).
+
+    Attributes:
+        full: per model, per hidden layer (network order), the ``(samples, ...)`` float activations; ``None``
+            when neither the layer cost nor ``balancing="merge"`` needs them.
+        minibatch: ``(segment, model, reference)`` -> streamed CKA accumulator, for ``layer_cost="cka_minibatch"``.
+    """
+
+    full: list[list[torch.Tensor]] | None = None
+    minibatch: dict[tuple[int, int, int], core.MinibatchCKA] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Alignment:
+    """The cross-layer alignment (:func:`align_segments`).
+
+    Attributes:
+        pairs: one :class:`~hf_clafusion.result.PairAlignment` per aligned model, as reported to users.
+        local: ``(segment, model)`` -> for each layer of the shallower model of the pair in that segment, its
+            position (counted from the segment's first layer) in the deeper one.
+    """
+
+    pairs: list[PairAlignment]
+    local: dict[tuple[int, int], list[int]]
+
+
+@dataclass(frozen=True)
+class Balanced:
+    """The depth-balanced models (:func:`balance_depths`): equal segment depths and alignment groups.
+
+    Attributes:
+        models: one balanced copy per parent, on the run's device, in eval mode.
+        specs: their network descriptions.
+        identity_errors: ``"model <k>, <segment>.<position>"`` -> relative error of every approximate identity
+            block inserted; empty when every inserted block is exact.
+    """
+
+    models: tuple[nn.Module, ...]
+    specs: tuple[NetworkSpec, ...]
+    identity_errors: dict[str, float]
+
+
+@dataclass(frozen=True)
+class Transported:
+    """Every model expressed in the anchor's neuron basis (:func:`transport_to_anchor`).
+
+    Attributes:
+        states: model index -> its aligned state dict (the anchor's own state dict for the anchor).
+        plans: non-anchor model index -> anchor group name -> its ``(n_model, n_anchor)`` float plan on CPU.
+    """
+
+    states: dict[int, dict[str, torch.Tensor]]
+    plans: dict[int, dict[str, torch.Tensor]]
+
+
+# --------------------------------------------------------------------------------------------- stages
+
+
+def prepare(
+    models: Sequence[nn.Module], data: Any, config: FusionConfig, processor: Any = None, *, clock: Stopwatch
+) -> Prepared:
+    """Check the models and the settings, prepare the models through their adapter and the calibration data.
+
+    Raises:
+        IncompatibleModelsError: fewer than 2 models, different families, devices, input/output sizes or
+            segment counts, or what the adapter refuses.
+        ConfigError: ``weights`` or ``anchor`` do not fit the number of models.
+        InvalidWeightsError: a parameter or buffer is NaN or infinite.
+    """
+    models = list(models)
+    if len(models) < 2:
+        raise IncompatibleModelsError(f"Fusion needs at least 2 models, got {len(models)}. Pass a list of models.")
+    if config.weights is not None and len(config.weights) != len(models):
+        raise ConfigError(
+            f"`weights` has {len(config.weights)} entries but {len(models)} models were given; give one per model.",
+            field="weights",
+        )
+    with clock("prepare"):
+        adapters = [get_adapter(m) for m in models]
+        names = {a.name for a in adapters}
+        if len(names) > 1:
+            raise IncompatibleModelsError(
+                f"The models belong to different families: {sorted(names)}. Only models of one family can be fused."
+            )
+        adapter = adapters[0]
+        device = _device(models, config)
+        parents = tuple(describe_parent(m, i) for i, m in enumerate(models))
+        for i, model in enumerate(models):
+            _check_finite(model, i)
+        prepared = tuple(adapter.prepare(m).to(device) for m in models)
+        specs = tuple(adapter.spec(m) for m in prepared)
+        _check_compatible(specs)
+        adapter.check_compatible(prepared)
+        anchor = _anchor_index(config, specs)
+        weights = tuple(config.weights or [1.0 / len(models)] * len(models))
+        calibration = prepare_calibration(
+            adapter.prepare_data(data, prepared, processor, config),
+            num_samples=config.num_samples,
+            batch_size=config.batch_size,
+            seed=config.seed,
+        )
+        return Prepared(
+            config=config,
+            adapter=adapter,
+            device=device,
+            parents=parents,
+            models=prepared,
+            specs=specs,
+            anchor=anchor,
+            weights=weights,
+            calibration=calibration,
+            batches=tuple(move_to(b, device) for b in calibration.batches),
+            segments=_segment_roles(specs, anchor, config.balancing),
+        )
+
+
+def collect_layer_activations(run: Prepared, *, clock: Stopwatch) -> LayerActivations:
+    """Activations of every hidden layer of the prepared models, one pass over the calibration data per model.
+
+    Kept whole for ``layer_cost`` in ``("cka", "cca", "wasserstein")`` and for ``balancing="merge"`` (its
+    pre-activations), streamed into CKA accumulators for ``"cka_minibatch"``; nothing for the other costs.
+    """
+    cost = run.config.layer_cost
+    needs_full = cost in ("cka", "cca", "wasserstein") or run.config.balancing == "merge"
+    needs_stream = cost == "cka_minibatch"
+    if not (needs_full or needs_stream):
+        return LayerActivations()
+    minibatch: dict[tuple[int, int, int], core.MinibatchCKA] = {}
+    with clock("activations_layers"), torch.no_grad():
+        captures = [[layer.capture for seg in spec.segments for layer in seg.layers] for spec in run.specs]
+        stored: list[list[list[torch.Tensor]]] = [[[] for _ in c] for c in captures]
+        for batch in _bar(run.batches, "layer activations", run.config):
+            per_model = []
+            for k, model in enumerate(run.models):
+                with capture_outputs(model, captures[k]) as out:
+                    _forward(run.adapter, model, batch, k)
+                acts = [run.adapter.layer_features(out[name], batch) for name in captures[k]]
+                per_model.append(acts)
+                if needs_full:
+                    for i, a in enumerate(acts):
+                        stored[k][i].append(a.float())
+            if needs_stream:
+                _update_minibatch(minibatch, run, per_model)
+        full = [[torch.cat(chunks) for chunks in model_chunks] for model_chunks in stored] if needs_full else None
+    return LayerActivations(full=full, minibatch=minibatch)
+
+
+def align_segments(run: Prepared, activations: LayerActivations, *, clock: Stopwatch) -> Alignment:
+    """Cross-layer alignment of every non-reference model to each segment's reference, segment by segment."""
+    with clock("layer_alignment"):
+        num_segments = len(run.segments)
+        by_pair: dict[tuple[int, int], PairAlignment] = {}
+        local: dict[tuple[int, int], list[int]] = {}
+        for s, k, ref in _pairs_to_align(run):
+            deep, shallow = _roles(run.segments[s], k, ref)
+            m, n = run.segments[s].depths[deep], run.segments[s].depths[shallow]
+            cost = _segment_cost(run, activations, s, k, ref, deep, shallow)
+            mapping = _segment_alignment(run, cost, m, n, s)
+            local[(s, k)] = mapping
+            pair = by_pair.get((k, ref)) or by_pair.get((ref, k))
+            if pair is None:  # reported as (aligned model, the anchor or the other model)
+                model, other = (ref, k) if k == run.anchor else (k, ref)
+                pair = by_pair[(model, other)] = PairAlignment(
+                    model=model,
+                    reference=other,
+                    deeper=[other] * num_segments,
+                    alignment=[[] for _ in range(num_segments)],
+                    costs=[torch.zeros(0, 0, dtype=torch.float64) for _ in range(num_segments)],
+                    offsets=[0] * num_segments,
+                )
+            offset = _segment_slice(run.specs[deep], s).start
+            pair.deeper[s] = deep
+            pair.alignment[s] = [offset + a for a in mapping]
+            pair.costs[s] = cost
+            pair.offsets[s] = offset
+        return Alignment(pairs=[by_pair[key] for key in sorted(by_pair)], local=local)
+
+
+def balance_depths(
+    run: Prepared, alignment: Alignment, activations: LayerActivations, *, clock: Stopwatch
+) -> Balanced:
+    """Give every model the reference's segment depths, by ``config.balancing``, and check that they line up.
+
+    Raises:
+        AlignmentError: the balanced models' segment depths or group counts differ (a bug).
+    """
+    with clock("balancing"):
+        if run.config.balancing == "identity":
+            models, identity_errors = balance_identity(run, alignment)
+        else:
+            models, identity_errors = balance_merge(run, alignment, activations), {}
+        models = tuple(m.to(run.device).eval() for m in models)
+        specs = tuple(run.adapter.spec(m) for m in models)
+        _check_balanced(specs, run.anchor)
+    return Balanced(models=models, specs=specs, identity_errors=identity_errors)
+
+
+def balance_identity(run: Prepared, alignment: Alignment) -> tuple[list[nn.Module], dict[str, float]]:
+    """Insert identity layers into every model shallower than a segment's reference, where alignment leaves gaps.
+
+    Returns:
+        The balanced models (the prepared model itself where nothing is inserted) and the relative error of
+        every approximate identity block, keyed ``"model <k>, <segment>.<position>"``.
+    """
+    balanced = list(run.models)
+    identity_errors: dict[str, float] = {}
+    for k in range(len(run.models)):
+        layouts = []
+        for s, seg in enumerate(run.segments):
+            depth, target = seg.depths[k], seg.depths[seg.reference]
+            if depth == target:
+                layouts.append(list(range(depth)))
+                continue
+            layout: list[int | None] = [None] * target
+            for own, position in enumerate(alignment.local[(s, k)]):
+                layout[position] = own
+            layouts.append(layout)
+        if any(None in layout for layout in layouts):
+            template = run.models[_template_for(run.segments, k)]
+            balanced[k], errors = run.adapter.insert_identity(run.models[k], layouts, template, batches=run.batches)
+            identity_errors.update({f"model {k}, {key}": err for key, err in errors.items()})
+    return balanced, identity_errors
+
+
+def balance_merge(run: Prepared, alignment: Alignment, activations: LayerActivations) -> list[nn.Module]:
+    """Merge the layers of every model deeper than a segment's reference that the alignment leaves unmatched."""
+    balanced = list(run.models)
+    for k in range(len(run.models)):
+        keeps = []
+        for s, seg in enumerate(run.segments):
+            if seg.depths[k] == seg.depths[seg.reference]:
+                keeps.append(list(range(seg.depths[k])))
+            else:
+                keeps.append(alignment.local[(s, k)])
+        if any(len(keep) < seg.depths[k] for keep, seg in zip(keeps, run.segments)):
+            captures = [layer.capture for seg in run.specs[k].segments for layer in seg.layers]
+            preacts = dict(zip(captures, activations.full[k]))
+            balanced[k] = run.adapter.merge_layers(run.models[k], keeps, preacts, run.config.relu_approx)
+    return balanced
+
+
+def collect_group_statistics(
+    run: Prepared, balanced: Balanced, *, clock: Stopwatch
+) -> dict[int, list[core.ActivationStats | None]]:
+    """Activation statistics of every alignment group, non-anchor model against the anchor, for
+    ``ground_metric="activations"`` (one pass over the calibration data per model); ``{}`` otherwise.
+
+    Returns:
+        Non-anchor model index -> one :class:`~hf_clafusion.core.ActivationStats` per group, in group order.
+    """
+    if run.config.ground_metric != "activations":
+        return {}
+    others = [k for k in range(len(run.models)) if k != run.anchor]
+    groups = {k: balanced.specs[k].groups for k in range(len(run.models))}
+    statistics: dict[int, list[core.ActivationStats | None]] = {
+        k: [core.ActivationStats() for _ in groups[k]] for k in others
+    }
+    with clock("activations_groups"), torch.no_grad():
+        for k in others:
+            for group_b, group_a in zip(groups[k], groups[run.anchor]):
+                if len(group_b.captures) != len(group_a.captures):
+                    raise AlignmentError(
+                        f"Group {group_a.name!r} is captured at {len(group_b.captures)} points in model {k} but "
+                        f"{len(group_a.captures)} in the anchor after balancing; this is a bug, please report it."
+                    )
+        for batch in _bar(run.batches, "group activations", run.config):
+            outputs = {}
+            for k, model in enumerate(balanced.models):
+                names = list(dict.fromkeys(c for g in groups[k] for c in g.captures))
+                with capture_outputs(model, names) as out:
+                    _forward(run.adapter, model, batch, k)
+                outputs[k] = {n: run.adapter.features(out[n], batch) for n in names}
+            for k in others:
+                for g, stats in enumerate(statistics[k]):
+                    for name_b, name_a in zip(groups[k][g].captures, groups[run.anchor][g].captures):
+                        stats.update(outputs[k][name_b], outputs[run.anchor][name_a])
+    return statistics
+
+
+def transport_to_anchor(
+    run: Prepared,
+    balanced: Balanced,
+    statistics: dict[int, list[core.ActivationStats | None]],
+    *,
+    clock: Stopwatch,
+) -> Transported:
+    """Transport every non-anchor balanced model into the anchor's neuron basis, group by group.
+
+    Each group's plan comes from its activation statistics (``ground_metric="activations"``) or from the
+    distances between the groups' primary weights, and is applied to every axis of the group. The statistics
+    are consumed: each entry of ``statistics`` is set to ``None`` once its plan is computed, to free the
+    ``(n_model, n_anchor)`` matrices early.
+    """
+    anchor_state = balanced.models[run.anchor].state_dict()
+    plans: dict[int, dict[str, torch.Tensor]] = {}
+    states: dict[int, dict[str, torch.Tensor]] = {run.anchor: anchor_state}
+    with clock("transport"):
+        for k in range(len(run.models)):
+            if k == run.anchor:
+                continue
+            work = {name: t.clone() for name, t in balanced.models[k].state_dict().items()}
+            groups_b, groups_a = balanced.specs[k].groups, balanced.specs[run.anchor].groups
+            plans[k] = {}
+            for g, (group_b, group_a) in enumerate(
+                _bar(list(zip(groups_b, groups_a)), f"transport model {k}", run.config)
+            ):
+                if run.config.ground_metric == "activations":
+                    cost = statistics[k][g].distances()
+                    statistics[k][g] = None  # free the (n_B, n_A) statistics as soon as they are used
+                else:
+                    primary = group_b.axes[0].param
+                    cost = core.weight_distances(work[primary], anchor_state[group_a.axes[0].param])
+                heads = _heads(run.config, group_b, group_a, k)
+                if heads > 1:
+                    plan = core.head_plan(cost, heads, within=group_a.head_dims_free)
+                else:
+                    plan = core.transport_plan(cost, solver=run.config.solver, reg=run.config.reg)
+                r_map, s_map = core.plan_maps(plan, run.config.plan_normalization)
+                for axis in group_b.axes:
+                    matrix = r_map if axis.role == "out" else s_map
+                    if axis.repeat > 1:
+                        matrix = core.expand_head_plan(matrix, max(heads, 1), axis.repeat)
+                    work[axis.param] = core.apply_plan(
+                        work[axis.param], axis.axis, matrix, inner=axis.inner, outer=axis.outer
+                    )
+                plans[k][group_a.name] = plan.float().cpu()
+            states[k] = work
+    return Transported(states=states, plans=plans)
+
+
+def average(
+    states: dict[int, dict[str, torch.Tensor]], weights: Sequence[float], *, anchor: int
+) -> Iterator[tuple[str, torch.Tensor]]:
+    """The fused parameters and buffers, one ``(name, tensor)`` at a time, in the anchor's state-dict order.
+
+    Each tensor is the weighted average of the aligned models' tensors of that name (``num_batches_tracked``
+    is the anchor's). Nothing holds the whole fused state: a consumer may load, save or shard each tensor as
+    it comes (:func:`load_fused` collects them into a module).
+
+    Args:
+        states: model index -> aligned state dict (:attr:`Transported.states`), every model in the anchor's basis.
+        weights: averaging weight of each model, by index.
+        anchor: index of the anchor, whose state-dict order and ``num_batches_tracked`` are kept.
+
+    Raises:
+        IncompatibleModelsError: the models have different parameter names, or shapes after alignment.
+    """
+    for k, params in states.items():
+        differ = sorted(set(params) ^ set(states[anchor]))
+        if differ:
+            raise IncompatibleModelsError(
+                f"Model {k} and the anchor (model {anchor}) are built from different layer types: "
+                f"parameters {differ[:6]} exist in only one of them. Fusion needs the same kinds of layers "
+                "in the same order (e.g. both with or both without BatchNorm and biases); only widths and "
+                "depths may differ."
+            )
+    for name, tensor in states[anchor].items():
+        shapes = {k: tuple(states[k][name].shape) for k in states}
+        if len(set(shapes.values())) > 1:
+            raise IncompatibleModelsError(
+                f"Parameter {name!r} has different shapes after alignment: {shapes}. The models' inputs or "
+                "outputs probably differ; only hidden widths may differ."
+            )
+        if name.endswith("num_batches_tracked"):
+            yield name, tensor.clone()
+            continue
+        yield name, core.weighted_average([states[k][name] for k in range(len(states))], weights)
+
+
+def load_fused(template: nn.Module, tensors: Iterable[tuple[str, torch.Tensor]]) -> nn.Module:
+    """A copy of ``template`` (the balanced anchor) holding ``tensors`` (from :func:`average`), in eval mode."""
+    fused = copy.deepcopy(template)
+    fused.load_state_dict(dict(tensors))
+    return fused.eval()
+
+
+def repair_statistics(
+    fused: nn.Module, run: Prepared, balanced: Balanced, transported: Transported, *, clock: Stopwatch
+) -> bool:
+    """The statistics step after averaging: correct the fused model's activation statistics, in place.
+
+    Averaging aligned weights shrinks and shifts the activations of the fused model ("variance collapse").
+    Today this stage recomputes every BatchNorm's running statistics on the calibration batches when
+    ``config.reset_bn_stats`` is set. It is also the seam for REPAIR-style corrections (Jordan et al., 2023),
+    which match each fused group's activation statistics to the interpolated statistics of the parents and
+    fold the correction into the weights: everything such a correction needs is among the inputs, namely
+    the balanced parents and their specs (``balanced``), the plans and aligned states (``transported``), the
+    averaging weights, the anchor, the adapter, the config and the calibration batches (``run``).
+
+    Returns:
+        Whether BatchNorm statistics were recomputed (``FusionResult.bn_reset``).
+
+    Raises:
+        CalibrationDataError: the fused model cannot run on the calibration batches.
+    """
+    if not run.config.reset_bn_stats:
+        return False
+    with clock("bn_reset"):
+        try:
+            return reset_batchnorm_stats(fused, run.batches, run.adapter)
+        except (RuntimeError, TypeError, ValueError) as error:
+            raise CalibrationDataError(
+                f"The fused model cannot run on the calibration data to recompute BatchNorm statistics: "
+                f"{str(error).splitlines()[0]}. Pass inputs shaped as the models expect."
+            ) from error
 
 
 # --------------------------------------------------------------------------------------------- internals
@@ -136,441 +628,191 @@ def _resolve_config(config: FusionConfig | None, overrides: dict[str, Any]) -> F
     return config.replace(**overrides) if overrides else config
 
 
-@dataclass
-class _Segment:
-    """Depth roles of one segment across the K models."""
+def _result(
+    run: Prepared,
+    alignment: Alignment,
+    balanced: Balanced,
+    transported: Transported,
+    fused: nn.Module,
+    bn_reset: bool,
+    clock: Stopwatch,
+) -> FusionResult:
+    return FusionResult(
+        model=fused,
+        pairs=alignment.pairs,
+        transport_plans=transported.plans,
+        timings=dict(clock.timings),
+        calibration=run.calibration.provenance,
+        config=run.config,
+        adapter=run.adapter.name,
+        anchor=run.anchor,
+        parents=list(run.parents),
+        bn_reset=bn_reset,
+        identity_errors=balanced.identity_errors,
+    )
 
-    depths: list[int]
-    reference: int  # the model whose depth the balanced segment takes
+
+def _bar(iterable: Iterable[Any], desc: str, config: FusionConfig) -> Iterable[Any]:
+    return tqdm(iterable, desc=desc, disable=not config.progress, leave=False)
 
 
-class _Run:
-    """State of one fusion run; each method is one stage of :func:`fuse` (timed)."""
+def _device(models: Sequence[nn.Module], config: FusionConfig) -> torch.device:
+    if config.device is not None:
+        return torch.device(config.device)
+    devices = []
+    for model in models:
+        tensors = list(model.parameters()) + list(model.buffers())
+        devices.append({str(t.device) for t in tensors} or {"cpu"})
+    flat = sorted(set().union(*devices))
+    if len(flat) > 1:
+        per_model = ", ".join(f"model {i}: {'/'.join(sorted(d))}" for i, d in enumerate(devices))
+        raise IncompatibleModelsError(
+            f"The models are on different devices ({per_model}). Move them to one device with `.to(device)`, "
+            "or pass `device=` to run the fusion there."
+        )
+    return torch.device(flat[0])
 
-    def __init__(self, models: Sequence[nn.Module], data: Any, config: FusionConfig, processor: Any = None):
-        models = list(models)
-        if len(models) < 2:
-            raise IncompatibleModelsError(f"Fusion needs at least 2 models, got {len(models)}. Pass a list of models.")
-        if config.weights is not None and len(config.weights) != len(models):
-            raise ConfigError(
-                f"`weights` has {len(config.weights)} entries but {len(models)} models were given; give one per model.",
-                field="weights",
-            )
-        self.models = models
-        self.data = data
-        self.processor = processor
-        self.config = config
-        self.timings: dict[str, float] = {}
-        self.pairs: list[PairAlignment] = []
-        self.bn_reset = False
 
-    # -- helpers
-    @contextlib.contextmanager
-    def _timed(self, stage: str) -> Iterator[None]:
-        start = time.perf_counter()
-        try:
-            yield
-        finally:
-            self.timings[stage] = self.timings.get(stage, 0.0) + time.perf_counter() - start
+def _anchor_index(config: FusionConfig, specs: Sequence[NetworkSpec]) -> int:
+    anchor = config.anchor
+    depths = [s.depth for s in specs]
+    if anchor == "deepest":
+        return max(range(len(depths)), key=lambda i: (depths[i], -i))
+    if anchor == "shallowest":
+        return min(range(len(depths)), key=lambda i: (depths[i], i))
+    if anchor >= len(specs):
+        raise ConfigError(
+            f"Invalid `anchor`: {anchor}, but only {len(specs)} models were given (indices 0-{len(specs) - 1}).",
+            field="anchor",
+        )
+    return anchor
 
-    def _bar(self, iterable, desc: str, total: int | None = None):
-        return tqdm(iterable, desc=desc, total=total, disable=not self.config.progress, leave=False)
 
-    # -- 1. prepare
-    def prepare(self) -> None:
-        with self._timed("prepare"):
-            adapters = [get_adapter(m) for m in self.models]
-            names = {a.name for a in adapters}
-            if len(names) > 1:
-                raise IncompatibleModelsError(
-                    f"The models belong to different families: {sorted(names)}. Only models of one family can be fused."
-                )
-            self.adapter: Adapter = adapters[0]
-            self.device = self._device()
-            self.parents = [describe_parent(m, i) for i, m in enumerate(self.models)]
-            for i, model in enumerate(self.models):
-                _check_finite(model, i)
-            self.prepared = [self.adapter.prepare(m).to(self.device) for m in self.models]
-            self.specs: list[NetworkSpec] = [self.adapter.spec(m) for m in self.prepared]
-            _check_compatible(self.specs)
-            self.adapter.check_compatible(self.prepared)
-            self.anchor = self._anchor_index()
-            self.weights = list(self.config.weights or [1.0 / len(self.models)] * len(self.models))
-            data = self.adapter.prepare_data(self.data, self.prepared, self.processor, self.config)
-            self.calibration: CalibrationData = prepare_calibration(
-                data,
-                num_samples=self.config.num_samples,
-                batch_size=self.config.batch_size,
-                seed=self.config.seed,
-            )
-            self.batches = [move_to(b, self.device) for b in self.calibration.batches]
-            self.segments = self._segment_roles()
+def _segment_roles(specs: Sequence[NetworkSpec], anchor: int, balancing: str) -> tuple[SegmentRoles, ...]:
+    out = []
+    for s in range(len(specs[0].segments)):
+        depths = tuple(spec.segments[s].depth for spec in specs)
+        target = (max if balancing == "identity" else min)(depths)
+        # prefer the anchor as the reference when it has the target depth
+        reference = anchor if depths[anchor] == target else depths.index(target)
+        out.append(SegmentRoles(depths, reference))
+    return tuple(out)
 
-    def _device(self) -> torch.device:
-        if self.config.device is not None:
-            return torch.device(self.config.device)
-        devices = []
-        for model in self.models:
-            tensors = list(model.parameters()) + list(model.buffers())
-            devices.append({str(t.device) for t in tensors} or {"cpu"})
-        flat = sorted(set().union(*devices))
-        if len(flat) > 1:
-            per_model = ", ".join(f"model {i}: {'/'.join(sorted(d))}" for i, d in enumerate(devices))
-            raise IncompatibleModelsError(
-                f"The models are on different devices ({per_model}). Move them to one device with `.to(device)`, "
-                "or pass `device=` to run the fusion there."
-            )
-        return torch.device(flat[0])
 
-    def _anchor_index(self) -> int:
-        anchor = self.config.anchor
-        depths = [s.depth for s in self.specs]
-        if anchor == "deepest":
-            return max(range(len(depths)), key=lambda i: (depths[i], -i))
-        if anchor == "shallowest":
-            return min(range(len(depths)), key=lambda i: (depths[i], i))
-        if anchor >= len(self.models):
-            raise ConfigError(
-                f"Invalid `anchor`: {anchor}, but only {len(self.models)} models were given (indices 0-{len(self.models) - 1}).",
-                field="anchor",
-            )
-        return anchor
+def _forward(adapter: Adapter, model: nn.Module, batch: Any, index: int) -> None:
+    args, kwargs = adapter.model_inputs(batch)
+    try:
+        model(*args, **kwargs)
+    except (RuntimeError, TypeError, ValueError) as error:
+        shapes = {k: tuple(v.shape) for k, v in batch.items()} if isinstance(batch, dict) else tuple(batch.shape)
+        raise CalibrationDataError(
+            f"Model {index} cannot run on the calibration data (batch shape {shapes}): "
+            f"{str(error).splitlines()[0]}. Pass inputs shaped as the models expect."
+        ) from error
 
-    def _segment_roles(self) -> list[_Segment]:
-        out = []
-        for s in range(len(self.specs[0].segments)):
-            depths = [spec.segments[s].depth for spec in self.specs]
-            pick = max if self.config.balancing == "identity" else min
-            target = pick(depths)
-            # prefer the anchor as the reference when it has the target depth
-            reference = self.anchor if depths[self.anchor] == target else depths.index(target)
-            out.append(_Segment(depths, reference))
-        return out
 
-    # -- 2. activations of every hidden layer (for layer costs and merge)
-    def collect_layer_activations(self) -> None:
-        cost = self.config.layer_cost
-        self.layer_acts: list[list[torch.Tensor]] | None = None
-        self.minibatch: dict[tuple[int, int, int], core.MinibatchCKA] = {}
-        needs_full = cost in ("cka", "cca", "wasserstein") or self.config.balancing == "merge"
-        needs_stream = cost == "cka_minibatch"
-        if not (needs_full or needs_stream):
-            return
-        with self._timed("activations_layers"), torch.no_grad():
-            captures = [[layer.capture for seg in spec.segments for layer in seg.layers] for spec in self.specs]
-            stored: list[list[list[torch.Tensor]]] = [[[] for _ in c] for c in captures]
-            for batch in self._bar(self.batches, "layer activations"):
-                per_model = []
-                for k, model in enumerate(self.prepared):
-                    with capture_outputs(model, captures[k]) as out:
-                        self._forward(model, batch, k)
-                    acts = [self.adapter.layer_features(out[name], batch) for name in captures[k]]
-                    per_model.append(acts)
-                    if needs_full:
-                        for i, a in enumerate(acts):
-                            stored[k][i].append(a.float())
-                if needs_stream:
-                    self._update_minibatch(per_model)
-            if needs_full:
-                self.layer_acts = [[torch.cat(chunks) for chunks in model_chunks] for model_chunks in stored]
+def _pairs_to_align(run: Prepared) -> list[tuple[int, int, int]]:
+    """(segment, model, reference) for every model that must be aligned to a segment's reference."""
+    return [
+        (s, k, seg.reference)
+        for s, seg in enumerate(run.segments)
+        for k in range(len(run.models))
+        if k != seg.reference
+    ]
 
-    def _forward(self, model: nn.Module, batch: Any, index: int) -> None:
-        args, kwargs = self.adapter.model_inputs(batch)
-        try:
-            model(*args, **kwargs)
-        except (RuntimeError, TypeError, ValueError) as error:
-            shapes = {k: tuple(v.shape) for k, v in batch.items()} if isinstance(batch, dict) else tuple(batch.shape)
-            raise CalibrationDataError(
-                f"Model {index} cannot run on the calibration data (batch shape {shapes}): "
-                f"{str(error).splitlines()[0]}. Pass inputs shaped as the models expect."
-            ) from error
 
-    def _pairs_to_align(self) -> list[tuple[int, int, int]]:
-        """(segment, model, reference) for every model that must be aligned to a segment's reference."""
-        return [
-            (s, k, seg.reference)
-            for s, seg in enumerate(self.segments)
-            for k in range(len(self.models))
-            if k != seg.reference
-        ]
+def _segment_slice(spec: NetworkSpec, segment: int) -> slice:
+    """The network-wide hidden-layer indices of one segment of a model."""
+    depths = spec.segment_depths
+    start = sum(depths[:segment])
+    return slice(start, start + depths[segment])
 
-    def _segment_slice(self, model: int, segment: int) -> slice:
-        depths = self.specs[model].segment_depths
-        start = sum(depths[:segment])
-        return slice(start, start + depths[segment])
 
-    def _update_minibatch(self, per_model: list[list[torch.Tensor]]) -> None:
-        for s, k, ref in self._pairs_to_align():
-            deep, shallow = self._roles(s, k, ref)
-            a = per_model[deep][self._segment_slice(deep, s)]
-            b = per_model[shallow][self._segment_slice(shallow, s)]
-            if a and b:
-                self.minibatch.setdefault((s, k, ref), core.MinibatchCKA()).update(a, b)
+def _roles(segment: SegmentRoles, k: int, ref: int) -> tuple[int, int]:
+    """(deeper, shallower) model of a pair in a segment (the reference on ties)."""
+    return (ref, k) if segment.depths[ref] >= segment.depths[k] else (k, ref)
 
-    def _roles(self, s: int, k: int, ref: int) -> tuple[int, int]:
-        """(deeper, shallower) model of a pair in segment ``s`` (the reference on ties)."""
-        depths = self.segments[s].depths
-        return (ref, k) if depths[ref] >= depths[k] else (k, ref)
 
-    # -- 3. cross-layer alignment
-    def align(self) -> None:
-        with self._timed("layer_alignment"):
-            num_segments = len(self.segments)
-            by_pair: dict[tuple[int, int], PairAlignment] = {}
-            self.local: dict[tuple[int, int], list[int]] = {}  # (segment, model) -> positions in the deeper model
-            for s, k, ref in self._pairs_to_align():
-                deep, shallow = self._roles(s, k, ref)
-                m, n = self.segments[s].depths[deep], self.segments[s].depths[shallow]
-                cost = self._segment_cost(s, k, ref, deep, shallow)
-                mapping = self._segment_alignment(cost, m, n, s)
-                self.local[(s, k)] = mapping
-                pair = by_pair.get((k, ref)) or by_pair.get((ref, k))
-                if pair is None:  # reported as (aligned model, the anchor or the other model)
-                    model, other = (ref, k) if k == self.anchor else (k, ref)
-                    pair = by_pair[(model, other)] = PairAlignment(
-                        model=model,
-                        reference=other,
-                        deeper=[other] * num_segments,
-                        alignment=[[] for _ in range(num_segments)],
-                        costs=[torch.zeros(0, 0, dtype=torch.float64) for _ in range(num_segments)],
-                        offsets=[0] * num_segments,
-                    )
-                offset = self._segment_slice(deep, s).start
-                pair.deeper[s] = deep
-                pair.alignment[s] = [offset + a for a in mapping]
-                pair.costs[s] = cost
-                pair.offsets[s] = offset
-            self.pairs = [by_pair[key] for key in sorted(by_pair)]
+def _update_minibatch(
+    minibatch: dict[tuple[int, int, int], core.MinibatchCKA], run: Prepared, per_model: list[list[torch.Tensor]]
+) -> None:
+    for s, k, ref in _pairs_to_align(run):
+        deep, shallow = _roles(run.segments[s], k, ref)
+        a = per_model[deep][_segment_slice(run.specs[deep], s)]
+        b = per_model[shallow][_segment_slice(run.specs[shallow], s)]
+        if a and b:
+            minibatch.setdefault((s, k, ref), core.MinibatchCKA()).update(a, b)
 
-    def _segment_cost(self, s: int, k: int, ref: int, deep: int, shallow: int) -> torch.Tensor:
-        m, n = self.segments[s].depths[deep], self.segments[s].depths[shallow]
-        kind = self.config.layer_cost
-        if m == 0 or n == 0:
-            return torch.zeros(m, n, dtype=torch.float64)
-        if kind == "index":
-            return core.index_cost_matrix(m, n)
-        if kind == "neuron_count":
-            widths = [[layer.width for layer in self.specs[i].segments[s].layers] for i in (deep, shallow)]
-            return core.neuron_count_cost_matrix(*widths)
-        if kind == "cka_minibatch":
-            return self.minibatch[(s, k, ref)].compute().cpu()
-        acts_deep = self.layer_acts[deep][self._segment_slice(deep, s)]
-        acts_shallow = self.layer_acts[shallow][self._segment_slice(shallow, s)]
-        fn = {"cka": core.cka_cost_matrix, "cca": core.cca_cost_matrix, "wasserstein": core.wasserstein_cost_matrix}[
-            kind
-        ]
-        return fn(acts_deep, acts_shallow).cpu()
 
-    def _segment_alignment(self, cost: torch.Tensor, m: int, n: int, segment: int) -> list[int]:
-        if m == n:
-            return list(range(n))
-        first, last = core.relax_constraints(n, self.config.first_fixed, self.config.last_fixed)
-        if first < self.config.first_fixed and any(spec.segments[segment].first_pinned for spec in self.specs):
-            first, last = 1, min(last, n - 1)  # relaxed, but the segment's first layer has no identity
-        if first + last > n:
-            raise AlignmentError(
-                f"Segment {segment} of the shallower model has {n} layer(s), fewer than first_fixed="
-                f"{self.config.first_fixed} + last_fixed={self.config.last_fixed}. Lower them (values up to 1 are "
-                "relaxed automatically on short segments)."
-            )
-        if self.config.alignment == "chain":
-            return core.chain_alignment(m, n)
-        if self.config.alignment == "random":
-            return core.random_alignment(m, n, first_fixed=first, last_fixed=last, seed=self.config.seed + segment)
-        return core.align_layers(cost, first_fixed=first, last_fixed=last)
+def _segment_cost(
+    run: Prepared, activations: LayerActivations, s: int, k: int, ref: int, deep: int, shallow: int
+) -> torch.Tensor:
+    m, n = run.segments[s].depths[deep], run.segments[s].depths[shallow]
+    kind = run.config.layer_cost
+    if m == 0 or n == 0:
+        return torch.zeros(m, n, dtype=torch.float64)
+    if kind == "index":
+        return core.index_cost_matrix(m, n)
+    if kind == "neuron_count":
+        widths = [[layer.width for layer in run.specs[i].segments[s].layers] for i in (deep, shallow)]
+        return core.neuron_count_cost_matrix(*widths)
+    if kind == "cka_minibatch":
+        return activations.minibatch[(s, k, ref)].compute().cpu()
+    acts_deep = activations.full[deep][_segment_slice(run.specs[deep], s)]
+    acts_shallow = activations.full[shallow][_segment_slice(run.specs[shallow], s)]
+    fn = {"cka": core.cka_cost_matrix, "cca": core.cca_cost_matrix, "wasserstein": core.wasserstein_cost_matrix}[kind]
+    return fn(acts_deep, acts_shallow).cpu()
 
-    # -- 4. depth balancing
-    def balance(self) -> None:
-        self.identity_errors: dict[str, float] = {}
-        with self._timed("balancing"):
-            balanced = list(self.prepared)
-            if self.config.balancing == "identity":
-                for k in range(len(self.models)):
-                    layouts = []
-                    for s, seg in enumerate(self.segments):
-                        depth, target = seg.depths[k], seg.depths[seg.reference]
-                        if depth == target:
-                            layouts.append(list(range(depth)))
-                            continue
-                        layout: list[int | None] = [None] * target
-                        for own, position in enumerate(self.local[(s, k)]):
-                            layout[position] = own
-                        layouts.append(layout)
-                    if any(None in layout for layout in layouts):
-                        template = self.prepared[self._template_for(k)]
-                        balanced[k] = self.adapter.insert_identity(
-                            self.prepared[k], layouts, template, batches=self.batches
-                        )
-                        self.identity_errors.update(
-                            {f"model {k}, {key}": err for key, err in self.adapter.identity_errors.items()}
-                        )
-            else:
-                for k in range(len(self.models)):
-                    keeps = []
-                    for s, seg in enumerate(self.segments):
-                        if seg.depths[k] == seg.depths[seg.reference]:
-                            keeps.append(list(range(seg.depths[k])))
-                        else:
-                            keeps.append(self.local[(s, k)])
-                    if any(len(keep) < seg.depths[k] for keep, seg in zip(keeps, self.segments)):
-                        captures = [layer.capture for seg in self.specs[k].segments for layer in seg.layers]
-                        preacts = dict(zip(captures, self.layer_acts[k]))
-                        balanced[k] = self.adapter.merge_layers(
-                            self.prepared[k], keeps, preacts, self.config.relu_approx
-                        )
-            self.balanced = [m.to(self.device).eval() for m in balanced]
-            self.balanced_specs = [self.adapter.spec(m) for m in self.balanced]
-            _check_balanced(self.balanced_specs, self.anchor)
 
-    def _template_for(self, k: int) -> int:
-        """Index of the model with the target depth in every segment where ``k`` needs identity layers."""
-        refs = {seg.reference for seg in self.segments if seg.depths[k] < seg.depths[seg.reference]}
-        if len(refs) == 1:
-            return refs.pop()
+def _segment_alignment(run: Prepared, cost: torch.Tensor, m: int, n: int, segment: int) -> list[int]:
+    config = run.config
+    if m == n:
+        return list(range(n))
+    first, last = core.relax_constraints(n, config.first_fixed, config.last_fixed)
+    if first < config.first_fixed and any(spec.segments[segment].first_pinned for spec in run.specs):
+        first, last = 1, min(last, n - 1)  # relaxed, but the segment's first layer has no identity
+    if first + last > n:
         raise AlignmentError(
-            f"Model {k} needs identity layers in segments whose deepest models differ ({sorted(refs)}); balancing "
-            "against several templates at once is not supported. Fuse the models pairwise."
+            f"Segment {segment} of the shallower model has {n} layer(s), fewer than first_fixed="
+            f"{config.first_fixed} + last_fixed={config.last_fixed}. Lower them (values up to 1 are "
+            "relaxed automatically on short segments)."
         )
+    if config.alignment == "chain":
+        return core.chain_alignment(m, n)
+    if config.alignment == "random":
+        return core.random_alignment(m, n, first_fixed=first, last_fixed=last, seed=config.seed + segment)
+    return core.align_layers(cost, first_fixed=first, last_fixed=last)
 
-    # -- 5. activation statistics of every alignment group
-    def collect_group_statistics(self) -> None:
-        self.group_stats: dict[int, list[core.ActivationStats | None]] = {}
-        if self.config.ground_metric != "activations":
-            return
-        others = [k for k in range(len(self.models)) if k != self.anchor]
-        groups = {k: self.balanced_specs[k].groups for k in range(len(self.models))}
-        self.group_stats = {k: [core.ActivationStats() for _ in groups[k]] for k in others}
-        with self._timed("activations_groups"), torch.no_grad():
-            for k in others:
-                for group_b, group_a in zip(groups[k], groups[self.anchor]):
-                    if len(group_b.captures) != len(group_a.captures):
-                        raise AlignmentError(
-                            f"Group {group_a.name!r} is captured at {len(group_b.captures)} points in model {k} but "
-                            f"{len(group_a.captures)} in the anchor after balancing; this is a bug, please report it."
-                        )
-            for batch in self._bar(self.batches, "group activations"):
-                outputs = {}
-                for k, model in enumerate(self.balanced):
-                    names = list(dict.fromkeys(c for g in groups[k] for c in g.captures))
-                    with capture_outputs(model, names) as out:
-                        self._forward(model, batch, k)
-                    outputs[k] = {n: self.adapter.features(out[n], batch) for n in names}
-                for k in others:
-                    for g, stats in enumerate(self.group_stats[k]):
-                        for name_b, name_a in zip(groups[k][g].captures, groups[self.anchor][g].captures):
-                            stats.update(outputs[k][name_b], outputs[self.anchor][name_a])
 
-    # -- 6. transport every non-anchor model into the anchor's basis
-    def transport(self) -> dict[int, dict[str, torch.Tensor]]:
-        anchor_state = self.balanced[self.anchor].state_dict()
-        self.plans: dict[int, dict[str, torch.Tensor]] = {}
-        aligned: dict[int, dict[str, torch.Tensor]] = {self.anchor: anchor_state}
-        with self._timed("transport"):
-            for k in range(len(self.models)):
-                if k == self.anchor:
-                    continue
-                work = {name: t.clone() for name, t in self.balanced[k].state_dict().items()}
-                groups_b, groups_a = self.balanced_specs[k].groups, self.balanced_specs[self.anchor].groups
-                self.plans[k] = {}
-                for g, (group_b, group_a) in enumerate(
-                    self._bar(list(zip(groups_b, groups_a)), f"transport model {k}")
-                ):
-                    if self.config.ground_metric == "activations":
-                        cost = self.group_stats[k][g].distances()
-                        self.group_stats[k][g] = None  # free the (n_B, n_A) statistics as soon as they are used
-                    else:
-                        primary = group_b.axes[0].param
-                        cost = core.weight_distances(work[primary], anchor_state[group_a.axes[0].param])
-                    heads = self._heads(group_b, group_a, k)
-                    if heads > 1:
-                        plan = core.head_plan(cost, heads, within=group_a.head_dims_free)
-                    else:
-                        plan = core.transport_plan(cost, solver=self.config.solver, reg=self.config.reg)
-                    r_map, s_map = core.plan_maps(plan, self.config.plan_normalization)
-                    for axis in group_b.axes:
-                        matrix = r_map if axis.role == "out" else s_map
-                        if axis.repeat > 1:
-                            matrix = core.expand_head_plan(matrix, max(heads, 1), axis.repeat)
-                        work[axis.param] = core.apply_plan(
-                            work[axis.param], axis.axis, matrix, inner=axis.inner, outer=axis.outer
-                        )
-                    self.plans[k][group_a.name] = plan.float().cpu()
-                aligned[k] = work
-        return aligned
+def _template_for(segments: Sequence[SegmentRoles], k: int) -> int:
+    """Index of the model with the target depth in every segment where ``k`` needs identity layers."""
+    refs = {seg.reference for seg in segments if seg.depths[k] < seg.depths[seg.reference]}
+    if len(refs) == 1:
+        return refs.pop()
+    raise AlignmentError(
+        f"Model {k} needs identity layers in segments whose deepest models differ ({sorted(refs)}); balancing "
+        "against several templates at once is not supported. Fuse the models pairwise."
+    )
 
-    def _heads(self, group_b, group_a, k: int) -> int:
-        """Heads to keep whole in a group's plan: 1 for ordinary groups and in ``attention='cross_head'`` mode."""
-        if group_a.heads <= 1 or self.config.attention == "cross_head":
-            if any(axis.repeat > 1 for axis in group_b.axes) and group_b.width != group_a.width:
-                raise IncompatibleModelsError(
-                    f"Group {group_a.name!r} feeds grouped-query attention, whose query heads must follow their "
-                    f"key/value head; widths {group_b.width} (model {k}) and {group_a.width} (anchor) differ. Fuse "
-                    "models with the same attention layout."
-                )
-            return group_a.heads if any(axis.repeat > 1 for axis in group_b.axes) else 1
-        if (group_b.width, group_b.heads) != (group_a.width, group_a.heads):
+
+def _heads(config: FusionConfig, group_b: Group, group_a: Group, k: int) -> int:
+    """Heads to keep whole in a group's plan: 1 for ordinary groups and in ``attention='cross_head'`` mode."""
+    if group_a.heads <= 1 or config.attention == "cross_head":
+        if any(axis.repeat > 1 for axis in group_b.axes) and group_b.width != group_a.width:
             raise IncompatibleModelsError(
-                f"Attention group {group_a.name!r} has {group_b.heads} heads of {group_b.width // group_b.heads} dims "
-                f"in model {k} but {group_a.heads} heads of {group_a.width // group_a.heads} in the anchor. Heads "
-                "can only be kept whole between equal layouts; pass attention='cross_head' to align every "
-                "dimension freely (approximate)."
+                f"Group {group_a.name!r} feeds grouped-query attention, whose query heads must follow their "
+                f"key/value head; widths {group_b.width} (model {k}) and {group_a.width} (anchor) differ. Fuse "
+                "models with the same attention layout."
             )
-        return group_a.heads
-
-    # -- 7. average and recompute BatchNorm statistics
-    def average(self, aligned: dict[int, dict[str, torch.Tensor]]) -> nn.Module:
-        with self._timed("averaging"):
-            fused = copy.deepcopy(self.balanced[self.anchor])
-            for k, params in aligned.items():
-                differ = sorted(set(params) ^ set(aligned[self.anchor]))
-                if differ:
-                    raise IncompatibleModelsError(
-                        f"Model {k} and the anchor (model {self.anchor}) are built from different layer types: "
-                        f"parameters {differ[:6]} exist in only one of them. Fusion needs the same kinds of layers "
-                        "in the same order (e.g. both with or both without BatchNorm and biases); only widths and "
-                        "depths may differ."
-                    )
-            state = {}
-            for name, tensor in aligned[self.anchor].items():
-                shapes = {k: tuple(aligned[k][name].shape) for k in aligned}
-                if len(set(shapes.values())) > 1:
-                    raise IncompatibleModelsError(
-                        f"Parameter {name!r} has different shapes after alignment: {shapes}. The models' inputs or "
-                        "outputs probably differ; only hidden widths may differ."
-                    )
-                if name.endswith("num_batches_tracked"):
-                    state[name] = tensor.clone()
-                    continue
-                state[name] = core.weighted_average([aligned[k][name] for k in range(len(self.models))], self.weights)
-            fused.load_state_dict(state)
-        return fused.eval()
-
-    def reset_bn(self, fused: nn.Module) -> None:
-        if not self.config.reset_bn_stats:
-            return
-        with self._timed("bn_reset"):
-            try:
-                self.bn_reset = reset_batchnorm_stats(fused, self.batches, self.adapter)
-            except (RuntimeError, TypeError, ValueError) as error:
-                raise CalibrationDataError(
-                    f"The fused model cannot run on the calibration data to recompute BatchNorm statistics: "
-                    f"{str(error).splitlines()[0]}. Pass inputs shaped as the models expect."
-                ) from error
-
-    def result(self, fused: nn.Module) -> FusionResult:
-        return FusionResult(
-            model=fused,
-            pairs=self.pairs,
-            transport_plans=self.plans,
-            timings=dict(self.timings),
-            calibration=self.calibration.provenance,
-            config=self.config,
-            adapter=self.adapter.name,
-            anchor=self.anchor,
-            parents=self.parents,
-            bn_reset=self.bn_reset,
-            identity_errors=getattr(self, "identity_errors", {}),
+        return group_a.heads if any(axis.repeat > 1 for axis in group_b.axes) else 1
+    if (group_b.width, group_b.heads) != (group_a.width, group_a.heads):
+        raise IncompatibleModelsError(
+            f"Attention group {group_a.name!r} has {group_b.heads} heads of {group_b.width // group_b.heads} dims "
+            f"in model {k} but {group_a.heads} heads of {group_a.width // group_a.heads} in the anchor. Heads "
+            "can only be kept whole between equal layouts; pass attention='cross_head' to align every "
+            "dimension freely (approximate)."
         )
+    return group_a.heads
 
 
 def _check_finite(model: nn.Module, index: int) -> None:

@@ -43,13 +43,6 @@ class Adapter(ABC):
     def spec(self, model: nn.Module) -> NetworkSpec:
         """The network description of a prepared model."""
 
-    #: Relative error of each approximate identity block inserted by the last :meth:`insert_identity` call
-    #: (``{"<segment>.<position>": error}``); empty when every inserted block is exact.
-    identity_errors: dict[str, float]
-
-    def __init__(self) -> None:
-        self.identity_errors = {}
-
     @abstractmethod
     def insert_identity(
         self,
@@ -58,14 +51,18 @@ class Adapter(ABC):
         template: nn.Module,
         *,
         batches: Sequence[Any] | None = None,
-    ) -> nn.Module:
+    ) -> tuple[nn.Module, dict[str, float]]:
         """Balance depth: a copy of ``model`` whose segment ``s`` has ``len(layouts[s])`` layers.
 
         ``layouts[s][p]`` is the index (within the segment) of the model's own layer placed at position ``p``,
         or ``None`` for an inserted identity layer shaped like ``template``'s layer at that position
-        (``template`` is the deeper model). The result computes the same function as ``model``. Families
+        (``template`` is the deeper model). The new model computes the same function as ``model``. Families
         without an exact identity (post-LN transformers) fit an approximate one on ``batches`` (the
-        calibration batches) and record its relative error in :attr:`identity_errors`.
+        calibration batches) and measure it there.
+
+        Returns:
+            The new model and its identity errors: ``{"<segment>.<position>": relative error}`` of every
+            *approximate* identity block inserted, empty when every inserted block is exact.
         """
 
     def check_compatible(self, models: Sequence[nn.Module]) -> None:

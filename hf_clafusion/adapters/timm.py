@@ -689,7 +689,7 @@ class TimmAdapter(Adapter):
     def insert_identity(self, model, layouts, template, *, batches=None):
         family = _family(model)
         if family == "vgg":
-            return _vgg_rebuild(model, layouts)
+            return _vgg_rebuild(model, layouts), {}  # every identity is exact
         names = _containers(model, family)
         t_names = _containers(template, family)
         if len(layouts) != len(names):
@@ -714,7 +714,7 @@ class TimmAdapter(Adapter):
             _replace(new, name, nn.Sequential(*blocks))
             depths.append(len(blocks))
         _set_depths(new, family, depths)
-        return new.eval()
+        return new.eval(), {}  # every identity is exact
 
     def _identity_block(self, model, family, name, own, template_blocks, position) -> nn.Module:
         reference = own[1] if family == "resnet" and len(own) > 1 else own[0]

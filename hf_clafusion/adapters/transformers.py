@@ -754,14 +754,19 @@ class TransformersAdapter(Adapter):
             state.update({f"{layers}.{p}.{k}": v for k, v in params.items()})
         new.load_state_dict(state, strict=True)
         new = new.to(next(model.parameters()).dtype).eval()
-        self.identity_errors = {}
         if fam.post_ln and None in layout:
-            self._fit_post_ln(model, new, layout, batches)
-        return new
+            return new, self._fit_post_ln(model, new, layout, batches)
+        return new, {}  # pre-LN blocks with zeroed writers are exact identities
 
     @torch.no_grad()
-    def _fit_post_ln(self, model: nn.Module, new: nn.Module, layout: list, batches: Sequence[Any] | None) -> None:
-        """Fit both layer norms of every inserted post-LN block to pass its incoming stream through, then measure."""
+    def _fit_post_ln(
+        self, model: nn.Module, new: nn.Module, layout: list, batches: Sequence[Any] | None
+    ) -> dict[str, float]:
+        """Fit both layer norms of every inserted post-LN block to pass its incoming stream through, then measure.
+
+        Returns:
+            ``{"layers.<position>": relative error}`` of every inserted block, measured in ``new``.
+        """
         from ..core import fit_post_ln_identity
 
         if not batches:
@@ -819,11 +824,12 @@ class TransformersAdapter(Adapter):
                 means[p][1] = means[p][1] + x.sum(0)
             if means[inserted[0]][0] >= 2 * FIT_TOKENS:
                 break
+        errors = {}
         for p in inserted:
             count, total = means[p]
             spread = sums[p][1] - (total**2).sum() / max(count, 1)
-            error = float((sums[p][0] / spread.clamp_min(1e-300)).sqrt())
-            self.identity_errors[f"layers.{p}"] = error
+            errors[f"layers.{p}"] = float((sums[p][0] / spread.clamp_min(1e-300)).sqrt())
+        return errors
 
     # -- saving / loading
     def save(self, model: nn.Module, directory: Path) -> None:
