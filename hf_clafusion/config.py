@@ -36,11 +36,14 @@ MixedPrecision = Literal["no", "fp16", "bf16"]
 
 
 def _literal_values(annotation: Any) -> tuple[Any, ...]:
-    """The values of the ``Literal`` in a (resolved) annotation, also inside a union; empty when there is none."""
+    """The values of the ``Literal`` in a (resolved) annotation, also inside a union (with ``None`` when the union
+    is optional, so ``Literal["a", "b"] | None`` gives ``("a", "b", None)``); empty when there is no ``Literal``."""
     if typing.get_origin(annotation) is Literal:
         return typing.get_args(annotation)
     if typing.get_origin(annotation) in (typing.Union, types.UnionType):
-        return tuple(value for arg in typing.get_args(annotation) for value in _literal_values(arg))
+        args = typing.get_args(annotation)
+        values = tuple(value for arg in args for value in _literal_values(arg))
+        return values + (None,) if values and type(None) in args else values
     return ()
 
 

@@ -220,3 +220,13 @@ def test_wrong_calibration_shape_is_caught_even_without_activation_costs():
         fuse(
             models, torch.rand(16, 3, 8, 8), FusionConfig(progress=False, layer_cost="index", ground_metric="weights")
         )
+
+
+def test_field_choices_reads_literals_inside_unions_and_keeps_none_for_optional_ones():
+    @dataclasses.dataclass
+    class Example:
+        mode: typing.Literal["a", "b"] | None = None
+        anchor: typing.Literal["first"] | int = "first"
+        name: str | None = None
+
+    assert field_choices(Example) == {"mode": ("a", "b", None), "anchor": ("first",)}
