@@ -25,6 +25,7 @@ from .errors import (
     ConfigError,
     IncompatibleModelsError,
     InvalidWeightsError,
+    LoadError,
     SaveError,
     UnsupportedArchitectureError,
 )
@@ -49,6 +50,7 @@ __all__ = [
     "FusionResult",
     "IncompatibleModelsError",
     "InvalidWeightsError",
+    "LoadError",
     "SaveError",
     "UnsupportedArchitectureError",
     "__version__",

@@ -3,72 +3,18 @@
 from __future__ import annotations
 
 import os
-import socket
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlparse
 
 from torch import nn
 
+from .adapters import find_loader
 from .config import FusionConfig
-from .errors import ClaFusionError, SaveError
+from .errors import ClaFusionError
 from .fusion import fuse
-from .hub import load_pretrained
+from .hub import download_snapshot, folder_license, load_pretrained
 from .result import FusionResult
-
-
-#: Files fetched for a Hub parent: configs, safetensors weights, the card, tokenizer / processor files.
-ALLOW_PATTERNS = ["*.json", "*.safetensors", "*.md", "*.txt", "*.model", "*.tiktoken"]
-
-
-def _hub_reachable(timeout: float = 3.0) -> bool:
-    endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co")
-    parsed = urlparse(endpoint)
-    port = parsed.port or (443 if parsed.scheme == "https" else 80)
-    try:
-        with socket.create_connection((parsed.hostname, port), timeout=timeout):
-            return True
-    except OSError:
-        return False
-
-
-def _load_folder(folder: Path) -> nn.Module:
-    return load_pretrained(folder)
-
-
-def _download(repo_id: str) -> Path:
-    from huggingface_hub import snapshot_download
-    from huggingface_hub.utils import HFValidationError, validate_repo_id
-
-    try:
-        validate_repo_id(repo_id)
-    except HFValidationError:
-        raise SaveError(
-            f"{repo_id!r} is neither an existing folder nor a valid Hub id ('namespace/name'). Check the path."
-        ) from None
-    offline = os.environ.get("HF_HUB_OFFLINE", "0").upper() in ("1", "ON", "YES", "TRUE") or not _hub_reachable()
-    try:
-        path = snapshot_download(repo_id, local_files_only=offline, allow_patterns=ALLOW_PATTERNS)
-    except Exception as error:  # huggingface_hub raises several types for the same situation
-        where = "the local cache (the Hub is unreachable or HF_HUB_OFFLINE is set)" if offline else "the Hub"
-        raise ClaFusionError(
-            f"Could not get {repo_id!r} from {where}: {type(error).__name__}. Download it where the Hub is reachable "
-            "and pass the local folder path instead."
-        ) from error
-    return Path(path)
-
-
-def _folder_license(folder: Path) -> str | None:
-    card = folder / "README.md"
-    if not card.is_file():
-        return None
-    from huggingface_hub import ModelCard
-
-    try:
-        return ModelCard.load(card).data.license
-    except Exception:  # a README without card metadata
-        return None
 
 
 def resolve_parent(item: nn.Module | str | os.PathLike) -> tuple[nn.Module, dict[str, Any]]:
@@ -79,19 +25,16 @@ def resolve_parent(item: nn.Module | str | os.PathLike) -> tuple[nn.Module, dict
         raise ClaFusionError(
             f"Cannot load a parent from a {type(item).__name__}; pass a model, a folder path or a Hub id."
         )
-    from .adapters.base import _REGISTRY
-
-    for cls in _REGISTRY.values():  # family-specific names: "hf-hub:...", "local-dir:..."
-        model = cls.load_reference(str(item))
-        if model is not None:
-            return model, {"name_or_path": str(item)}
-    folder = Path(item).expanduser()
     meta: dict[str, Any] = {"name_or_path": str(item)}
+    folder = Path(item).expanduser()
     if not folder.is_dir():
-        folder = _download(str(item))
+        loader = find_loader(str(item))  # family-specific names: "hf-hub:...", "local-dir:..."
+        if loader is not None:
+            return loader(), meta
+        folder = download_snapshot(str(item))
         meta["revision"] = folder.name  # the snapshot folder is named by the commit hash
-    meta["license"] = _folder_license(folder)
-    return _load_folder(folder), meta
+    meta["license"] = folder_license(folder)
+    return load_pretrained(folder), meta
 
 
 def load_parent(item: nn.Module | str | os.PathLike) -> nn.Module:

@@ -28,6 +28,15 @@ EPILOG = """examples:
 """
 
 
+def config_choices_help(config_class: type) -> str:
+    """The allowed values of every choice field of ``config_class``, for a subcommand's ``--help``."""
+    from .config import describe_choices
+
+    lines = [f"{config_class.__name__} choices (for --set KEY=VALUE and --config):"]
+    lines += [f"  {name}: {values}" for name, values in describe_choices(config_class).items()]
+    return "\n".join(lines) + "\n\n"
+
+
 class UsageError(ClaFusionError):
     """A command-line argument cannot be used (exit code 2)."""
 
@@ -127,10 +136,9 @@ def cmd_fuse(args: argparse.Namespace) -> None:
 
 
 def cmd_finetune(args: argparse.Namespace) -> None:
-    from .api import _folder_license
     from .config import FinetuneConfig
     from .finetune import finetune
-    from .hub import FUSION_CONFIG_FILE, load_fusion_result, load_pretrained, save_model
+    from .hub import FUSION_CONFIG_FILE, folder_license, load_fusion_result, load_pretrained, save_model
 
     config = FinetuneConfig.from_dict(
         {
@@ -157,7 +165,7 @@ def cmd_finetune(args: argparse.Namespace) -> None:
         print(json.dumps(record))
     if result is not None:
         result.record_finetune(trained)
-        license_ = args.license or _folder_license(source)
+        license_ = args.license or folder_license(source)
         folder = result.save_pretrained(args.output, overwrite=args.overwrite, license=license_)
     else:
         folder = save_model(trained.model, args.output, overwrite=args.overwrite)
@@ -202,6 +210,7 @@ def cmd_demo(args: argparse.Namespace) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
+    from .config import FinetuneConfig, FusionConfig
 
     formatter = argparse.RawDescriptionHelpFormatter
     parser = argparse.ArgumentParser(
@@ -217,7 +226,7 @@ def build_parser() -> argparse.ArgumentParser:
     fuse = commands.add_parser(
         "fuse",
         help="fuse two or more models",
-        epilog=EPILOG,
+        epilog=config_choices_help(FusionConfig) + EPILOG,
         formatter_class=formatter,
         description="Load the parents (folders saved by hf_clafusion or Hub ids), fuse them "
         "on calibration data, and save the fused model with its card.",
@@ -239,7 +248,10 @@ def build_parser() -> argparse.ArgumentParser:
     fuse.set_defaults(handler=cmd_fuse)
 
     finetune = commands.add_parser(
-        "finetune", help="finetune a saved (fused) model", epilog=EPILOG, formatter_class=formatter
+        "finetune",
+        help="finetune a saved (fused) model",
+        epilog=config_choices_help(FinetuneConfig) + EPILOG,
+        formatter_class=formatter,
     )
     finetune.add_argument("model", help="a folder saved by hf_clafusion")
     finetune.add_argument("--data", required=True, help=".safetensors file (inputs, labels), dataset folder or id")

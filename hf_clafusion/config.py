@@ -3,18 +3,83 @@
 Both are plain frozen dataclasses, validated in ``__post_init__``, and round-trip through JSON/YAML
 dictionaries with :meth:`to_dict` / :meth:`from_dict` (unknown keys are rejected with the list of valid
 ones).
+
+Every string-choice field is typed with one of the ``Literal`` aliases below. The aliases are the only place the
+choices are written: validation, :func:`field_choices` (the command line's help) and the tables of
+``docs/configuration.md`` are derived from them.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
+import types
+import typing
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal
 
 from .errors import ConfigError
 
 
-def _check_choice(name: str, value: Any, choices: tuple[str, ...]) -> None:
+LayerCost = Literal["cka", "cka_minibatch", "cca", "wasserstein", "neuron_count", "index"]
+AlignmentMethod = Literal["cla", "chain", "random"]
+Balancing = Literal["identity", "merge"]
+ReluApprox = Literal["sum", "majority", "avg"]
+Anchor = Literal["deepest", "shallowest"]
+GroundMetric = Literal["activations", "weights"]
+Solver = Literal["emd", "sinkhorn", "permutation"]
+PlanNormalization = Literal["two_sided", "column"]
+AttentionAlignment = Literal["heads", "cross_head"]
+Optimizer = Literal["sgd", "adam", "adamw"]
+Scheduler = Literal["none", "multistep", "cosine"]
+MixedPrecision = Literal["no", "fp16", "bf16"]
+
+
+def _literal_values(annotation: Any) -> tuple[Any, ...]:
+    """The values of the ``Literal`` in a (resolved) annotation, also inside a union (with ``None`` when the union
+    is optional, so ``Literal["a", "b"] | None`` gives ``("a", "b", None)``); empty when there is no ``Literal``."""
+    if typing.get_origin(annotation) is Literal:
+        return typing.get_args(annotation)
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        args = typing.get_args(annotation)
+        values = tuple(value for arg in args for value in _literal_values(arg))
+        return values + (None,) if values and type(None) in args else values
+    return ()
+
+
+@functools.cache
+def field_choices(config_class: type) -> dict[str, tuple[Any, ...]]:
+    """The allowed values of every choice field of a config class, read from the fields' ``Literal`` types.
+
+    Example:
+        ```py
+        >>> from hf_clafusion.config import FusionConfig, field_choices
+        >>> field_choices(FusionConfig)["solver"]
+        ('emd', 'sinkhorn', 'permutation')
+        ```
+    """
+    hints = typing.get_type_hints(config_class)
+    choices = {f.name: _literal_values(hints[f.name]) for f in dataclasses.fields(config_class)}
+    return {name: values for name, values in choices.items() if values}
+
+
+#: What a choice field accepts besides its ``Literal`` values, worded for messages, help and docs.
+_OTHER_VALUES = {"anchor": "a model index >= 0"}
+
+
+def describe_choices(config_class: type) -> dict[str, str]:
+    """Per choice field, the accepted values in words (``"'deepest', 'shallowest' or a model index >= 0"``)."""
+    described = {}
+    for name, values in field_choices(config_class).items():
+        text = ", ".join(map(repr, values))
+        described[name] = f"{text} or {_OTHER_VALUES[name]}" if name in _OTHER_VALUES else text
+    return described
+
+
+def _check_choice(config: Any, name: str) -> None:
+    """Refuse a value of a pure choice field (its type is a ``Literal``, or an optional one) outside its choices."""
+    value = getattr(config, name)
+    choices = field_choices(type(config))[name]
     if value not in choices:
         raise ConfigError(
             f"Invalid value for `{name}`: {value!r}. Choose one of: {', '.join(repr(c) for c in choices)}.",
@@ -71,73 +136,101 @@ class FusionConfig(_DictMixin):
         ```
     """
 
-    layer_cost: str = field(
+    layer_cost: LayerCost = field(
         default="cka",
         metadata={
-            "help": "Layer dissimilarity for cross-layer alignment: 'cka' (1 - linear CKA, the paper's biased "
-            "estimator), 'cka_minibatch' (1 - CKA from unbiased HSIC accumulated over batches; memory independent "
-            "of the number of samples), 'cca' (1 - mean squared canonical correlation), 'wasserstein' (exact "
-            "EMD between the layers' neuron clouds), 'neuron_count' or 'index' (the official euclidean measures)."
+            "help": "Layer dissimilarity for cross-layer alignment. `cka`: 1 - linear CKA (biased HSIC, the paper's "
+            "estimator; computed in the Gram form for layers wider than the number of samples and in the "
+            "equal, cheaper feature form otherwise). `cka_minibatch`: 1 - CKA from unbiased HSIC accumulated "
+            "over batches (memory independent of the number of samples; batches need at least 4 samples). "
+            "`cca`: 1 - mean squared canonical correlation. `wasserstein`: exact EMD between the two layers' "
+            "neuron clouds. `neuron_count`: `(width_i - width_j)^2`; `index`: `(i - j)^2` (the official "
+            "euclidean measures)."
         },
     )
-    alignment: str = field(
+    alignment: AlignmentMethod = field(
         default="cla",
-        metadata={"help": "'cla' (the dynamic programme), 'chain' (layer k -> layer k) or 'random' (baselines)."},
+        metadata={
+            "help": "`cla`: the dynamic programme. `chain` (layer `k` -> layer `k`) and `random` (seeded, honours the "
+            "fixed layers) are baselines."
+        },
     )
     first_fixed: int = field(
-        default=1, metadata={"help": "Leading hidden layers of each segment matched one-to-one (official s - 1)."}
+        default=1,
+        metadata={
+            "help": "Leading hidden layers of each segment matched one-to-one (official `start_layer_idx - 1`)."
+        },
     )
     last_fixed: int = field(
-        default=1, metadata={"help": "Trailing hidden layers of each segment matched end-to-end (official f)."}
+        default=1,
+        metadata={"help": "Trailing hidden layers of each segment matched end-to-end (official `free_end_layers`)."},
     )
-    balancing: str = field(
+    balancing: Balancing = field(
         default="identity",
         metadata={
-            "help": "'identity': the fused model has the deeper depth (identity layers inserted into the "
-            "shallower model); 'merge': the shallower depth (unmatched deep layers merged, MLPs only)."
+            "help": "`identity`: identity layers inserted into the shallower model, the fused model has the deeper "
+            "depth. `merge`: the deeper model's unmatched layers are merged into their successors, the fused "
+            "model has the shallower depth (MLPs only)."
         },
     )
-    relu_approx: str = field(
+    relu_approx: ReluApprox = field(
         default="avg",
-        metadata={"help": "For balancing='merge': how a removed ReLU becomes a diagonal: 'sum', 'majority', 'avg'."},
+        metadata={
+            "help": "With `balancing='merge'`, the diagonal replacing a removed ReLU: `sum`, `majority` or `avg`."
+        },
     )
-    anchor: int | str = field(
+    anchor: Anchor | int = field(
         default="deepest",
         metadata={
-            "help": "Whose widths and neuron basis the fused model takes: 'deepest', 'shallowest' or a model "
-            "index. The paper's teacher-student compression anchors on the (narrow) student."
+            "help": "Whose architecture, widths and neuron basis the fused model takes: `deepest`, `shallowest` or a "
+            "model index. The paper's teacher-student compression anchors on the (narrow) student."
         },
     )
-    ground_metric: str = field(
+    ground_metric: GroundMetric = field(
         default="activations",
-        metadata={"help": "Neuron cost for optimal transport: 'activations' (RMS distance) or 'weights'."},
+        metadata={
+            "help": "Neuron cost for optimal transport: `activations` (RMS distance of activations) or `weights` "
+            "(distance between weight rows)."
+        },
     )
-    solver: str = field(
+    solver: Solver = field(
         default="emd",
-        metadata={"help": "Transport solver: 'emd' (exact), 'sinkhorn' (entropic) or 'permutation' (LAP)."},
+        metadata={
+            "help": "Transport solver: `emd` (exact), `sinkhorn` (entropic, log-domain) or `permutation` (linear "
+            "assignment; equal widths only)."
+        },
     )
-    reg: float = field(default=0.05, metadata={"help": "Sinkhorn regularisation, relative to the max cost."})
-    plan_normalization: str = field(
+    reg: float = field(default=0.05, metadata={"help": "Sinkhorn regularisation, relative to the maximum cost."})
+    plan_normalization: PlanNormalization = field(
         default="two_sided",
         metadata={
-            "help": "'two_sided': R = n_A T on output axes, S = n_B T on input axes (exact for widened copies); "
-            "'column': the official code's column-normalised plan on both axes."
+            "help": "`two_sided`: `R = n_A T` on output axes, `S = n_B T` on input axes (exact for widened copies). "
+            "`column`: the official code's column-normalised plan `R` on both axes (exact only for equal "
+            "widths)."
         },
     )
     weights: tuple[float, ...] | None = field(
-        default=None, metadata={"help": "Averaging weight per model (sums to 1); uniform when None."}
+        default=None, metadata={"help": "Averaging weight per model (non-negative, summing to 1); uniform when None."}
     )
-    num_samples: int = field(default=200, metadata={"help": "Calibration samples used (the paper: 200)."})
-    batch_size: int = field(default=100, metadata={"help": "Batch size for the calibration forward passes."})
-    seed: int = field(default=0, metadata={"help": "Seed for sample selection, random alignment and solvers."})
+    num_samples: int = field(default=200, metadata={"help": "Calibration samples used (the paper uses 200)."})
+    batch_size: int = field(default=100, metadata={"help": "Batch size of the calibration forward passes."})
+    seed: int = field(
+        default=0,
+        metadata={"help": "Seed for the calibration subset, the `random` alignment baseline and the solvers."},
+    )
     device: str | None = field(
-        default=None, metadata={"help": "Device for the fusion math; None = the models' device."}
+        default=None,
+        metadata={
+            "help": "Device for the forward passes and the fusion math; None uses the models' device (they must all "
+            "be on one device)."
+        },
     )
     reset_bn_stats: bool = field(
-        default=True, metadata={"help": "Recompute BatchNorm running statistics on the calibration data."}
+        default=True,
+        metadata={"help": "Recompute BatchNorm running statistics of the fused model on the calibration data."},
     )
     progress: bool = field(default=True, metadata={"help": "Show tqdm progress bars."})
-    attention: str = field(
+    attention: AttentionAlignment = field(
         default="heads",
         metadata={
             "help": "How attention projections are aligned: 'heads' (heads move as wholes, exact for permuted "
@@ -157,24 +250,20 @@ class FusionConfig(_DictMixin):
         default=128, metadata={"help": "Truncation length when raw calibration text is tokenized."}
     )
 
-    LAYER_COSTS: ClassVar[tuple[str, ...]] = ("cka", "cka_minibatch", "cca", "wasserstein", "neuron_count", "index")
-    ALIGNMENTS: ClassVar[tuple[str, ...]] = ("cla", "chain", "random")
-    BALANCINGS: ClassVar[tuple[str, ...]] = ("identity", "merge")
-    RELU_APPROX: ClassVar[tuple[str, ...]] = ("sum", "majority", "avg")
-    GROUND_METRICS: ClassVar[tuple[str, ...]] = ("activations", "weights")
-    SOLVERS: ClassVar[tuple[str, ...]] = ("emd", "sinkhorn", "permutation")
-    PLAN_NORMALIZATIONS: ClassVar[tuple[str, ...]] = ("two_sided", "column")
-    ATTENTION: ClassVar[tuple[str, ...]] = ("heads", "cross_head")
+    #: The choices of each string field (kept for compatibility; the ``Literal`` aliases are the source).
+    LAYER_COSTS: ClassVar[tuple[str, ...]] = typing.get_args(LayerCost)
+    ALIGNMENTS: ClassVar[tuple[str, ...]] = typing.get_args(AlignmentMethod)
+    BALANCINGS: ClassVar[tuple[str, ...]] = typing.get_args(Balancing)
+    RELU_APPROX: ClassVar[tuple[str, ...]] = typing.get_args(ReluApprox)
+    GROUND_METRICS: ClassVar[tuple[str, ...]] = typing.get_args(GroundMetric)
+    SOLVERS: ClassVar[tuple[str, ...]] = typing.get_args(Solver)
+    PLAN_NORMALIZATIONS: ClassVar[tuple[str, ...]] = typing.get_args(PlanNormalization)
+    ATTENTION: ClassVar[tuple[str, ...]] = typing.get_args(AttentionAlignment)
 
     def __post_init__(self) -> None:
-        _check_choice("layer_cost", self.layer_cost, self.LAYER_COSTS)
-        _check_choice("alignment", self.alignment, self.ALIGNMENTS)
-        _check_choice("balancing", self.balancing, self.BALANCINGS)
-        _check_choice("relu_approx", self.relu_approx, self.RELU_APPROX)
-        _check_choice("ground_metric", self.ground_metric, self.GROUND_METRICS)
-        _check_choice("solver", self.solver, self.SOLVERS)
-        _check_choice("plan_normalization", self.plan_normalization, self.PLAN_NORMALIZATIONS)
-        _check_choice("attention", self.attention, self.ATTENTION)
+        for name in field_choices(FusionConfig):
+            if name != "anchor":  # a choice or a model index, checked below
+                _check_choice(self, name)
         _check_int("max_length", self.max_length, 1)
         _check_int("first_fixed", self.first_fixed, 0)
         _check_int("last_fixed", self.last_fixed, 0)
@@ -182,10 +271,10 @@ class FusionConfig(_DictMixin):
         _check_int("batch_size", self.batch_size, 1)
         _check_int("seed", self.seed, 0)
         if isinstance(self.anchor, bool) or not (
-            self.anchor in ("deepest", "shallowest") or (isinstance(self.anchor, int) and self.anchor >= 0)
+            self.anchor in typing.get_args(Anchor) or (isinstance(self.anchor, int) and self.anchor >= 0)
         ):
             raise ConfigError(
-                f"Invalid value for `anchor`: {self.anchor!r}. Use 'deepest', 'shallowest' or a model index >= 0.",
+                f"Invalid value for `anchor`: {self.anchor!r}. Use {describe_choices(FusionConfig)['anchor']}.",
                 field="anchor",
             )
         if not isinstance(self.reg, (int, float)) or not self.reg > 0:
@@ -233,57 +322,68 @@ class FinetuneConfig(_DictMixin):
     """How to finetune a (fused) model with :func:`hf_clafusion.finetune`."""
 
     epochs: int = field(default=1, metadata={"help": "Passes over the training data."})
-    max_steps: int | None = field(default=None, metadata={"help": "Stop after this many optimiser steps."})
-    batch_size: int = field(default=64, metadata={"help": "Per-process batch size."})
-    optimizer: str = field(default="sgd", metadata={"help": "'sgd' (momentum), 'adam' or 'adamw'."})
+    max_steps: int | None = field(
+        default=None, metadata={"help": "Stop after this many optimiser steps (over all epochs)."}
+    )
+    batch_size: int = field(
+        default=64, metadata={"help": "Per-process batch size (when the data is not already a DataLoader)."}
+    )
+    optimizer: Optimizer = field(default="sgd", metadata={"help": "`sgd` (with momentum), `adam` or `adamw`."})
     lr: float = field(default=0.01, metadata={"help": "Learning rate."})
     momentum: float = field(default=0.9, metadata={"help": "SGD momentum (the paper: 0.9)."})
     weight_decay: float = field(default=5e-4, metadata={"help": "Weight decay."})
-    scheduler: str = field(default="none", metadata={"help": "'none', 'multistep' or 'cosine'."})
-    milestones: tuple[int, ...] = field(default=(), metadata={"help": "Epochs where 'multistep' decays."})
-    gamma: float = field(default=0.5, metadata={"help": "Decay factor for 'multistep'."})
+    scheduler: Scheduler = field(
+        default="none", metadata={"help": "`none`, `multistep` or `cosine` (over `max_steps`, or all epochs)."}
+    )
+    milestones: tuple[int, ...] = field(
+        default=(), metadata={"help": "Epochs at which `multistep` multiplies the learning rate by `gamma`."}
+    )
+    gamma: float = field(default=0.5, metadata={"help": "Decay factor of `multistep`."})
     grad_clip: float | None = field(default=None, metadata={"help": "Clip gradients to this global norm."})
-    gradient_accumulation_steps: int = field(default=1, metadata={"help": "Batches per optimiser step."})
-    mixed_precision: str = field(
-        default="no", metadata={"help": "'no', 'fp16' or 'bf16' (where the hardware supports it)."}
+    gradient_accumulation_steps: int = field(
+        default=1, metadata={"help": "Batches per optimiser step (Accelerate's `accumulate`)."}
+    )
+    mixed_precision: MixedPrecision = field(
+        default="no", metadata={"help": "`no`, `fp16` or `bf16`, where the hardware supports it."}
     )
     eval_batch_size: int | None = field(
         default=None, metadata={"help": "Evaluation batch size (default: batch_size)."}
     )
     input_column: str | None = field(
-        default=None, metadata={"help": "Dataset column holding the model input (default: the non-label columns)."}
+        default=None, metadata={"help": "Dataset column holding the model input (default: every non-label column)."}
     )
     label_column: str = field(default="label", metadata={"help": "Dataset column holding the class labels."})
     checkpoint_dir: str | None = field(
-        default=None, metadata={"help": "Where to write `accelerator.save_state` checkpoints (each epoch)."}
+        default=None, metadata={"help": "Folder for `accelerator.save_state` checkpoints, written after each epoch."}
     )
     checkpoint_steps: int | None = field(
         default=None, metadata={"help": "Also checkpoint every this many optimiser steps (needs checkpoint_dir)."}
     )
     resume_from: str | None = field(
-        default=None, metadata={"help": "A checkpoint folder to resume from, or 'latest' (in checkpoint_dir)."}
+        default=None, metadata={"help": "A checkpoint folder, or `latest` in `checkpoint_dir`: exact resume."}
     )
     distill_alpha: float = field(
-        default=0.5, metadata={"help": "Distillation weight: alpha * T^2 * KL + (1 - alpha) * CE (with a teacher)."}
+        default=0.5,
+        metadata={"help": "With `teacher=`: weight of the distillation term, `alpha * T^2 * KL + (1 - alpha) * CE`."},
     )
     distill_temperature: float = field(
-        default=20.0, metadata={"help": "Distillation temperature T (the official scripts: 20)."}
+        default=20.0, metadata={"help": "With `teacher=`: the temperature `T` (the official scripts use 20)."}
     )
     log_with: tuple[str, ...] = field(
-        default=(), metadata={"help": "Accelerate trackers to log metrics to, e.g. ['tensorboard']."}
+        default=(), metadata={"help": "Accelerate trackers to log the per-epoch metrics to, e.g. `['tensorboard']`."}
     )
     project_dir: str | None = field(default=None, metadata={"help": "Folder for tracker logs."})
     seed: int = field(default=0, metadata={"help": "Seed for shuffling and initialisation."})
     progress: bool = field(default=True, metadata={"help": "Show tqdm progress bars (main process only)."})
 
-    OPTIMIZERS: ClassVar[tuple[str, ...]] = ("sgd", "adam", "adamw")
-    SCHEDULERS: ClassVar[tuple[str, ...]] = ("none", "multistep", "cosine")
-    PRECISIONS: ClassVar[tuple[str, ...]] = ("no", "fp16", "bf16")
+    #: The choices of each string field (kept for compatibility; the ``Literal`` aliases are the source).
+    OPTIMIZERS: ClassVar[tuple[str, ...]] = typing.get_args(Optimizer)
+    SCHEDULERS: ClassVar[tuple[str, ...]] = typing.get_args(Scheduler)
+    PRECISIONS: ClassVar[tuple[str, ...]] = typing.get_args(MixedPrecision)
 
     def __post_init__(self) -> None:
-        _check_choice("optimizer", self.optimizer, self.OPTIMIZERS)
-        _check_choice("scheduler", self.scheduler, self.SCHEDULERS)
-        _check_choice("mixed_precision", self.mixed_precision, self.PRECISIONS)
+        for name in field_choices(FinetuneConfig):
+            _check_choice(self, name)
         _check_int("gradient_accumulation_steps", self.gradient_accumulation_steps, 1)
         for name in ("eval_batch_size", "checkpoint_steps"):
             if getattr(self, name) is not None:
@@ -321,4 +421,21 @@ class FinetuneConfig(_DictMixin):
         object.__setattr__(self, "milestones", tuple(int(m) for m in self.milestones))
 
 
-__all__ = ["FinetuneConfig", "FusionConfig"]
+__all__ = [
+    "AlignmentMethod",
+    "Anchor",
+    "AttentionAlignment",
+    "Balancing",
+    "FinetuneConfig",
+    "FusionConfig",
+    "GroundMetric",
+    "LayerCost",
+    "MixedPrecision",
+    "Optimizer",
+    "PlanNormalization",
+    "ReluApprox",
+    "Scheduler",
+    "Solver",
+    "describe_choices",
+    "field_choices",
+]

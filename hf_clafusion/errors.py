@@ -45,7 +45,15 @@ class AlignmentError(ClaFusionError, RuntimeError):
 
 
 class SaveError(ClaFusionError, OSError):
-    """Saving or loading a fused model failed, or the target folder is not usable."""
+    """Saving a model failed, the target folder is not usable, or pushing it to the Hub failed."""
+
+
+class LoadError(SaveError):
+    """Loading a model failed: the folder is missing or not in a known format, or a Hub id cannot be downloaded.
+
+    A subclass of :class:`SaveError` (which load failures used to raise), so ``except SaveError`` around a load
+    keeps working; catch ``LoadError`` in new code.
+    """
 
 
 class ClaFusionWarning(UserWarning):
@@ -60,6 +68,7 @@ __all__ = [
     "ConfigError",
     "IncompatibleModelsError",
     "InvalidWeightsError",
+    "LoadError",
     "SaveError",
     "UnsupportedArchitectureError",
 ]

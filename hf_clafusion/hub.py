@@ -1,4 +1,5 @@
-"""Saving and loading fused models: safetensors weights, the family's architecture file, ``fusion_config.json``.
+"""Saving, loading and sharing models: safetensors weights, the family's architecture file, ``fusion_config.json``,
+Hub downloads and uploads.
 
 Writes are atomic (a temporary sibling folder renamed into place), so an interrupted save never leaves a
 half-written model at the target path.
@@ -9,15 +10,17 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import socket
 import tempfile
 import time
 import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+from urllib.parse import urlparse
 
-from . import __version__
+from .adapters import find_loader, list_adapters
 from .adapters.base import adapter_class
-from .errors import ClaFusionWarning, SaveError
+from .errors import ClaFusionWarning, LoadError, SaveError
 
 
 if TYPE_CHECKING:
@@ -27,6 +30,63 @@ if TYPE_CHECKING:
 
 FUSION_CONFIG_FILE = "fusion_config.json"
 PLOT_FILE = "alignment.png"
+
+#: Files fetched for a Hub model: configs, safetensors weights, the card, tokenizer / processor files.
+ALLOW_PATTERNS = ["*.json", "*.safetensors", "*.md", "*.txt", "*.model", "*.tiktoken"]
+
+
+def _hub_reachable(timeout: float = 3.0) -> bool:
+    endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co")
+    parsed = urlparse(endpoint)
+    port = parsed.port or (443 if parsed.scheme == "https" else 80)
+    try:
+        with socket.create_connection((parsed.hostname, port), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+def download_snapshot(repo_id: str) -> Path:
+    """The local folder of a Hub model (only :data:`ALLOW_PATTERNS` files), downloaded or from the local cache.
+
+    With ``HF_HUB_OFFLINE`` set, or when the Hub cannot be reached within 3 seconds, only the local cache is
+    looked in, so a missing model fails at once instead of after network timeouts.
+
+    Raises:
+        LoadError: ``repo_id`` is not a valid Hub id, or the model is neither downloadable nor in the cache.
+    """
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    try:
+        validate_repo_id(repo_id)
+    except HFValidationError:
+        raise LoadError(
+            f"{repo_id!r} is neither an existing folder nor a valid Hub id ('namespace/name'). Check the path."
+        ) from None
+    offline = os.environ.get("HF_HUB_OFFLINE", "0").upper() in ("1", "ON", "YES", "TRUE") or not _hub_reachable()
+    try:
+        path = snapshot_download(repo_id, local_files_only=offline, allow_patterns=ALLOW_PATTERNS)
+    except Exception as error:  # huggingface_hub raises several types for the same situation
+        where = "the local cache (the Hub is unreachable or HF_HUB_OFFLINE is set)" if offline else "the Hub"
+        raise LoadError(
+            f"Could not get {repo_id!r} from {where}: {type(error).__name__}. Download it where the Hub is reachable "
+            "and pass the local folder path instead."
+        ) from error
+    return Path(path)
+
+
+def folder_license(folder: str | Path) -> str | None:
+    """The ``license`` in the metadata of the folder's ``README.md`` model card, or None (no card, no license)."""
+    card = Path(folder) / "README.md"
+    if not card.is_file():
+        return None
+    from huggingface_hub import ModelCard
+
+    try:
+        return ModelCard.load(card).data.license
+    except Exception:  # a README without card metadata
+        return None
 
 
 def _check_target(target: Path, overwrite: bool) -> None:
@@ -61,33 +121,8 @@ def atomic_directory_write(target: str | Path, write, *, overwrite: bool = False
 
 
 def fusion_record(result: FusionResult) -> dict[str, Any]:
-    """The content of ``fusion_config.json``."""
-    return {
-        "library": "hf_clafusion",
-        "library_version": __version__,
-        "adapter": result.adapter,
-        "config": result.config.to_dict(),
-        "anchor": result.anchor,
-        "parents": result.parents,
-        "layer_alignments": [
-            {
-                "model": p.model,
-                "reference": p.reference,
-                "deeper": p.deeper,
-                "alignment": p.alignment,
-                "offsets": p.offsets,
-                "costs": [c.tolist() for c in p.costs],
-            }
-            for p in result.pairs
-        ],
-        "calibration": result.calibration,
-        "timings": result.timings,
-        "bn_reset": result.bn_reset,
-        "identity_errors": dict(result.identity_errors),
-        "evaluation": result.evaluation,
-        "evaluation_dataset": result.evaluation_dataset,
-        "finetune": result.finetune_history,
-    }
+    """The content of ``fusion_config.json``: :meth:`FusionResult.to_record`."""
+    return result.to_record()
 
 
 def _is_hub_id(name: str | None) -> bool:
@@ -238,33 +273,24 @@ def load_pretrained(path: str | Path, *, allow_pickle: bool = False) -> nn.Modul
     ``torch.load(weights_only=True)``.
 
     Raises:
-        SaveError: the folder does not exist, was not written by hf_clafusion, or holds only pickle weights.
-        ClaFusionError: a Hub id that cannot be downloaded.
+        LoadError: the folder does not exist, was not written by hf_clafusion or a supported library, holds only
+            pickle weights, or is a Hub id that cannot be downloaded. (Adapters may still raise its parent class
+            :class:`SaveError` for a folder they recognise but cannot read.)
     """
-    from .adapters.torch import ARCHITECTURE_FILE, SequentialAdapter
-
     folder = Path(path).expanduser()
     if not folder.is_dir():
-        from .api import _download
-
-        folder = _download(str(path))
-    name = None
+        folder = download_snapshot(str(path))
     if (folder / FUSION_CONFIG_FILE).is_file():
         name = json.loads((folder / FUSION_CONFIG_FILE).read_text()).get("adapter")
-    if name is None and (folder / ARCHITECTURE_FILE).is_file():
-        name = SequentialAdapter.name
-    if name is None:
-        from .adapters.base import _REGISTRY
-
-        name = next((n for n, cls in _REGISTRY.items() if cls.can_load(folder)), None)
-    if name is None:
-        raise SaveError(
-            f"{str(path)!r} holds neither {FUSION_CONFIG_FILE} nor {ARCHITECTURE_FILE}; it was not saved by hf_clafusion."
+        if name is not None:
+            return adapter_class(name).load(folder, allow_pickle=allow_pickle)
+    loader = find_loader(folder)
+    if loader is None:
+        raise LoadError(
+            f"{str(path)!r} holds no {FUSION_CONFIG_FILE} and no model folder that an adapter recognises "
+            f"({', '.join(list_adapters())}); it was not saved by hf_clafusion or by a supported library."
         )
-    return adapter_class(name).load(folder, allow_pickle=allow_pickle)
-
-
-__all__ = ["load_pretrained", "save_model"]
+    return loader(allow_pickle=allow_pickle)
 
 
 def _scrub(text: str, token: str | None) -> str:
@@ -356,44 +382,30 @@ def load_fusion_result(path: str | Path, *, allow_pickle: bool = False) -> Fusio
     """Rebuild a :class:`FusionResult` (model, alignment, costs, config, provenance) from a saved folder.
 
     Transport plans are not saved, so ``transport_plans`` is empty.
-    """
-    import torch
 
-    from .config import FusionConfig
-    from .result import FusionResult, PairAlignment
+    Raises:
+        LoadError: the folder holds no ``fusion_config.json`` (or the model in it cannot be loaded).
+    """
+    from .result import FusionResult
 
     folder = Path(path).expanduser()
     record_file = folder / FUSION_CONFIG_FILE
     if not record_file.is_file():
-        raise SaveError(f"No {FUSION_CONFIG_FILE} in {str(path)!r}: it is not a fused model saved by hf_clafusion.")
+        raise LoadError(f"No {FUSION_CONFIG_FILE} in {str(path)!r}: it is not a fused model saved by hf_clafusion.")
     record = json.loads(record_file.read_text())
-    pairs = [
-        PairAlignment(
-            model=p["model"],
-            reference=p["reference"],
-            deeper=p["deeper"],
-            alignment=p["alignment"],
-            costs=[
-                torch.tensor(c, dtype=torch.float64) if c else torch.zeros(0, 0, dtype=torch.float64)
-                for c in p["costs"]
-            ],
-            offsets=p.get("offsets", [0] * len(p["alignment"])),
-        )
-        for p in record["layer_alignments"]
-    ]
-    return FusionResult(
-        model=load_pretrained(folder, allow_pickle=allow_pickle),
-        pairs=pairs,
-        transport_plans={},
-        timings=record.get("timings", {}),
-        calibration=record.get("calibration", {}),
-        config=FusionConfig.from_dict(record["config"]),
-        adapter=record["adapter"],
-        anchor=record["anchor"],
-        parents=record["parents"],
-        bn_reset=record.get("bn_reset", False),
-        identity_errors=record.get("identity_errors", {}),
-        evaluation=record.get("evaluation", []),
-        evaluation_dataset=record.get("evaluation_dataset"),
-        finetune_history=record.get("finetune", []),
-    )
+    return FusionResult.from_record(record, load_pretrained(folder, allow_pickle=allow_pickle))
+
+
+__all__ = [
+    "ALLOW_PATTERNS",
+    "atomic_directory_write",
+    "build_model_card",
+    "download_snapshot",
+    "folder_license",
+    "fusion_record",
+    "load_fusion_result",
+    "load_pretrained",
+    "push_folder_to_hub",
+    "save_fusion_result",
+    "save_model",
+]

@@ -88,10 +88,28 @@ class _AlignmentMixin:
         return [p.costs for p in self.pairs]
 
     def plot_alignment(self, path: str | Path | None = None) -> Figure:
-        """Heatmaps of the layer cost matrices with the chosen alignment drawn on them; saved when ``path`` is given."""
+        """Heatmaps of the layer cost matrices with the chosen alignment drawn on them; saved when ``path`` is given.
+
+        One panel per (pair, segment) with at least one layer to align: rows are the deeper model's layers of the
+        segment, columns the shallower model's.
+        """
         from .plotting import plot_alignment
 
-        return plot_alignment(self.pairs, path)
+        costs, alignments, row_labels, column_labels, titles = [], [], [], [], []
+        for pair in self.pairs:
+            for s in range(len(pair.alignment)):
+                if pair.costs[s].numel() == 0:
+                    continue
+                deep = pair.deeper[s]
+                shallow = pair.reference if deep == pair.model else pair.model
+                costs.append(pair.costs[s].detach().cpu().double().numpy())
+                alignments.append(pair.local(s))
+                row_labels.append(f"model {deep} layer")
+                column_labels.append(f"model {shallow} layer (segment {s})")
+                titles.append(f"segment {s}: cost and alignment")
+        return plot_alignment(
+            costs, alignments, row_labels=row_labels, column_labels=column_labels, titles=titles, path=path
+        )
 
 
 @dataclass
@@ -122,6 +140,9 @@ class FusionResult(_AlignmentMixin):
             balancing, measured on the calibration data (post-LN transformers); empty when all are exact.
         evaluation: evaluation rows attached by the user (e.g. from :func:`~hf_clafusion.evaluate`), recorded
             in ``fusion_config.json``.
+        evaluation_dataset: the evaluation data set's name (the card's ``model-index``).
+        evaluation_task: the ``model-index`` task type of the evaluation.
+        finetune_history: per-epoch records of :func:`~hf_clafusion.finetune`, once :meth:`record_finetune` ran.
     """
 
     model: nn.Module
@@ -171,6 +192,79 @@ class FusionResult(_AlignmentMixin):
         self.finetune_history = list(finetune_result.history)
         for row in self.evaluation:
             row["fused"] = False
+
+    def to_record(self) -> dict[str, Any]:
+        """Everything but the model and the transport plans, as JSON-serialisable data (``fusion_config.json``).
+
+        :meth:`from_record` rebuilds the result from it and the model.
+        """
+        from . import __version__
+
+        return {
+            "library": "hf_clafusion",
+            "library_version": __version__,
+            "adapter": self.adapter,
+            "config": self.config.to_dict(),
+            "anchor": self.anchor,
+            "parents": self.parents,
+            "layer_alignments": [
+                {
+                    "model": p.model,
+                    "reference": p.reference,
+                    "deeper": p.deeper,
+                    "alignment": p.alignment,
+                    "offsets": p.offsets,
+                    "costs": [c.tolist() for c in p.costs],
+                }
+                for p in self.pairs
+            ],
+            "calibration": self.calibration,
+            "timings": self.timings,
+            "bn_reset": self.bn_reset,
+            "identity_errors": dict(self.identity_errors),
+            "evaluation": self.evaluation,
+            "evaluation_dataset": self.evaluation_dataset,
+            "evaluation_task": self.evaluation_task,
+            "finetune": self.finetune_history,
+        }
+
+    @classmethod
+    def from_record(cls, record: dict[str, Any], model: nn.Module) -> FusionResult:
+        """The result described by a :meth:`to_record` dictionary, around ``model`` (``transport_plans`` empty).
+
+        Records written by earlier versions load too: fields they lack get their defaults.
+        """
+        pairs = [
+            PairAlignment(
+                model=p["model"],
+                reference=p["reference"],
+                deeper=p["deeper"],
+                alignment=p["alignment"],
+                costs=[
+                    torch.tensor(c, dtype=torch.float64) if c else torch.zeros(0, 0, dtype=torch.float64)
+                    for c in p["costs"]
+                ],
+                offsets=p.get("offsets", [0] * len(p["alignment"])),
+            )
+            for p in record["layer_alignments"]
+        ]
+        return cls(
+            model=model,
+            pairs=pairs,
+            transport_plans={},
+            timings=record.get("timings", {}),
+            calibration=record.get("calibration", {}),
+            config=FusionConfig.from_dict(record["config"]),
+            adapter=record["adapter"],
+            anchor=record["anchor"],
+            parents=record["parents"],
+            bn_reset=record.get("bn_reset", False),
+            identity_errors=record.get("identity_errors", {}),
+            evaluation=record.get("evaluation", []),
+            evaluation_dataset=record.get("evaluation_dataset"),
+            evaluation_task=record.get("evaluation_task", "image-classification"),
+            finetune_history=record.get("finetune", []),
+        )
 
     def summary(self) -> str:
         """A human-readable report: parents, fused depth and widths, alignment per segment, timings."""

@@ -1,12 +1,28 @@
-"""The model card: metadata that huggingface_hub validates, and a body with parents, alignment and config."""
+"""What a saved fused model tells: the model card (metadata that huggingface_hub validates, a body with parents,
+alignment and config), the ``fusion_config.json`` record and the alignment plot."""
 
+import dataclasses
+import json
+
+import numpy as np
 import pytest
 import torch
 import yaml
 from huggingface_hub import ModelCard, ModelCardData
 
-from hf_clafusion import ClaFusionWarning, FusionConfig, evaluate, fuse, fuse_pretrained, save_model
-from hf_clafusion.hub import build_model_card
+from hf_clafusion import (
+    ClaFusionError,
+    ClaFusionWarning,
+    FinetuneResult,
+    FusionConfig,
+    FusionResult,
+    evaluate,
+    fuse,
+    fuse_pretrained,
+    save_model,
+)
+from hf_clafusion.hub import FUSION_CONFIG_FILE, build_model_card, load_fusion_result
+from hf_clafusion.plotting import plot_alignment
 
 from ._models import mlp
 
@@ -64,8 +80,6 @@ def test_license_is_inherited_when_parents_agree_and_warns_otherwise(tmp_path):
 
 
 def test_finetuning_makes_the_recorded_evaluation_stale(result):
-    from hf_clafusion import FinetuneResult
-
     assert build_model_card(result).data.eval_results
     result.record_finetune(FinetuneResult(result.model, [{"epoch": 1, "step": 3, "train_loss": 0.5}]))
     card = build_model_card(result)
@@ -75,3 +89,89 @@ def test_finetuning_makes_the_recorded_evaluation_stale(result):
 
 def test_the_card_tells_how_to_load_from_where_it_lives(result):
     assert 'load_pretrained("me/fused-mlp")' in build_model_card(result, load_path="me/fused-mlp").text
+
+
+# ------------------------------------------------------------------------------------------- the saved record
+
+
+def assert_same_result_fields(restored: FusionResult, original: FusionResult) -> None:
+    for f in dataclasses.fields(FusionResult):
+        if f.name in ("model", "transport_plans"):  # the model is loaded beside the record; plans are not saved
+            continue
+        if f.name == "pairs":
+            assert len(restored.pairs) == len(original.pairs)
+            for got, want in zip(restored.pairs, original.pairs):
+                for name in ("model", "reference", "deeper", "alignment", "offsets"):
+                    assert getattr(got, name) == getattr(want, name), name
+                assert all(torch.equal(g, w.double()) for g, w in zip(got.costs, want.costs))
+        else:
+            assert getattr(restored, f.name) == getattr(original, f.name), f.name
+
+
+@pytest.fixture
+def recorded(result):
+    """The result with every recorded field away from its default, so a dropped field cannot go unnoticed."""
+    result.record_evaluation(result.evaluation, dataset="toy", task="text-classification")
+    result.finetune_history = [{"epoch": 1, "step": 3, "train_loss": 0.5}]
+    result.identity_errors = {"0.1": 0.01}
+    result.bn_reset = True
+    defaults = FusionResult(result.model, [], {}, {}, {}, FusionConfig(), "", 0, [])
+    for f in dataclasses.fields(FusionResult):
+        if f.name not in ("model", "transport_plans", "anchor"):  # the anchor is model 0, which is the default
+            assert getattr(result, f.name) != getattr(defaults, f.name), f.name
+    return result
+
+
+def test_from_record_of_to_record_keeps_every_recorded_field(recorded):
+    record = json.loads(json.dumps(recorded.to_record()))  # what fusion_config.json holds
+    restored = FusionResult.from_record(record, recorded.model)
+    assert_same_result_fields(restored, recorded)
+    assert restored.to_record() == record
+
+
+def test_the_saved_record_keeps_the_evaluation_task(recorded, tmp_path):
+    folder = recorded.save_pretrained(tmp_path / "m")
+    assert json.loads((folder / FUSION_CONFIG_FILE).read_text())["evaluation_task"] == "text-classification"
+    loaded = load_fusion_result(folder)
+    assert_same_result_fields(loaded, recorded)
+    assert build_model_card(loaded).data.eval_results[0].task_type == "text-classification"
+
+
+def test_records_of_earlier_versions_load_with_defaults(result):
+    record = result.to_record()
+    del record["evaluation_task"], record["finetune"], record["identity_errors"]
+    restored = FusionResult.from_record(record, result.model)
+    assert restored.evaluation_task == "image-classification"
+    assert restored.finetune_history == [] and restored.identity_errors == {}
+
+
+# ------------------------------------------------------------------------------------------- the alignment plot
+
+
+def test_plot_alignment_takes_plain_arrays_and_circles_each_match(tmp_path):
+    cost = np.arange(12.0).reshape(4, 3)
+    figure = plot_alignment(
+        [cost, [[0.0, 1.0], [1.0, 0.0]]],
+        [[0, 2, 3], [1, 0]],
+        row_labels=["deep", "deep"],
+        column_labels=["shallow", "shallow"],
+        titles=["first", "second"],
+        path=tmp_path / "plot.png",
+    )
+    panels = [ax for ax in figure.axes if ax.images]
+    assert [ax.get_title() for ax in panels] == ["first", "second"]
+    np.testing.assert_array_equal(panels[0].images[0].get_array(), cost)
+    assert list(panels[0].lines[0].get_ydata()) == [0, 2, 3]
+    assert (tmp_path / "plot.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_plot_alignment_refuses_a_missing_alignment():
+    with pytest.raises(ClaFusionError, match="2 cost matrices but 1 alignments"):
+        plot_alignment([np.zeros((2, 2)), np.zeros((3, 2))], [[0, 1]])
+
+
+def test_the_result_plot_has_one_panel_per_segment_with_layers(result):
+    panels = [ax for ax in result.plot_alignment().axes if ax.images]
+    pair = result.pairs[0]
+    assert len(panels) == sum(c.numel() > 0 for c in pair.costs)
+    assert list(panels[0].lines[0].get_ydata()) == pair.local(0)

@@ -1,6 +1,9 @@
-"""The hf-clafusion command line: each subcommand's happy path and its errors."""
+"""The hf-clafusion command line: each subcommand's happy path and its errors; the generated reference pages."""
 
+import dataclasses
+import importlib.util
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -10,6 +13,7 @@ from safetensors.torch import save_file
 
 from hf_clafusion import load_pretrained, save_model
 from hf_clafusion.cli import build_parser, main
+from hf_clafusion.config import FinetuneConfig, FusionConfig, describe_choices
 
 from ._models import mlp
 
@@ -30,6 +34,38 @@ def test_every_subcommand_has_help(command, capsys):
         main([command, "--help"])
     assert info.value.code == 0
     assert "usage: hf-clafusion " + command in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(("command", "config_class"), [("fuse", FusionConfig), ("finetune", FinetuneConfig)])
+def test_help_lists_the_allowed_values_of_every_choice_field(command, config_class, capsys):
+    with pytest.raises(SystemExit):
+        main([command, "--help"])
+    out = capsys.readouterr().out
+    for name, values in describe_choices(config_class).items():
+        assert f"  {name}: {values}\n" in out
+
+
+def docs_hooks():
+    path = Path(__file__).resolve().parent.parent / "docs" / "hooks.py"
+    spec = importlib.util.spec_from_file_location("docs_hooks", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("config_class", [FusionConfig, FinetuneConfig], ids=lambda c: c.__name__)
+def test_the_configuration_page_table_has_every_field_with_its_default_choices_and_help(config_class):
+    hooks = docs_hooks()
+    page = (Path(hooks.__file__).parent / "configuration.md").read_text()
+    assert f"<!-- CONFIG FIELDS: {config_class.__name__} -->" in page
+    rows = hooks.on_page_markdown(f"<!-- CONFIG FIELDS: {config_class.__name__} -->", None, None, None).split("\n")
+    fields = dataclasses.fields(config_class)
+    assert len(rows) == 2 + len(fields)  # header, separator, one row per field in field order
+    choices = describe_choices(config_class)
+    for row, f in zip(rows[2:], fields):
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        assert row.startswith(f"| `{f.name}` | `{f.type}` | `{default!r}` | {choices.get(f.name, '')} | ")
+        assert f.metadata["help"].replace("|", "\\|") in row
 
 
 def test_fuse_then_inspect_then_finetune(parents, tmp_path, capsys):

@@ -1,5 +1,8 @@
 """Bad input gets a ClaFusionError subclass naming the problem, the value, and the fix."""
 
+import dataclasses
+import typing
+
 import pytest
 import torch
 from torch import nn
@@ -13,9 +16,13 @@ from hf_clafusion import (
     FusionConfig,
     IncompatibleModelsError,
     InvalidWeightsError,
+    LoadError,
+    SaveError,
     UnsupportedArchitectureError,
     fuse,
 )
+from hf_clafusion import config as config_module
+from hf_clafusion.config import describe_choices, field_choices
 
 from ._models import mlp
 
@@ -134,9 +141,60 @@ def test_every_error_is_a_clafusion_error():
         ConfigError,
         IncompatibleModelsError,
         InvalidWeightsError,
+        LoadError,
+        SaveError,
         UnsupportedArchitectureError,
     ):
         assert issubclass(cls, ClaFusionError)
+
+
+def test_load_error_is_a_save_error_so_existing_handlers_keep_catching_load_failures():
+    assert issubclass(LoadError, SaveError) and issubclass(LoadError, OSError)
+    import hf_clafusion
+
+    assert "LoadError" in hf_clafusion.__all__ and hf_clafusion.__all__ == sorted(hf_clafusion.__all__)
+
+
+# ------------------------------------------------------------------------------------------- config choices
+
+CONFIGS = [FusionConfig, FinetuneConfig]
+
+
+FREE_TEXT = {
+    FusionConfig: {"device", "input_column"},
+    FinetuneConfig: {"input_column", "label_column", "checkpoint_dir", "resume_from", "project_dir"},
+}
+
+
+@pytest.mark.parametrize("config_class", CONFIGS, ids=lambda c: c.__name__)
+def test_string_fields_are_literal_choices_except_the_free_text_ones(config_class):
+    hints = typing.get_type_hints(config_class)
+    plain_strings = {
+        f.name for f in dataclasses.fields(config_class) if hints[f.name] is str or hints[f.name] == str | None
+    }
+    assert plain_strings == FREE_TEXT[config_class]  # paths, devices and column names: no fixed set of values
+    for name, choices in field_choices(config_class).items():
+        default = next(f.default for f in dataclasses.fields(config_class) if f.name == name)
+        assert default in choices
+
+
+@pytest.mark.parametrize("config_class", CONFIGS, ids=lambda c: c.__name__)
+def test_every_choice_is_accepted_and_anything_else_refused_with_the_choices(config_class):
+    for name, choices in field_choices(config_class).items():
+        for value in choices:
+            assert getattr(config_class(**{name: value}), name) == value
+        with pytest.raises(ConfigError, match=rf"Invalid value for `{name}`: 'bogus'\.") as info:
+            config_class(**{name: "bogus"})
+        assert info.value.field == name
+        assert all(repr(value) in str(info.value) for value in choices)
+
+
+def test_the_choice_lists_come_from_the_literal_aliases():
+    assert field_choices(FusionConfig)["solver"] == typing.get_args(config_module.Solver) == FusionConfig.SOLVERS
+    assert field_choices(FusionConfig)["layer_cost"] == FusionConfig.LAYER_COSTS
+    assert field_choices(FinetuneConfig)["mixed_precision"] == typing.get_args(config_module.MixedPrecision)
+    assert describe_choices(FusionConfig)["anchor"] == "'deepest', 'shallowest' or a model index >= 0"
+    assert set(field_choices(FinetuneConfig)) == {"optimizer", "scheduler", "mixed_precision"}
 
 
 def test_models_built_from_different_layer_types_are_refused():
@@ -162,3 +220,13 @@ def test_wrong_calibration_shape_is_caught_even_without_activation_costs():
         fuse(
             models, torch.rand(16, 3, 8, 8), FusionConfig(progress=False, layer_cost="index", ground_metric="weights")
         )
+
+
+def test_field_choices_reads_literals_inside_unions_and_keeps_none_for_optional_ones():
+    @dataclasses.dataclass
+    class Example:
+        mode: typing.Literal["a", "b"] | None = None
+        anchor: typing.Literal["first"] | int = "first"
+        name: str | None = None
+
+    assert field_choices(Example) == {"mode": ("a", "b", None), "anchor": ("first",)}

@@ -1,4 +1,5 @@
-"""Pushing to the Hub: ``push_folder_to_hub`` and ``FusionResult.push_to_hub`` against a local Hub server.
+"""Sharing: loading folders and Hub ids (``find_loader``, adapter precedence, ``LoadError``) and pushing to the Hub
+(``push_folder_to_hub``, ``FusionResult.push_to_hub``) against a local Hub server.
 
 The server (tests/hub_server.py) checks the client protocol that huggingface_hub speaks, not the real Hub; the
 one real-Hub test is skipped unless ``HF_TOKEN`` is set and huggingface.co is reachable.
@@ -14,9 +15,21 @@ from pathlib import Path
 
 import pytest
 import torch
+from torch import nn
 
-from hf_clafusion import FusionConfig, SaveError, fuse, load_pretrained
-from hf_clafusion.hub import push_folder_to_hub
+from hf_clafusion import (
+    FusionConfig,
+    LoadError,
+    SaveError,
+    fuse,
+    list_adapters,
+    load_pretrained,
+    register_adapter,
+    save_model,
+)
+from hf_clafusion.adapters import find_loader, get_adapter
+from hf_clafusion.adapters.torch import SequentialAdapter
+from hf_clafusion.hub import download_snapshot, folder_license, load_fusion_result, push_folder_to_hub
 
 from ._models import mlp
 from .hub_server import HubServer, use_server
@@ -251,3 +264,98 @@ def test_revision_with_create_pr_is_refused_before_any_request(tmp_path):
 
     with pytest.raises(SaveError, match="cannot be combined with revision='dev'"):
         push_folder_to_hub(tmp_path, "me/model", revision="dev", create_pr=True)
+
+
+# ------------------------------------------------------------------------------------------- loading, precedence
+
+
+@pytest.fixture
+def registry(monkeypatch):
+    """A copy of the adapter registry for the test, so the adapters it registers do not leak into other tests."""
+    from hf_clafusion.adapters import base
+
+    monkeypatch.setattr(base, "_REGISTRY", dict(base._REGISTRY))
+    monkeypatch.setattr(base, "_PRIORITY", dict(base._PRIORITY))
+
+
+def loads_everything(module: type[nn.Module]) -> type[SequentialAdapter]:
+    """A Sequential adapter that claims every folder and loads it as a fresh ``module()``."""
+
+    class Greedy(SequentialAdapter):
+        @classmethod
+        def can_load(cls, directory: Path) -> bool:
+            return True
+
+        @classmethod
+        def load(cls, directory: Path, *, allow_pickle: bool = False) -> nn.Module:
+            return module()
+
+    return Greedy
+
+
+def test_a_saved_sequential_folder_is_found_by_its_own_can_load(tmp_path):
+    model = mlp(8, [16, 12], 3)
+    folder = save_model(model, tmp_path / "m")
+    assert SequentialAdapter.can_load(folder) and not SequentialAdapter.can_load(tmp_path)
+    loaded = find_loader(folder)(allow_pickle=False)
+    x = torch.randn(5, 8)
+    assert torch.equal(loaded(x), model(x))
+    assert torch.equal(load_pretrained(folder)(x), model(x))
+
+
+def test_find_loader_knows_nothing_of_empty_folders_and_unknown_names(tmp_path):
+    assert find_loader(tmp_path) is None
+    assert find_loader("someone/some-model") is None
+    with pytest.raises(TypeError, match="folder path or a reference string"):
+        find_loader(3)
+
+
+def test_built_in_adapters_are_tried_in_name_order_at_equal_priority():
+    assert list_adapters() == ["timm", "torch.sequential", "transformers"]
+
+
+def test_a_higher_priority_takes_precedence_whatever_the_registration_order(registry, tmp_path):
+    folder = save_model(mlp(8, [16], 3), tmp_path / "m")
+    register_adapter("zzz.high", priority=5)(loads_everything(nn.Tanh))
+    register_adapter("aaa.low", priority=-1)(loads_everything(nn.ReLU))
+    assert list_adapters() == ["zzz.high", "timm", "torch.sequential", "transformers", "aaa.low"]
+    assert isinstance(find_loader(folder)(), nn.Tanh)
+    assert isinstance(load_pretrained(folder), nn.Tanh)
+    assert get_adapter(mlp(8, [16], 3)).name == "zzz.high"
+
+
+def test_equal_priorities_are_tried_in_name_order_not_registration_order(registry, tmp_path):
+    register_adapter("b.second")(loads_everything(nn.Tanh))
+    register_adapter("a.first")(loads_everything(nn.ReLU))
+    assert list_adapters()[:2] == ["a.first", "b.second"]
+    assert isinstance(find_loader(tmp_path)(), nn.ReLU)
+
+
+def test_register_adapter_refuses_a_priority_that_is_not_an_integer():
+    with pytest.raises(ValueError, match="priorities must be integers, got 1.5"):
+        register_adapter("x", priority=1.5)
+
+
+def test_load_failures_raise_load_error_which_old_save_error_handlers_still_catch(tmp_path):
+    (tmp_path / "config.json").write_text('{"something": "else"}')
+    with pytest.raises(LoadError, match="not saved by hf_clafusion") as info:
+        load_pretrained(tmp_path)
+    assert isinstance(info.value, SaveError)
+    with pytest.raises(LoadError, match="No fusion_config.json"):
+        load_fusion_result(tmp_path)
+
+
+def test_download_snapshot_refuses_bad_ids_and_fails_fast_offline(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(LoadError, match="'not a/valid id!' is neither an existing folder nor a valid Hub id"):
+        download_snapshot("not a/valid id!")
+    with pytest.raises(LoadError, match="Could not get 'someone/some-model' from the local cache"):
+        download_snapshot("someone/some-model")
+
+
+def test_folder_license_reads_the_card_metadata(tmp_path):
+    assert folder_license(tmp_path) is None
+    (tmp_path / "README.md").write_text("no metadata here\n")
+    assert folder_license(tmp_path) is None
+    (tmp_path / "README.md").write_text("---\nlicense: mit\n---\n# A model\n")
+    assert folder_license(tmp_path) == "mit"

@@ -8,6 +8,8 @@ saves/loads models in the family's own format. Register one with :func:`register
 from __future__ import annotations
 
 import contextlib
+import functools
+import os
 import re
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator, Sequence
@@ -140,54 +142,109 @@ class Adapter(ABC):
 
 
 _REGISTRY: dict[str, type[Adapter]] = {}
+_PRIORITY: dict[str, int] = {}
+
+#: What :func:`find_loader` returns: call it (``loader(allow_pickle=...)``) to get the model.
+Loader = Callable[..., nn.Module]
 
 
-def register_adapter(name: str) -> Callable[[type[Adapter]], type[Adapter]]:
+def register_adapter(name: str, *, priority: int = 0) -> Callable[[type[Adapter]], type[Adapter]]:
     """Class decorator that registers an adapter under ``name``. Names are unique (``KeyError`` otherwise).
+
+    Adapters are tried (by :func:`get_adapter` and :func:`find_loader`) from the highest ``priority`` to the
+    lowest, and in name order among equal priorities, whatever order their modules are imported in. The built-in
+    adapters (``timm``, ``torch.sequential``, ``transformers``) have priority 0 and accept disjoint models and
+    folders; give a third-party adapter a priority above 0 to take precedence over them for the models both
+    accept.
 
     Example:
         ```py
         from hf_clafusion import register_adapter
-        from hf_clafusion.adapters.base import Adapter
+        from hf_clafusion.adapters import Adapter
 
-        @register_adapter("my_family")
+        @register_adapter("my_family", priority=10)
         class MyAdapter(Adapter):
             ...
         ```
     """
     if not isinstance(name, str) or not name:
         raise ValueError(f"Adapter names must be non-empty strings, got {name!r}.")
+    if isinstance(priority, bool) or not isinstance(priority, int):
+        raise ValueError(f"Adapter priorities must be integers, got {priority!r} for {name!r}.")
 
     def decorator(cls: type[Adapter]) -> type[Adapter]:
         if name in _REGISTRY:
             raise KeyError(f"An adapter named {name!r} is already registered ({_REGISTRY[name].__qualname__}).")
         cls.name = name
         _REGISTRY[name] = cls
+        _PRIORITY[name] = priority
         return cls
 
     return decorator
 
 
+def _in_precedence_order() -> list[type[Adapter]]:
+    return [_REGISTRY[name] for name in sorted(_REGISTRY, key=lambda name: (-_PRIORITY[name], name))]
+
+
 def list_adapters() -> list[str]:
-    """Names of the registered adapters, in the order they are tried."""
-    return list(_REGISTRY)
+    """Names of the registered adapters, in the order they are tried (see :func:`register_adapter`)."""
+    return [cls.name for cls in _in_precedence_order()]
 
 
 def get_adapter(model: nn.Module) -> Adapter:
-    """The first registered adapter whose ``matches(model)`` is true.
+    """The first adapter, in precedence order, whose ``matches(model)`` is true.
 
     Raises:
         UnsupportedArchitectureError: no adapter handles the model.
     """
-    for cls in _REGISTRY.values():
+    for cls in _in_precedence_order():
         if cls.matches(model):
             return cls()
+    names = tuple(list_adapters())
     raise UnsupportedArchitectureError(
-        f"No adapter for a model of type {type(model).__name__!r}. Supported: {', '.join(_REGISTRY)} "
+        f"No adapter for a model of type {type(model).__name__!r}. Supported: {', '.join(names)} "
         "(plain nn.Sequential MLPs and VGG-style CNNs). See docs/adding_an_architecture.md.",
         layer_type=type(model).__name__,
-        supported=tuple(_REGISTRY),
+        supported=names,
     )
+
+
+def find_loader(path_or_reference: str | os.PathLike) -> Loader | None:
+    """What loads a model folder or a family-specific model reference, or None when no adapter knows it.
+
+    Adapters are asked in precedence order (see :func:`register_adapter`):
+
+    - an existing folder: the first adapter whose :meth:`Adapter.can_load` accepts it; the loader is its
+      :meth:`Adapter.load` bound to the folder, called as ``loader(allow_pickle=...)``.
+    - any other string: the first adapter whose :meth:`Adapter.load_reference` recognises it (timm:
+      ``"hf-hub:..."``, ``"local-dir:..."``). ``load_reference`` loads the model as it recognises the
+      reference, so the loader returns that model (and ignores ``allow_pickle``).
+
+    A Hub repository id that no adapter recognises gives None: download it first
+    (:func:`hf_clafusion.hub.load_pretrained` does).
+
+    Example:
+        ```py
+        from hf_clafusion.adapters import find_loader
+
+        loader = find_loader("./mlp-deep")
+        model = loader() if loader is not None else None
+        ```
+    """
+    if not isinstance(path_or_reference, (str, os.PathLike)):
+        raise TypeError(f"find_loader takes a folder path or a reference string, got {type(path_or_reference)}.")
+    folder = Path(path_or_reference).expanduser()
+    if folder.is_dir():
+        for cls in _in_precedence_order():
+            if cls.can_load(folder):
+                return functools.partial(cls.load, folder)
+        return None
+    for cls in _in_precedence_order():
+        model = cls.load_reference(str(path_or_reference))
+        if model is not None:
+            return lambda *, allow_pickle=False, _model=model: _model
+    return None
 
 
 def adapter_class(name: str) -> type[Adapter]:
@@ -195,8 +252,9 @@ def adapter_class(name: str) -> type[Adapter]:
     try:
         return _REGISTRY[name]
     except KeyError:
+        names = tuple(list_adapters())
         raise UnsupportedArchitectureError(
-            f"No adapter named {name!r}. Registered: {', '.join(_REGISTRY)}.", supported=tuple(_REGISTRY)
+            f"No adapter named {name!r}. Registered: {', '.join(names)}.", supported=names
         ) from None
 
 
@@ -291,8 +349,10 @@ def reset_batchnorm_stats(model: nn.Module, batches: Sequence[Any], adapter: Ada
 
 __all__ = [
     "Adapter",
+    "Loader",
     "adapter_class",
     "capture_outputs",
+    "find_loader",
     "get_adapter",
     "list_adapters",
     "parse_capture",

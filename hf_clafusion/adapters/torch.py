@@ -424,6 +424,11 @@ class SequentialAdapter(Adapter):
         (directory / ARCHITECTURE_FILE).write_text(json.dumps(self.description(model), indent=2) + "\n")
 
     @classmethod
+    def can_load(cls, directory: Path) -> bool:
+        """Whether ``directory`` holds an architecture description written by :meth:`save`."""
+        return (Path(directory) / ARCHITECTURE_FILE).is_file()
+
+    @classmethod
     def load(cls, directory: Path, *, allow_pickle: bool = False) -> nn.Module:
         directory = Path(directory)
         try:
