@@ -24,6 +24,7 @@ from .errors import ConfigError
 LayerCost = Literal["cka", "cka_minibatch", "cca", "wasserstein", "neuron_count", "index"]
 AlignmentMethod = Literal["cla", "chain", "random"]
 Balancing = Literal["identity", "merge"]
+Unmatched = Literal["average", "transplant", "identity"]
 ReluApprox = Literal["sum", "majority", "avg"]
 Anchor = Literal["deepest", "shallowest"]
 GroundMetric = Literal["activations", "weights"]
@@ -171,6 +172,15 @@ class FusionConfig(_DictMixin):
             "help": "`identity`: identity layers inserted into the shallower model, the fused model has the deeper "
             "depth. `merge`: the deeper model's unmatched layers are merged into their successors, the fused "
             "model has the shallower depth (MLPs only)."
+        },
+    )
+    unmatched: Unmatched = field(
+        default="average",
+        metadata={
+            "help": "With `balancing='identity'`, the fused block where only the deeper anchor has one: `average` "
+            "(its residual writers scaled by the anchor's weight, the closed form of averaging with an identity "
+            "block), `transplant` (the anchor's block whole) or `identity` (identity blocks inserted and averaged "
+            "explicitly; families without the closed form always do this)."
         },
     )
     relu_approx: ReluApprox = field(

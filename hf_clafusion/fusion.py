@@ -39,7 +39,7 @@ from tqdm.auto import tqdm
 from . import core
 from ._data import CalibrationData, move_to, prepare_calibration
 from .adapters import get_adapter
-from .adapters.base import Adapter, capture_outputs, reset_batchnorm_stats
+from .adapters.base import Adapter, UnmatchedBlocks, capture_outputs, reset_batchnorm_stats
 from .config import FusionConfig
 from .errors import (
     AlignmentError,
@@ -243,11 +243,14 @@ class Balanced:
         specs: their network descriptions.
         identity_errors: ``"model <k>, <segment>.<position>"`` -> relative error of every approximate identity
             block inserted; empty when every inserted block is exact.
+        unmatched: non-anchor model index -> its inserted blocks, fused in closed form (``fusion_math.md``
+            §6.4: no statistics, no plan, no forward pass through them); empty on the explicit route.
     """
 
     models: tuple[nn.Module, ...]
     specs: tuple[NetworkSpec, ...]
     identity_errors: dict[str, float]
+    unmatched: dict[int, UnmatchedBlocks] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -339,7 +342,7 @@ def collect_layer_activations(run: Prepared, *, clock: Stopwatch) -> LayerActiva
     with clock("activations_layers"), torch.no_grad():
         captures = [[layer.capture for seg in spec.segments for layer in seg.layers] for spec in run.specs]
         stored: list[list[list[torch.Tensor]]] = [[[] for _ in c] for c in captures]
-        for batch in _bar(run.batches, "layer activations", run.config):
+        for batch in _bar(run.batches, "layer activations", run.config, unit="batch"):
             per_model = []
             for k, model in enumerate(run.models):
                 with capture_outputs(model, captures[k]) as out:
@@ -395,25 +398,43 @@ def balance_depths(
         AlignmentError: the balanced models' segment depths or group counts differ (a bug).
     """
     with clock("balancing"):
+        layouts: dict[int, list[list[int | None]]] = {}
         if run.config.balancing == "identity":
-            models, identity_errors = balance_identity(run, alignment)
+            models, identity_errors, layouts = balance_identity(run, alignment)
         else:
             models, identity_errors = balance_merge(run, alignment, activations), {}
         models = tuple(m.to(run.device).eval() for m in models)
         specs = tuple(run.adapter.spec(m) for m in models)
         _check_balanced(specs, run.anchor)
-    return Balanced(models=models, specs=specs, identity_errors=identity_errors)
+        unmatched = {k: _closed_form(run, k, layout, specs[k]) for k, layout in layouts.items()}
+    return Balanced(models=models, specs=specs, identity_errors=identity_errors, unmatched=unmatched)
 
 
-def balance_identity(run: Prepared, alignment: Alignment) -> tuple[list[nn.Module], dict[str, float]]:
+def _closed_form(run: Prepared, k: int, layouts: list[list[int | None]], spec: NetworkSpec) -> UnmatchedBlocks:
+    blocks = run.adapter.unmatched_blocks(run.models[k], layouts, spec)
+    if blocks is None:  # balance_identity only hands out layouts the adapter can take in closed form
+        raise AlignmentError(f"Adapter {run.adapter.name!r} has no closed form for unmatched blocks; this is a bug.")
+    return blocks
+
+
+def balance_identity(
+    run: Prepared, alignment: Alignment
+) -> tuple[list[nn.Module], dict[str, float], dict[int, list[list[int | None]]]]:
     """Insert identity layers into every model shallower than a segment's reference, where alignment leaves gaps.
 
+    Where the closed form of ``fusion_math.md`` §6.4 applies (``config.unmatched`` is ``"average"`` or
+    ``"transplant"``, the model is not the anchor, the anchor is the template of the inserted blocks and the
+    adapter has :meth:`~hf_clafusion.adapters.Adapter.unmatched_blocks`), the inserted blocks are placeholders
+    that later stages skip: nothing is fitted for them and no statistics are collected through them.
+
     Returns:
-        The balanced models (the prepared model itself where nothing is inserted) and the relative error of
-        every approximate identity block, keyed ``"model <k>, <segment>.<position>"``.
+        The balanced models (the prepared model itself where nothing is inserted), the relative error of every
+        approximate identity block, keyed ``"model <k>, <segment>.<position>"``, and the layouts of the models
+        balanced for the closed form (model index -> per segment, the own layer at each position or ``None``).
     """
     balanced = list(run.models)
     identity_errors: dict[str, float] = {}
+    closed: dict[int, list[list[int | None]]] = {}
     for k in range(len(run.models)):
         layouts = []
         for s, seg in enumerate(run.segments):
@@ -426,10 +447,22 @@ def balance_identity(run: Prepared, alignment: Alignment) -> tuple[list[nn.Modul
                 layout[position] = own
             layouts.append(layout)
         if any(None in layout for layout in layouts):
-            template = run.models[_template_for(run.segments, k)]
-            balanced[k], errors = run.adapter.insert_identity(run.models[k], layouts, template, batches=run.batches)
+            t = _template_for(run.segments, k)
+            if _has_closed_form(run, k, t):
+                balanced[k], _ = run.adapter.insert_identity(run.models[k], layouts, run.models[t], fit=False)
+                closed[k] = layouts
+                continue
+            balanced[k], errors = run.adapter.insert_identity(
+                run.models[k], layouts, run.models[t], batches=run.batches
+            )
             identity_errors.update({f"model {k}, {key}": err for key, err in errors.items()})
-    return balanced, identity_errors
+    return balanced, identity_errors, closed
+
+
+def _has_closed_form(run: Prepared, k: int, template: int) -> bool:
+    """Whether model ``k``'s inserted blocks can be fused in closed form (§6.4): the anchor is their template."""
+    overrides = type(run.adapter).unmatched_blocks is not Adapter.unmatched_blocks
+    return run.config.unmatched != "identity" and k != run.anchor and template == run.anchor and overrides
 
 
 def balance_merge(run: Prepared, alignment: Alignment, activations: LayerActivations) -> list[nn.Module]:
@@ -455,16 +488,30 @@ def collect_group_statistics(
     """Activation statistics of every alignment group, non-anchor model against the anchor, for
     ``ground_metric="activations"`` (one pass over the calibration data per model); ``{}`` otherwise.
 
+    A model balanced for the closed form (``balanced.unmatched``) runs at its own depth, before balancing:
+    its inserted blocks would only pass their input through, so their output is read where the stream leaves the
+    last own block before them, and the groups inside them get no statistics (``None``).
+
     Returns:
-        Non-anchor model index -> one :class:`~hf_clafusion.core.ActivationStats` per group, in group order.
+        Non-anchor model index -> one :class:`~hf_clafusion.core.ActivationStats` (or ``None``) per group, in
+        group order.
     """
     if run.config.ground_metric != "activations":
         return {}
     others = [k for k in range(len(run.models)) if k != run.anchor]
     groups = {k: balanced.specs[k].groups for k in range(len(run.models))}
+    skip = {k: balanced.unmatched[k].groups if k in balanced.unmatched else frozenset() for k in others}
     statistics: dict[int, list[core.ActivationStats | None]] = {
-        k: [core.ActivationStats() for _ in groups[k]] for k in others
+        k: [None if g.name in skip[k] else core.ActivationStats() for g in groups[k]] for k in others
     }
+    # what each model runs, and which of its captures stands for each balanced capture
+    runner = {k: run.models[k] if k in balanced.unmatched else m for k, m in enumerate(balanced.models)}
+    rename: dict[int, dict[str, str]] = {}
+    used = [g for g in range(len(groups[run.anchor])) if any(statistics[k][g] is not None for k in others)]
+    for k in range(len(run.models)):
+        needed = [c for g in used if k == run.anchor or statistics[k][g] is not None for c in groups[k][g].captures]
+        mapping = balanced.unmatched[k].captures if k in balanced.unmatched else {}
+        rename[k] = {c: mapping.get(c, c) for c in dict.fromkeys(needed)}
     with clock("activations_groups"), torch.no_grad():
         for k in others:
             for group_b, group_a in zip(groups[k], groups[run.anchor]):
@@ -473,17 +520,22 @@ def collect_group_statistics(
                         f"Group {group_a.name!r} is captured at {len(group_b.captures)} points in model {k} but "
                         f"{len(group_a.captures)} in the anchor after balancing; this is a bug, please report it."
                     )
-        for batch in _bar(run.batches, "group activations", run.config):
+        for batch in _bar(run.batches, "group activations", run.config, unit="batch"):
             outputs = {}
-            for k, model in enumerate(balanced.models):
-                names = list(dict.fromkeys(c for g in groups[k] for c in g.captures))
+            for k, model in runner.items():
+                names = list(dict.fromkeys(rename[k].values()))
                 with capture_outputs(model, names) as out:
                     _forward(run.adapter, model, batch, k)
-                outputs[k] = {n: run.adapter.features(out[n], batch) for n in names}
+                features = {n: run.adapter.features(out[n], batch) for n in names}
+                del out
+                outputs[k] = {c: features[n] for c, n in rename[k].items()}
             for k in others:
                 for g, stats in enumerate(statistics[k]):
+                    if stats is None:
+                        continue
                     for name_b, name_a in zip(groups[k][g].captures, groups[run.anchor][g].captures):
                         stats.update(outputs[k][name_b], outputs[run.anchor][name_a])
+            del outputs
     return statistics
 
 
@@ -508,12 +560,16 @@ def transport_to_anchor(
         for k in range(len(run.models)):
             if k == run.anchor:
                 continue
-            work = {name: t.clone() for name, t in balanced.models[k].state_dict().items()}
+            # apply_plan returns new tensors: the balanced model's own tensors are never written to
+            work = dict(balanced.models[k].state_dict())
+            unmatched = balanced.unmatched.get(k, UnmatchedBlocks())
             groups_b, groups_a = balanced.specs[k].groups, balanced.specs[run.anchor].groups
             plans[k] = {}
             for g, (group_b, group_a) in enumerate(
-                _bar(list(zip(groups_b, groups_a)), f"transport model {k}", run.config)
+                _bar(list(zip(groups_b, groups_a)), f"transport model {k}", run.config, unit="group")
             ):
+                if group_b.name in unmatched.groups:
+                    continue  # inside an inserted block: replaced below in closed form
                 if run.config.ground_metric == "activations":
                     cost = statistics[k][g].distances()
                     statistics[k][g] = None  # free the (n_B, n_A) statistics as soon as they are used
@@ -527,6 +583,8 @@ def transport_to_anchor(
                     plan = core.transport_plan(cost, solver=run.config.solver, reg=run.config.reg)
                 r_map, s_map = core.plan_maps(plan, run.config.plan_normalization)
                 for axis in group_b.axes:
+                    if axis.param in unmatched.params:
+                        continue
                     matrix = r_map if axis.role == "out" else s_map
                     if axis.repeat > 1:
                         matrix = core.expand_head_plan(matrix, max(heads, 1), axis.repeat)
@@ -534,8 +592,27 @@ def transport_to_anchor(
                         work[axis.param], axis.axis, matrix, inner=axis.inner, outer=axis.outer
                     )
                 plans[k][group_a.name] = plan.float().cpu()
+                del cost, plan, r_map, s_map
+            _closed_form_blocks(work, anchor_state, unmatched, run.config.unmatched)
             states[k] = work
     return Transported(states=states, plans=plans)
+
+
+def _closed_form_blocks(
+    work: dict[str, torch.Tensor], anchor_state: dict[str, torch.Tensor], unmatched: UnmatchedBlocks, mode: str
+) -> None:
+    """Model ``k``'s inserted blocks expressed exactly in the anchor's basis (``fusion_math.md`` §6.4), in place.
+
+    An identity block whose inner weights are the anchor's block has the anchor's tensors everywhere but its
+    residual writers, which are zero. Averaged with the anchor this gives the anchor's block with its writers
+    scaled by the anchor's weight (``mode="average"``); ``"transplant"`` contributes the anchor's writers too,
+    so the fused block is the anchor's, whole.
+    """
+    for name in unmatched.params:
+        if mode == "average" and name in unmatched.writers:
+            work[name] = torch.zeros_like(anchor_state[name])
+        else:
+            work[name] = anchor_state[name]
 
 
 def average(
@@ -652,8 +729,10 @@ def _result(
     )
 
 
-def _bar(iterable: Iterable[Any], desc: str, config: FusionConfig) -> Iterable[Any]:
-    return tqdm(iterable, desc=desc, disable=not config.progress, leave=False)
+def _bar(iterable: Iterable[Any], desc: str, config: FusionConfig, *, unit: str = "it") -> Iterable[Any]:
+    """A progress bar with its total (so tqdm shows an ETA) when ``iterable`` has a length."""
+    total = len(iterable) if hasattr(iterable, "__len__") else None
+    return tqdm(iterable, desc=desc, total=total, unit=unit, disable=not config.progress, leave=False)
 
 
 def _device(models: Sequence[nn.Module], config: FusionConfig) -> torch.device:

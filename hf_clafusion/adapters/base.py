@@ -12,7 +12,8 @@ import functools
 import os
 import re
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -21,6 +22,26 @@ from torch import nn
 
 from ..errors import UnsupportedArchitectureError
 from ..spec import NetworkSpec
+
+
+@dataclass(frozen=True)
+class UnmatchedBlocks:
+    """The blocks a depth-balanced model received by identity insertion, for the closed form of
+    ``fusion_math.md`` §6.4 (fused block = the anchor's block, residual writers scaled by the anchor's weight).
+
+    Attributes:
+        groups: names of the balanced model's alignment groups inside inserted blocks: no statistics, no plan.
+        params: state-dict keys of the balanced model inside inserted blocks: replaced by the anchor's tensors.
+        writers: the subset of ``params`` that write the residual stream (zero in an identity block).
+        captures: balanced-model capture -> the capture in the model *before* balancing that observes the same
+            activations (an inserted block's output is its input stream), so statistics need no forward pass
+            through inserted blocks.
+    """
+
+    groups: frozenset[str] = frozenset()
+    params: frozenset[str] = frozenset()
+    writers: frozenset[str] = frozenset()
+    captures: Mapping[str, str] = field(default_factory=dict)
 
 
 class Adapter(ABC):
@@ -66,6 +87,21 @@ class Adapter(ABC):
             The new model and its identity errors: ``{"<segment>.<position>": relative error}`` of every
             *approximate* identity block inserted, empty when every inserted block is exact.
         """
+
+    def unmatched_blocks(
+        self, model: nn.Module, layouts: Sequence[Sequence[int | None]], balanced: NetworkSpec
+    ) -> UnmatchedBlocks | None:
+        """Where :meth:`insert_identity` with these ``layouts`` puts identity blocks into ``model``, for the closed
+        form of unmatched blocks; ``None`` (the default) when the family has none, and the pipeline then averages
+        the explicit identity blocks. Adapters that return a value accept ``insert_identity(..., fit=False)``
+        (skip fitting approximate identities: the closed form never reads the inserted blocks' weights).
+
+        Args:
+            model: the prepared model before balancing.
+            layouts: as for :meth:`insert_identity`.
+            balanced: the spec of the balanced model.
+        """
+        return None
 
     def check_compatible(self, models: Sequence[nn.Module]) -> None:
         """Refuse (``IncompatibleModelsError``) prepared models of this family that cannot be fused together.
@@ -350,6 +386,7 @@ def reset_batchnorm_stats(model: nn.Module, batches: Sequence[Any], adapter: Ada
 __all__ = [
     "Adapter",
     "Loader",
+    "UnmatchedBlocks",
     "adapter_class",
     "capture_outputs",
     "find_loader",

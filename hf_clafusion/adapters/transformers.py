@@ -48,7 +48,7 @@ from ..errors import (
     UnsupportedArchitectureError,
 )
 from ..spec import AxisRef, Group, LayerSpec, NetworkSpec, SegmentSpec
-from .base import Adapter, capture_outputs, register_adapter
+from .base import Adapter, UnmatchedBlocks, capture_outputs, register_adapter
 
 
 # --------------------------------------------------------------------------------------------- the registry
@@ -704,7 +704,7 @@ class TransformersAdapter(Adapter):
             new = type(model)(config, **kwargs)
         return new
 
-    def insert_identity(self, model, layouts, template, *, batches=None):
+    def insert_identity(self, model, layouts, template, *, batches=None, fit=True):
         fam = _family(model)
         if len(layouts) != 1:
             raise AlignmentError(f"transformers models have one segment; got {len(layouts)} layouts.")
@@ -754,9 +754,41 @@ class TransformersAdapter(Adapter):
             state.update({f"{layers}.{p}.{k}": v for k, v in params.items()})
         new.load_state_dict(state, strict=True)
         new = new.to(next(model.parameters()).dtype).eval()
-        if fam.post_ln and None in layout:
+        if fam.post_ln and None in layout and fit:
             return new, self._fit_post_ln(model, new, layout, batches)
         return new, {}  # pre-LN blocks with zeroed writers are exact identities
+
+    def unmatched_blocks(self, model, layouts, balanced):
+        fam = _family(model)
+        layout = list(layouts[0])
+        layers = f"{_base_prefix(model)}{fam.layers}"
+        embed = f"{_base_prefix(model)}{fam.embed_capture}"
+        inserted = {p for p, s in enumerate(layout) if s is None}
+        block = re.compile(rf"^{re.escape(layers)}\.(\d+)(\..*)?$")
+        groups, params, writers, captures = set(), set(), set(), {}
+        for group in balanced.groups:
+            match = re.fullmatch(r"(attention|mlp)\.(\d+)", group.name)
+            if match and int(match.group(2)) in inserted:
+                groups.add(group.name)
+                continue
+            for capture in group.captures:
+                found = block.match(capture)
+                if found is None:
+                    captures[capture] = capture
+                    continue
+                p, rest = int(found.group(1)), found.group(2) or ""
+                if p not in inserted:
+                    captures[capture] = f"{layers}.{layout[p]}{rest}"
+                    continue
+                # an inserted block's output is its input: the output of the last own block before it
+                before = [s for s in layout[:p] if s is not None]
+                captures[capture] = f"{layers}.{before[-1]}" if before else embed
+        keys = [k[len(f"{layers}.0.") :] for k in model.state_dict() if k.startswith(f"{layers}.0.")]
+        written = {f"{w}.{x}" for w in (fam.o, fam.mlp_out) for x in ("weight", "bias")}
+        for p in inserted:
+            params.update(f"{layers}.{p}.{k}" for k in keys)
+            writers.update(f"{layers}.{p}.{k}" for k in keys if k in written)
+        return UnmatchedBlocks(frozenset(groups), frozenset(params), frozenset(writers), captures)
 
     @torch.no_grad()
     def _fit_post_ln(

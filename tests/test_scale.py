@@ -1,0 +1,152 @@
+"""Fusion at scale: unmatched blocks in closed form, folder-loaded parents, sharded saves, the GPU path."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+
+from hf_clafusion import fuse  # noqa: E402
+from hf_clafusion.adapters import get_adapter  # noqa: E402
+from hf_clafusion.hub import load_pretrained  # noqa: E402
+
+from ._models import max_rel_error  # noqa: E402
+from .test_transformers import EXACT, POST_LN, PRE_LN, inputs, make  # noqa: E402
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _layers(model: torch.nn.Module) -> str:
+    """The state-dict prefix of the block list, e.g. ``"transformer.h"``."""
+    spec = get_adapter(model).spec(model)
+    return spec.segments[0].layers[0].name.rsplit(".", 1)[0]
+
+
+@torch.no_grad()
+def _truncated(deep: torch.nn.Module, keep: list[int], family: str) -> torch.nn.Module:
+    """``deep`` with only the blocks ``keep``: a shallow model that shares the deep model's neuron basis."""
+    shallow = make(family, len(keep), seed=5)
+    layers = _layers(deep)
+    state = {}
+    for key, value in deep.state_dict().items():
+        if key.startswith(f"{layers}."):
+            index, rest = key[len(layers) + 1 :].split(".", 1)
+            if int(index) in keep:
+                state[f"{layers}.{keep.index(int(index))}.{rest}"] = value.clone()
+        else:
+            state[key] = value.clone()
+    shallow.load_state_dict(state)
+    return shallow.eval()
+
+
+@torch.no_grad()
+def _quiet_blocks(model: torch.nn.Module, blocks: list[int], factor: float) -> torch.nn.Module:
+    """Scale the residual writers of ``blocks`` by ``factor``: blocks close to the identity, not equal to it."""
+    layers = _layers(model)
+    for name, param in model.named_parameters():
+        block = any(name.startswith(f"{layers}.{b}.") for b in blocks)
+        if block and any(w in name for w in ("c_proj", "o_proj", "down_proj")):  # GPT-2 and Llama writers
+            param.mul_(factor)
+    return model
+
+
+def _unmatched_keys(model: torch.nn.Module, positions: list[int]) -> list[str]:
+    layers = _layers(model)
+    return [k for k in model.state_dict() if any(k.startswith(f"{layers}.{p}.") for p in positions)]
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_closed_form_unmatched_blocks_equal_the_explicit_identity_route_in_a_shared_basis(family):
+    """Pre-LN: where the shallow model lives in the deep one's basis (it is the deep one minus two near-identity
+    blocks), averaging explicit identity blocks gives exactly the closed form: same fused weights."""
+    deep = _quiet_blocks(make(family, 4), [1, 2], 1e-2)
+    shallow = _truncated(deep, [0, 3], family)
+    batch = inputs(family, n=16)
+    explicit = fuse([deep, shallow], batch, EXACT, unmatched="identity")
+    closed = fuse([deep, shallow], batch, EXACT, unmatched="average")
+    assert explicit.layer_alignment == closed.layer_alignment == [[0, 3]]
+    a, b = explicit.model.state_dict(), closed.model.state_dict()
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.allclose(a[key].float(), b[key].float(), atol=1e-6), key
+    # the closed form computes no plan inside the inserted blocks
+    assert "attention.1" in explicit.transport_plans[1] and "attention.1" not in closed.transport_plans[1]
+
+
+@pytest.mark.parametrize("family", PRE_LN[:2] + POST_LN[:1])
+def test_unmatched_blocks_are_the_anchor_block_with_writers_scaled_or_whole(family):
+    """For any pair: the fused block where only the deeper anchor has one is the anchor's block with its residual
+    writers scaled by the anchor's weight (``average``) or the anchor's block whole (``transplant``)."""
+    deep, shallow = make(family, 4), make(family, 2, seed=1)
+    batch = inputs(family, n=16)
+    weights = (0.7, 0.3)
+    average = fuse([deep, shallow], batch, EXACT, weights=weights)
+    transplant = fuse([deep, shallow], batch, EXACT, weights=weights, unmatched="transplant")
+    assert average.layer_alignment == [[0, 3]]
+    anchor = get_adapter(deep).prepare(deep).state_dict()
+    writers = ("attn.c_proj", "mlp.c_proj", "o_proj", "down_proj", "attention.output.dense", "output.dense")
+    keys = _unmatched_keys(deep, [1, 2])
+    assert any(k.endswith(w + ".weight") for k in keys for w in writers)
+    for key in keys:
+        scale = weights[0] if any(f".{w}." in key for w in writers) else 1.0
+        assert torch.allclose(average.model.state_dict()[key], scale * anchor[key], atol=1e-6), key
+        assert torch.allclose(transplant.model.state_dict()[key], anchor[key]), key
+    # matched blocks are averaged as before: not the anchor's
+    matched = _unmatched_keys(deep, [0])
+    assert any(not torch.allclose(average.model.state_dict()[k], anchor[k]) for k in matched)
+
+
+def test_post_ln_explicit_route_mixes_fitted_layer_norms_where_the_closed_form_keeps_the_anchors():
+    """Post-LN (BERT): the explicit route averages the anchor's layer norms with fitted approximate identities,
+    so it is not the closed form; the closed form keeps the anchor's norms and fits nothing."""
+    deep, shallow = make("bert", 4), make("bert", 2, seed=1)
+    batch = inputs("bert", n=16)
+    explicit = fuse([deep, shallow], batch, EXACT, unmatched="identity")
+    closed = fuse([deep, shallow], batch, EXACT)
+    anchor = get_adapter(deep).prepare(deep).state_dict()
+    key = "bert.encoder.layer.1.output.LayerNorm.weight"
+    assert torch.equal(closed.model.state_dict()[key], anchor[key])
+    assert not torch.allclose(explicit.model.state_dict()[key], anchor[key], atol=1e-3)
+    assert explicit.identity_errors and closed.identity_errors == {}
+
+
+def test_a_folder_loaded_pair_fuses_to_the_same_model_as_the_in_memory_pair(tmp_path):
+    deep, shallow = make("llama", 4), make("llama", 2, seed=1)
+    for name, model in (("deep", deep), ("shallow", shallow)):
+        model.save_pretrained(tmp_path / name)
+    loaded = [load_pretrained(tmp_path / "deep"), load_pretrained(tmp_path / "shallow")]
+    batch = inputs("llama", n=16)
+    a = fuse([deep, shallow], batch, EXACT).model.state_dict()
+    b = fuse(loaded, batch, EXACT).model.state_dict()
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize("family", ["gpt2", "bert"])
+def test_a_sharded_save_round_trips_through_from_pretrained_and_load_pretrained(family, tmp_path):
+    deep, shallow = make(family, 4), make(family, 2, seed=1)
+    batch = inputs(family, n=16)
+    result = fuse([deep, shallow], batch, EXACT)
+    result.save_pretrained(tmp_path / "fused", max_shard_size="40KB")
+    shards = sorted(p.name for p in (tmp_path / "fused").glob("*.safetensors"))
+    assert len(shards) > 1 and (tmp_path / "fused" / "model.safetensors.index.json").is_file()
+    auto = transformers.AutoModelForCausalLM if family == "gpt2" else transformers.AutoModelForSequenceClassification
+    for reloaded in (auto.from_pretrained(tmp_path / "fused"), load_pretrained(tmp_path / "fused")):
+        assert max_rel_error(reloaded(**batch).logits, result.model(**batch).logits) < 1e-6
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_the_cuda_path_fuses_to_the_cpu_result():
+    deep, shallow = make("llama", 4), make("llama", 2, seed=1)
+    batch = inputs("llama", n=16)
+    cpu = fuse([deep, shallow], batch, EXACT).model.state_dict()
+    gpu = fuse([deep, shallow], batch, EXACT, device="cuda").model.state_dict()
+    assert all(gpu[k].device.type == "cuda" for k in gpu)
+    assert all(torch.allclose(cpu[k], gpu[k].cpu(), atol=1e-4) for k in cpu)
