@@ -7,6 +7,7 @@ half-written model at the target path.
 
 from __future__ import annotations
 
+import inspect
 import json
 import os
 import shutil
@@ -234,16 +235,18 @@ def save_fusion_result(
     model_name: str | None = None,
     load_path: str | None = None,
     processor: Any = None,
+    max_shard_size: int | str | None = None,
 ) -> Path:
     """Implementation of :meth:`FusionResult.save_pretrained` (``load_path``: what the card tells users to load;
-    ``processor``: a tokenizer / image processor saved beside the model with its own ``save_pretrained``)."""
+    ``processor``: a tokenizer / image processor saved beside the model with its own ``save_pretrained``;
+    ``max_shard_size``: see :func:`save_weights`)."""
     adapter = adapter_class(result.adapter)()
     card = build_model_card(
         result, license=license, datasets=datasets, model_name=model_name, load_path=load_path or str(save_directory)
     )
 
     def write(tmp: Path) -> None:
-        adapter.save(result.model, tmp)
+        save_weights(adapter, result.model, tmp, max_shard_size=max_shard_size)
         if processor is not None:
             processor.save_pretrained(tmp)
         (tmp / FUSION_CONFIG_FILE).write_text(json.dumps(fusion_record(result), indent=2) + "\n")
@@ -251,6 +254,35 @@ def save_fusion_result(
         card.save(tmp / "README.md")
 
     return atomic_directory_write(save_directory, write, overwrite=overwrite)
+
+
+def save_weights(adapter: Any, model: nn.Module, directory: Path, *, max_shard_size: int | str | None = None) -> None:
+    """``adapter.save(model, directory)``, with the weights split into safetensors shards of at most
+    ``max_shard_size`` (bytes, or a string such as ``"5GB"``) as ``save_pretrained`` does: ``model-00001-of-0000N
+    .safetensors`` files and a ``model.safetensors.index.json`` weight map. ``None`` writes one file.
+
+    transformers models are sharded by their own ``save_pretrained``; other families' single
+    ``model.safetensors`` is split afterwards, and their ``load`` reads either layout.
+    """
+    if max_shard_size is None:
+        adapter.save(model, directory)
+        return
+    if "max_shard_size" in inspect.signature(adapter.save).parameters:
+        adapter.save(model, directory, max_shard_size=max_shard_size)
+        return
+    adapter.save(model, directory)
+    single = Path(directory) / "model.safetensors"
+    if not single.is_file():
+        raise SaveError(
+            f"max_shard_size={max_shard_size!r}: the {adapter.name} adapter wrote no model.safetensors to split into "
+            "shards. Save without max_shard_size."
+        )
+    from huggingface_hub import save_torch_state_dict
+    from safetensors.torch import load_file
+
+    state = load_file(str(single))
+    single.unlink()
+    save_torch_state_dict(state, directory, max_shard_size=max_shard_size, metadata={"format": "pt"})
 
 
 def save_model(model: nn.Module, save_directory: str | Path, *, overwrite: bool = False) -> Path:

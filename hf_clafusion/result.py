@@ -301,6 +301,7 @@ class FusionResult(_AlignmentMixin):
         datasets: list[str] | None = None,
         model_name: str | None = None,
         processor: Any = None,
+        max_shard_size: int | str | None = None,
     ) -> Path:
         """Write the fused model, ``fusion_config.json``, the alignment plot and a ``README.md`` model card.
 
@@ -316,6 +317,9 @@ class FusionResult(_AlignmentMixin):
             model_name: the card's title and ``model-index`` name.
             processor: the anchor's tokenizer / image processor, saved beside the model (``save_pretrained``) so
                 ``AutoTokenizer.from_pretrained(save_directory)`` works.
+            max_shard_size: split the weights into safetensors shards of at most this size (bytes, or e.g.
+                ``"2GB"``) with a ``model.safetensors.index.json``, as ``transformers``' ``save_pretrained`` does;
+                ``None`` writes one file.
         """
         from .hub import save_fusion_result
 
@@ -327,6 +331,7 @@ class FusionResult(_AlignmentMixin):
             datasets=datasets,
             model_name=model_name,
             processor=processor,
+            max_shard_size=max_shard_size,
         )
 
     def push_to_hub(

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+
 transformers = pytest.importorskip("transformers")
 
 from hf_clafusion import fuse  # noqa: E402
@@ -140,6 +141,29 @@ def test_a_sharded_save_round_trips_through_from_pretrained_and_load_pretrained(
     auto = transformers.AutoModelForCausalLM if family == "gpt2" else transformers.AutoModelForSequenceClassification
     for reloaded in (auto.from_pretrained(tmp_path / "fused"), load_pretrained(tmp_path / "fused")):
         assert max_rel_error(reloaded(**batch).logits, result.model(**batch).logits) < 1e-6
+
+
+def test_a_sharded_save_of_a_sequential_and_a_timm_model_round_trips_through_load_pretrained(tmp_path):
+    from ._models import mlp
+
+    x = torch.randn(64, 8)
+    result = fuse([mlp(8, [32, 32, 32], 3, seed=1), mlp(8, [32, 32], 3, seed=2)], x, EXACT)
+    result.save_pretrained(tmp_path / "mlp", max_shard_size=3000)
+    assert len(list((tmp_path / "mlp").glob("model-*.safetensors"))) > 1
+    assert not (tmp_path / "mlp" / "model.safetensors").exists()
+    assert max_rel_error(load_pretrained(tmp_path / "mlp")(x), result.model(x)) < 1e-6
+
+    timm = pytest.importorskip("timm")
+    deep, shallow = (
+        timm.create_model("resnet18", num_classes=5, layers=[d, 1, 1, 1], channels=(8, 16, 16, 16), in_chans=1).eval()
+        for d in (3, 2)
+    )
+    batch = torch.rand(16, 1, 16, 16)
+    fused = fuse([deep, shallow], batch, EXACT)
+    fused.save_pretrained(tmp_path / "timm", max_shard_size="20KB")
+    assert len(list((tmp_path / "timm").glob("model-*.safetensors"))) > 1
+    with torch.no_grad():
+        assert max_rel_error(load_pretrained(tmp_path / "timm")(batch), fused.model(batch)) < 1e-6
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")

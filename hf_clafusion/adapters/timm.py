@@ -790,6 +790,8 @@ class TimmAdapter(Adapter):
         directory = Path(directory)
         if not cls.can_load(directory):
             raise SaveError(f"{str(directory)!r} has no timm config.json (with an 'architecture' key).")
+        if (directory / "model.safetensors.index.json").is_file() and not (directory / "model.safetensors").is_file():
+            return cls._load_shards(timm, directory)
         if not (directory / "model.safetensors").is_file():
             if (directory / "pytorch_model.bin").is_file() and not allow_pickle:
                 raise SaveError(
@@ -800,6 +802,18 @@ class TimmAdapter(Adapter):
                 raise SaveError(f"No model.safetensors in {str(directory)!r}.")
         try:
             model = timm.create_model(f"local-dir:{directory}", pretrained=True)
+        except (RuntimeError, OSError, ValueError, KeyError) as error:
+            raise SaveError(f"timm could not load {str(directory)!r}: {str(error).splitlines()[0]}") from error
+        return model.eval()
+
+    @staticmethod
+    def _load_shards(timm: Any, directory: Path) -> nn.Module:
+        """A folder whose weights are safetensors shards with an index (``save_pretrained(max_shard_size=...)``)."""
+        from huggingface_hub import load_torch_model
+
+        try:
+            model = timm.create_model(f"local-dir:{directory}", pretrained=False)
+            load_torch_model(model, directory, strict=True)
         except (RuntimeError, OSError, ValueError, KeyError) as error:
             raise SaveError(f"timm could not load {str(directory)!r}: {str(error).splitlines()[0]}") from error
         return model.eval()

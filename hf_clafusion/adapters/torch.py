@@ -443,12 +443,19 @@ class SequentialAdapter(Adapter):
 
 
 PICKLE_FILES = ("pytorch_model.bin", "model.pt", "model.pth")
+SHARD_INDEX_FILE = "model.safetensors.index.json"
 
 
 def load_weights(directory: Path, *, allow_pickle: bool = False) -> dict[str, torch.Tensor]:
     """The state dict of a saved folder: ``model.safetensors``, or an opted-in pickle read with ``weights_only``."""
     if (directory / WEIGHTS_FILE).is_file():
         return load_file(str(directory / WEIGHTS_FILE))
+    if (directory / SHARD_INDEX_FILE).is_file():  # sharded: save_pretrained(max_shard_size=...)
+        shards = json.loads((directory / SHARD_INDEX_FILE).read_text())["weight_map"].values()
+        state: dict[str, torch.Tensor] = {}
+        for shard in sorted(set(shards)):
+            state.update(load_file(str(directory / shard)))
+        return state
     pickles = [directory / name for name in PICKLE_FILES if (directory / name).is_file()]
     if not pickles:
         raise SaveError(f"No {WEIGHTS_FILE} in {str(directory)!r}. Save the model with save_pretrained().")

@@ -864,12 +864,16 @@ class TransformersAdapter(Adapter):
         return errors
 
     # -- saving / loading
-    def save(self, model: nn.Module, directory: Path) -> None:
+    def save(self, model: nn.Module, directory: Path, *, max_shard_size: int | str | None = None) -> None:
+        """``save_pretrained`` in the parents' dtype; ``max_shard_size`` splits the weights into shards."""
         dtype = getattr(model.config, "dtype", None)
         name = _dtype_name(dtype)
         if name in ("bfloat16", "float16") and next(model.parameters()).dtype != getattr(torch, name):
             model = copy.deepcopy(model).to(getattr(torch, name))
-        model.save_pretrained(directory)
+        if max_shard_size is None:
+            model.save_pretrained(directory)
+        else:
+            model.save_pretrained(directory, max_shard_size=max_shard_size)
 
     @classmethod
     def can_load(cls, directory: Path) -> bool:
