@@ -657,7 +657,19 @@ def average(
 def load_fused(template: nn.Module, tensors: Iterable[tuple[str, torch.Tensor]]) -> nn.Module:
     """A copy of ``template`` (the balanced anchor) holding ``tensors`` (from :func:`average`), in eval mode."""
     fused = copy.deepcopy(template)
-    fused.load_state_dict(dict(tensors))
+    targets = fused.state_dict()
+    seen = set()
+    with torch.no_grad():
+        for name, tensor in tensors:  # one averaged tensor alive at a time, copied into place
+            if name not in targets:
+                raise IncompatibleModelsError(f"The fused tensor {name!r} has no place in the anchor; this is a bug.")
+            targets[name].copy_(tensor)
+            seen.add(name)
+    missing = sorted(set(targets) - seen)
+    if missing:
+        raise IncompatibleModelsError(
+            f"No fused value for {missing[:6]} of the anchor; this is a bug, please report it."
+        )
     return fused.eval()
 
 
@@ -896,7 +908,9 @@ def _heads(config: FusionConfig, group_b: Group, group_a: Group, k: int) -> int:
 
 def _check_finite(model: nn.Module, index: int) -> None:
     for name, tensor in list(model.named_parameters()) + list(model.named_buffers()):
-        if tensor.is_floating_point() and tensor.device.type != "meta" and not torch.isfinite(tensor).all():
+        if not tensor.is_floating_point() or tensor.device.type == "meta" or torch.isfinite(tensor.sum()):
+            continue  # a finite sum has no NaN or inf terms; an overflowing one is checked element by element
+        if not torch.isfinite(tensor).all():
             bad = int((~torch.isfinite(tensor)).sum())
             raise InvalidWeightsError(
                 f"Model {index} has non-finite values in {name!r} ({bad} of {tensor.numel()} entries are NaN/inf). "
