@@ -582,14 +582,24 @@ def transport_to_anchor(
                 else:
                     plan = core.transport_plan(cost, solver=run.config.solver, reg=run.config.reg)
                 r_map, s_map = core.plan_maps(plan, run.config.plan_normalization)
+                found = {"out": core.permutation_of(r_map)}  # a hard plan is a permutation: tensors are gathered
+                found["in"] = (
+                    found["out"] if s_map is r_map or torch.equal(s_map, r_map) else core.permutation_of(s_map)
+                )
                 for axis in group_b.axes:
                     if axis.param in unmatched.params:
                         continue
                     matrix = r_map if axis.role == "out" else s_map
+                    permutation = found[axis.role]
                     if axis.repeat > 1:
-                        matrix = core.expand_head_plan(matrix, max(heads, 1), axis.repeat)
+                        matrix, permutation = core.expand_head_plan(matrix, max(heads, 1), axis.repeat), None
                     work[axis.param] = core.apply_plan(
-                        work[axis.param], axis.axis, matrix, inner=axis.inner, outer=axis.outer
+                        work[axis.param],
+                        axis.axis,
+                        matrix,
+                        inner=axis.inner,
+                        outer=axis.outer,
+                        permutation=permutation,
                     )
                 plans[k][group_a.name] = plan.float().cpu()
                 del cost, plan, r_map, s_map

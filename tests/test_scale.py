@@ -174,3 +174,22 @@ def test_the_cuda_path_fuses_to_the_cpu_result():
     gpu = fuse([deep, shallow], batch, EXACT, device="cuda").model.state_dict()
     assert all(gpu[k].device.type == "cuda" for k in gpu)
     assert all(torch.allclose(cpu[k], gpu[k].cpu(), atol=1e-4) for k in cpu)
+
+
+def test_a_permutation_plan_is_applied_as_a_gather_bit_identical_to_the_matrix_product():
+    from hf_clafusion.core import apply_plan, permutation_of
+
+    g = torch.Generator().manual_seed(0)
+    perm = torch.randperm(6, generator=g)
+    matrix = torch.zeros(6, 6, dtype=torch.float64)
+    matrix[perm, torch.arange(6)] = 1.0
+    assert torch.equal(permutation_of(matrix), perm)
+    soft = matrix * 0.5 + 0.5 / 6
+    assert permutation_of(soft) is None and permutation_of(matrix[:, :5]) is None
+    for shape, axis, inner, outer in (((6, 4), 0, 1, 1), ((3, 12), 1, 2, 1), ((18, 5), 0, 1, 3)):
+        tensor = torch.randn(*shape, generator=g)
+        gathered = apply_plan(tensor, axis, matrix, inner=inner, outer=outer)
+        moved = tensor.movedim(axis, -1)
+        blocks = moved.reshape(*moved.shape[:-1], outer, 6, inner).double()
+        product = torch.einsum("...oiq,ij->...ojq", blocks, matrix).reshape(moved.shape).movedim(-1, axis)
+        assert torch.equal(gathered, product.float())

@@ -3,7 +3,7 @@
 Nothing here knows about ``nn.Module``s, timm or transformers; shapes are documented per function.
 """
 
-from .averaging import apply_plan, weighted_average
+from .averaging import apply_plan, permutation_of, weighted_average
 from .depth import (
     absorb_signed_input,
     fit_layernorm_identity,
@@ -58,6 +58,7 @@ __all__ = [
     "merge_linear",
     "neuron_count_cost_matrix",
     "neuron_distances",
+    "permutation_of",
     "plan_maps",
     "random_alignment",
     "relax_constraints",

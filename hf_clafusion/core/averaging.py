@@ -8,7 +8,13 @@ import torch
 
 
 def apply_plan(
-    tensor: torch.Tensor, axis: int, matrix: torch.Tensor, *, inner: int = 1, outer: int = 1
+    tensor: torch.Tensor,
+    axis: int,
+    matrix: torch.Tensor,
+    *,
+    inner: int = 1,
+    outer: int = 1,
+    permutation: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Re-express one axis of ``tensor`` in another neuron basis: ``out[.., j, ..] = sum_i matrix[i, j] t[.., i, ..]``.
 
@@ -25,6 +31,8 @@ def apply_plan(
             the map acts on channels, identically at every position.
         outer (`int`, defaults to 1): when the axis holds ``outer`` blocks of ``n_B * inner`` entries one after
             the other (a fused ``[q|k|v]`` projection), the map acts identically on each block.
+        permutation (`Tensor`, *optional*): ``permutation_of(matrix)`` when the caller already has it (a plan
+            applied to many tensors); found here otherwise.
 
     Returns:
         `Tensor` with ``shape[axis] == n_A * inner``, in ``tensor``'s dtype.
@@ -36,13 +44,13 @@ def apply_plan(
             raise ValueError(f"Axis {axis} of a tensor of shape {tuple(tensor.shape)} is not {outer} blocks.")
         moved = tensor.movedim(axis, 0)
         blocks = moved.reshape(outer, moved.shape[0] // outer, *moved.shape[1:])
-        out = apply_plan(blocks, 1, matrix, inner=inner)
+        out = apply_plan(blocks, 1, matrix, inner=inner, permutation=permutation)
         return out.reshape(-1, *moved.shape[1:]).movedim(0, axis)
     if tensor.shape[axis] != n_b * inner:
         raise ValueError(
             f"Axis {axis} of a tensor of shape {tuple(tensor.shape)} does not have {n_b} x {inner} entries."
         )
-    source = _permutation(matrix)
+    source = permutation if permutation is not None else permutation_of(matrix)
     if source is not None:  # a hard plan between equal widths: a gather, bit-identical to the product
         index = (source[:, None] * inner + torch.arange(inner, device=source.device)).reshape(-1)
         return tensor.index_select(axis, index.to(tensor.device))
@@ -60,8 +68,9 @@ def apply_plan(
     return out.movedim(-1, axis).to(tensor.dtype)
 
 
-def _permutation(matrix: torch.Tensor) -> torch.Tensor | None:
-    """For a square 0/1 matrix with one 1 per row and column, the row of the 1 in each column; else None."""
+def permutation_of(matrix: torch.Tensor) -> torch.Tensor | None:
+    """For a square 0/1 matrix with one 1 per row and column (a hard plan between equal widths), the row of the
+    1 in each column, ``(n,)`` long; ``None`` for any other matrix."""
     n_b, n_a = matrix.shape
     if n_b != n_a or matrix.is_sparse:
         return None
@@ -85,4 +94,4 @@ def weighted_average(tensors: Sequence[torch.Tensor], weights: Sequence[float]) 
     return acc.to(tensors[0].dtype)
 
 
-__all__ = ["apply_plan", "weighted_average"]
+__all__ = ["apply_plan", "permutation_of", "weighted_average"]
