@@ -110,7 +110,11 @@ def fuse(
     statistics = collect_group_statistics(run, balanced, clock=clock)
     transported = transport_to_anchor(run, balanced, statistics, clock=clock)
     with clock("averaging"):
-        fused = load_fused(balanced.models[run.anchor], average(transported.states, run.weights, anchor=run.anchor))
+        tensors = average(transported.states, run.weights, anchor=run.anchor)
+        total = len(transported.states[run.anchor])
+        fused = load_fused(
+            balanced.models[run.anchor], _bar(tensors, "averaging", run.config, unit="tensor", total=total)
+        )
     bn_reset = repair_statistics(fused, run, balanced, transported, clock=clock)
     return _result(run, alignment, balanced, transported, fused, bn_reset, clock)
 
@@ -751,9 +755,12 @@ def _result(
     )
 
 
-def _bar(iterable: Iterable[Any], desc: str, config: FusionConfig, *, unit: str = "it") -> Iterable[Any]:
-    """A progress bar with its total (so tqdm shows an ETA) when ``iterable`` has a length."""
-    total = len(iterable) if hasattr(iterable, "__len__") else None
+def _bar(
+    iterable: Iterable[Any], desc: str, config: FusionConfig, *, unit: str = "it", total: int | None = None
+) -> Iterable[Any]:
+    """A progress bar with its total (so tqdm shows an ETA): ``total``, or the length of ``iterable``."""
+    if total is None and hasattr(iterable, "__len__"):
+        total = len(iterable)
     return tqdm(iterable, desc=desc, total=total, unit=unit, disable=not config.progress, leave=False)
 
 
