@@ -248,7 +248,10 @@ class Balanced:
         identity_errors: ``"model <k>, <segment>.<position>"`` -> relative error of every approximate identity
             block inserted; empty when every inserted block is exact.
         unmatched: non-anchor model index -> its inserted blocks, fused in closed form (``fusion_math.md``
-            §6.4: no statistics, no plan, no forward pass through them); empty on the explicit route.
+            §6.4: no statistics, no plan, no forward pass through them); empty on the explicit route. The
+            inserted blocks of such a model are placeholders (post-LN ones are not fitted, so they are not
+            identities): a stage that needs that parent's function runs ``Prepared.models[k]`` and reads its
+            activations through ``unmatched[k].captures``.
     """
 
     models: tuple[nn.Module, ...]
