@@ -861,9 +861,10 @@ class TimmAdapter(Adapter):
 
     # -- depth balancing
     def insert_identity(self, model, layouts, template, *, batches=None):
+        """The balanced copy and its identity errors: ``(model, {})``, since every timm identity block is exact."""
         family = _family(model)
         if family.rebuild is not None:
-            return family.rebuild(model, layouts)
+            return family.rebuild(model, layouts), {}
         names = family.containers(model)
         t_names = family.containers(template)
         if len(layouts) != len(names):
@@ -886,7 +887,7 @@ class TimmAdapter(Adapter):
                     for p, choice in enumerate(layout)
                 ]
             )
-        return _with_blocks(family, model, blocks)
+        return _with_blocks(family, model, blocks), {}
 
     def merge_layers(self, model, keep, preactivations, relu_approx):
         """Experimental depth reduction: drop the blocks that cross-layer alignment left unmatched (not exact)."""
