@@ -299,8 +299,8 @@ def prepare(
             _check_finite(model, i)
         prepared = tuple(adapter.prepare(m).to(device) for m in models)
         specs = tuple(adapter.spec(m) for m in prepared)
+        adapter.check_compatible(prepared)  # the family's own checks first: their messages are the specific ones
         _check_compatible(specs)
-        adapter.check_compatible(prepared)
         anchor = _anchor_index(config, specs)
         weights = tuple(config.weights or [1.0 / len(models)] * len(models))
         calibration = prepare_calibration(

@@ -10,16 +10,15 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
 import tempfile
 import time
 import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
-from urllib.parse import urlparse
 
 from .adapters import find_loader, list_adapters
 from .adapters.base import adapter_class
+from .download import ALLOW_PATTERNS, download_snapshot
 from .errors import ClaFusionWarning, LoadError, SaveError
 
 
@@ -30,50 +29,6 @@ if TYPE_CHECKING:
 
 FUSION_CONFIG_FILE = "fusion_config.json"
 PLOT_FILE = "alignment.png"
-
-#: Files fetched for a Hub model: configs, safetensors weights, the card, tokenizer / processor files.
-ALLOW_PATTERNS = ["*.json", "*.safetensors", "*.md", "*.txt", "*.model", "*.tiktoken"]
-
-
-def _hub_reachable(timeout: float = 3.0) -> bool:
-    endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co")
-    parsed = urlparse(endpoint)
-    port = parsed.port or (443 if parsed.scheme == "https" else 80)
-    try:
-        with socket.create_connection((parsed.hostname, port), timeout=timeout):
-            return True
-    except OSError:
-        return False
-
-
-def download_snapshot(repo_id: str) -> Path:
-    """The local folder of a Hub model (only :data:`ALLOW_PATTERNS` files), downloaded or from the local cache.
-
-    With ``HF_HUB_OFFLINE`` set, or when the Hub cannot be reached within 3 seconds, only the local cache is
-    looked in, so a missing model fails at once instead of after network timeouts.
-
-    Raises:
-        LoadError: ``repo_id`` is not a valid Hub id, or the model is neither downloadable nor in the cache.
-    """
-    from huggingface_hub import snapshot_download
-    from huggingface_hub.utils import HFValidationError, validate_repo_id
-
-    try:
-        validate_repo_id(repo_id)
-    except HFValidationError:
-        raise LoadError(
-            f"{repo_id!r} is neither an existing folder nor a valid Hub id ('namespace/name'). Check the path."
-        ) from None
-    offline = os.environ.get("HF_HUB_OFFLINE", "0").upper() in ("1", "ON", "YES", "TRUE") or not _hub_reachable()
-    try:
-        path = snapshot_download(repo_id, local_files_only=offline, allow_patterns=ALLOW_PATTERNS)
-    except Exception as error:  # huggingface_hub raises several types for the same situation
-        where = "the local cache (the Hub is unreachable or HF_HUB_OFFLINE is set)" if offline else "the Hub"
-        raise LoadError(
-            f"Could not get {repo_id!r} from {where}: {type(error).__name__}. Download it where the Hub is reachable "
-            "and pass the local folder path instead."
-        ) from error
-    return Path(path)
 
 
 def folder_license(folder: str | Path) -> str | None:

@@ -16,6 +16,8 @@ timm = pytest.importorskip("timm")
 
 from hf_clafusion import FusionConfig, fuse, fuse_pretrained  # noqa: E402
 from hf_clafusion.adapters import get_adapter  # noqa: E402
+from hf_clafusion.adapters.timm import FAMILIES as TIMM_FAMILIES  # noqa: E402
+from hf_clafusion.adapters.timm import TimmAdapter  # noqa: E402
 from hf_clafusion.core import alignment_cost, apply_plan, random_alignment  # noqa: E402
 from hf_clafusion.errors import (  # noqa: E402
     AlignmentError,
@@ -96,7 +98,7 @@ def _sharpen(model, seed):
 
 
 def images(n=48, seed=0, family=""):
-    size = 2 * SIZE if "convnext" in family else SIZE
+    size = 2 * SIZE if "convnext" in family or "vgg" in family else SIZE  # stride 32 overall
     return torch.rand(n, 1, size, size, generator=torch.Generator().manual_seed(seed))
 
 
@@ -166,7 +168,7 @@ def test_identity_blocks_leave_outputs_unchanged(family):
     x = images(family=family)
     with torch.no_grad():
         assert max_rel_error(balanced(x), shallow(x)) < 1e-6
-    assert errors == {}
+    assert errors == {}  # every timm identity block is exact
 
 
 @pytest.mark.parametrize("family", list(FAMILIES))
@@ -181,6 +183,49 @@ def test_fusing_with_a_permuted_copy_returns_the_model(family):
     result = fuse([model, other], x, EXACT)
     with torch.no_grad():
         assert max_rel_error(result.model(x), model(x)) < 1e-4
+
+
+def test_every_timm_family_entry_is_exercised_by_a_test_model():
+    tested = {TimmAdapter().spec(build(f, 1)).description["family"] for f in FAMILIES}
+    assert tested | {"vgg"} == set(TIMM_FAMILIES)  # VGG: the slow tests build stock VGGs
+
+
+def test_the_adapter_keeps_no_state_between_calls():
+    adapter = TimmAdapter()
+    before = dict(vars(adapter))
+    for family in ("resnet-basic", "vit", "convnext-linear-mlp"):
+        shallow, deep = adapter.prepare(build(family, 1, seed=1)), adapter.prepare(build(family, 2, seed=2))
+        adapter.check_compatible([shallow, deep])
+        adapter.insert_identity(shallow, [[0, None]] + [[0]] * (len(depth(shallow)) - 1), deep)
+        with pytest.warns(ClaFusionWarning, match="experimental"):
+            adapter.merge_layers(deep, [[0]] * len(depth(deep)), {}, "none")
+        adapter.features(torch.rand(2, 4, 4, 64), images(2, family=family))
+    assert vars(adapter) == before
+
+
+def test_a_fresh_adapter_reads_the_convnext_channel_layout_from_the_activation():
+    model = build("convnext-linear-mlp", 1, dims=(16, 16, 16, 16))
+    x = images(4, family="convnext")
+    block = model.stages[0].blocks[0]
+    with torch.no_grad():
+        maps = model.stem(x)  # (N, 16, 8, 8)
+        hidden = block.mlp.fc1(block.norm(block.conv_dw(maps).permute(0, 2, 3, 1)))  # (N, 8, 8, 64) as in the block
+    assert torch.equal(TimmAdapter().features(hidden, x), hidden.reshape(-1, 64))
+    assert torch.equal(TimmAdapter().features(maps, x), maps.movedim(1, -1).reshape(-1, 16))
+    wide = torch.rand(4, 1, 32, 64)  # a non-square image: (N, 8, 16, C) is channels-last, (N, C, 8, 16) is not
+    assert TimmAdapter().features(torch.rand(4, 8, 16, 64), wide).shape == (4 * 8 * 16, 64)
+    assert TimmAdapter().features(torch.rand(4, 16, 8, 16), wide).shape == (4 * 8 * 16, 16)
+
+
+def test_linear_and_conv_mlp_convnexts_fuse_to_the_same_weights():
+    x = images(32, family="convnext")
+    fused = {
+        mlp: fuse([build(mlp, 2, seed=1), build(mlp, 1, seed=2)], x, progress=False, num_samples=32).model
+        for mlp in ("convnext", "convnext-linear-mlp")
+    }
+    conv, linear = (fused[k].state_dict() for k in ("convnext", "convnext-linear-mlp"))
+    assert conv.keys() == linear.keys()
+    assert all(torch.equal(conv[k].flatten(), linear[k].flatten()) for k in conv)
 
 
 def test_head_permutation_must_keep_heads_whole():
@@ -344,6 +389,11 @@ def test_parents_with_different_preprocessing_are_refused_for_raw_images():
 
 
 def test_different_families_are_refused():
+    adapter = TimmAdapter()
+    with pytest.raises(IncompatibleModelsError, match="different timm families"):
+        adapter.check_compatible([adapter.prepare(resnet([1, 1, 1, 1])), adapter.prepare(vit(2))])
+    with pytest.raises(IncompatibleModelsError, match="different timm families"):
+        fuse([resnet([1, 1, 1, 1]), convnext((1, 1, 1, 1))], images(family="convnext"), progress=False)
     with pytest.raises(IncompatibleModelsError, match="different timm families"):
         fuse([resnet([1, 1, 1, 1]), vit(2)], images(), progress=False)
 
@@ -418,7 +468,7 @@ def test_vgg_identity_convolutions_leave_outputs_unchanged():
     balanced, errors = adapter.insert_identity(shallow, [[0, None], [0, None], [0, 1], [0, 1], [0, 1]], deep)
     assert errors == {}
     assert balanced.pretrained_cfg["architecture"] == "vgg13_bn"
-    x = images(4)
+    x = images(4, family="vgg")
     with torch.no_grad():
         assert max_rel_error(balanced(x), shallow(x)) < 1e-6
 
@@ -426,10 +476,10 @@ def test_vgg_identity_convolutions_leave_outputs_unchanged():
 @pytest.mark.slow
 def test_vgg_deep_shallow_pair_fuses_and_round_trips(tmp_path):
     deep, shallow = _stock_vgg("vgg13", 0), _stock_vgg("vgg11", 1)
-    result = fuse([deep, shallow], images(16), progress=False, num_samples=16, solver="sinkhorn")
+    result = fuse([deep, shallow], images(16, family="vgg"), progress=False, num_samples=16, solver="sinkhorn")
     assert depth(result.model) == (2, 2, 2, 2, 2)
     saved = result.save_pretrained(tmp_path / "fused")
     reloaded = timm.create_model(f"local-dir:{saved}", pretrained=True).eval()
-    x = images(2, seed=3)
+    x = images(2, seed=3, family="vgg")
     with torch.no_grad():
         assert torch.allclose(reloaded(x), result.model(x), atol=1e-5)
