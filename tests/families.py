@@ -2,7 +2,8 @@
 
 A family gets the whole suite (fuse, align, evaluate and finetune with every data form, save/load, identity
 insertion, permuted copies) by adding one :class:`Factory` to :data:`FACTORIES`. Models are tiny (hidden <= 32,
-two layers against one in the aligned stage) and random: the checks are invariants, not accuracies.
+two layers against one in the aligned stage; the timm VGG has the stock widths, the only ones its adapter takes)
+and random: the checks are invariants, not accuracies.
 """
 
 from __future__ import annotations
