@@ -11,7 +11,7 @@ import yaml
 from huggingface_hub import ModelCard
 from safetensors.torch import save_file
 
-from hf_clafusion import load_pretrained, save_model
+from hf_clafusion import ClaFusionError, load_pretrained, save_model
 from hf_clafusion.cli import build_parser, main
 from hf_clafusion.config import FinetuneConfig, FusionConfig, describe_choices
 
@@ -191,10 +191,18 @@ def test_missing_parent_path_is_a_one_line_failure(parents, tmp_path, capsys):
     assert err.count("\n") == 1
 
 
-def test_debug_shows_the_traceback(parents, tmp_path):
+def test_debug_reraises_the_library_error_that_is_otherwise_a_one_line_message(parents, tmp_path, capsys):
     _, shallow, data = parents
-    with pytest.raises(Exception, match="neither an existing folder"):
-        main(["--debug", "fuse", str(tmp_path / "nope") + "/", str(shallow), "--data", str(data), "--output", "x"])
+    argv = ["fuse", str(tmp_path / "nope") + "/", str(shallow), "--data", str(data), "--output", str(tmp_path / "x")]
+    assert main(argv) == 1  # without --debug: an exit code and one line, no traceback
+    err = capsys.readouterr().err
+    assert err.startswith("hf-clafusion: error: ") and err.count("\n") == 1 and "Traceback" not in err
+    assert "neither an existing folder" in err
+    with pytest.raises(ClaFusionError, match="neither an existing folder") as info:
+        main(["--debug", *argv])
+    # the original exception, raised from inside the library (its traceback reaches the raising frame)
+    assert "hf_clafusion" in str(info.traceback[-1].path) and "cli.py" not in str(info.traceback[-1].path)
+    assert not (tmp_path / "x").exists()
 
 
 def test_push_needs_an_existing_folder(tmp_path, capsys):
@@ -202,12 +210,12 @@ def test_push_needs_an_existing_folder(tmp_path, capsys):
     assert "No such folder" in capsys.readouterr().err
 
 
-def test_usage_error_exit_code_2(capsys):
+def test_usage_errors_exit_with_code_2(capsys):
     with pytest.raises(SystemExit) as info:
         main(["fuse"])
     assert info.value.code == 2
 
 
-def test_parser_is_the_documented_one():
+def test_parser_has_the_documented_subcommands():
     parser = build_parser()
     assert {"fuse", "finetune", "push", "inspect", "demo"} <= set(parser._subparsers._group_actions[0].choices)

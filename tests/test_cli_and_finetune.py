@@ -10,7 +10,7 @@ from hf_clafusion.cli import main
 from ._models import mlp
 
 
-def test_help_and_version(capsys):
+def test_help_lists_the_subcommands_and_version_prints_the_version(capsys):
     with pytest.raises(SystemExit) as info:
         main(["--help"])
     assert info.value.code == 0

@@ -30,7 +30,7 @@ from hf_clafusion.errors import (  # noqa: E402
 )
 from hf_clafusion.hub import load_pretrained  # noqa: E402
 
-from ._models import max_rel_error, randomize_bn  # noqa: E402
+from ._models import max_rel_error, permutation_matrix, permuted_copy, randomize_bn  # noqa: E402
 
 
 EXACT = FusionConfig(reset_bn_stats=False, progress=False, num_samples=32, batch_size=32)
@@ -122,34 +122,6 @@ def build(family, depth, **kwargs):
 # --------------------------------------------------------------------------------------------- helpers
 
 
-def _permutation(perm):
-    n = perm.numel()
-    matrix = torch.zeros(n, n, dtype=torch.float64)
-    matrix[perm, torch.arange(n)] = 1.0
-    return matrix
-
-
-def permuted_copy(model, seed=0):
-    """Every alignment group permuted at random; attention groups by whole heads and inside each head."""
-    adapter = get_adapter(model)
-    prepared = adapter.prepare(model)
-    state = {k: v.clone() for k, v in prepared.state_dict().items()}
-    g = torch.Generator().manual_seed(seed)
-    for group in adapter.spec(prepared).groups:
-        if group.heads > 1:
-            dim = group.width // group.heads
-            heads = torch.randperm(group.heads, generator=g)
-            perm = torch.cat([heads[h] * dim + torch.randperm(dim, generator=g) for h in range(group.heads)])
-        else:
-            perm = torch.randperm(group.width, generator=g)
-        matrix = _permutation(perm)
-        for axis in group.axes:
-            state[axis.param] = apply_plan(state[axis.param], axis.axis, matrix, inner=axis.inner, outer=axis.outer)
-    out = copy.deepcopy(prepared)
-    out.load_state_dict(state)
-    return out.eval()
-
-
 def depth(model):
     return get_adapter(model).spec(model).segment_depths
 
@@ -228,11 +200,11 @@ def test_linear_and_conv_mlp_convnexts_fuse_to_the_same_weights():
     assert all(torch.equal(conv[k].flatten(), linear[k].flatten()) for k in conv)
 
 
-def test_head_permutation_must_keep_heads_whole():
+def test_permuting_attention_dimensions_across_heads_changes_the_function():
     """The attention spec matters: moving single dimensions across heads changes the function."""
     model = vit(2, seed=5)
     state = {k: v.clone() for k, v in model.state_dict().items()}
-    perm = _permutation(torch.randperm(32, generator=torch.Generator().manual_seed(0)))
+    perm = permutation_matrix(torch.randperm(32, generator=torch.Generator().manual_seed(0)))
     for key, axis, outer in (("blocks.0.attn.qkv.weight", 0, 3), ("blocks.0.attn.qkv.bias", 0, 3)):
         state[key] = apply_plan(state[key], axis, perm, outer=outer)
     state["blocks.0.attn.proj.weight"] = apply_plan(state["blocks.0.attn.proj.weight"], 1, perm)
@@ -366,7 +338,7 @@ def test_raw_pil_images_are_preprocessed_with_the_parents_data_config():
     assert depth(result.model) == (2, 1, 1, 1)
 
 
-def test_raw_images_from_a_datasets_split():
+def test_raw_images_from_a_datasets_split_are_preprocessed_and_fused():
     datasets = pytest.importorskip("datasets")
     deep = _with_data_config(vit(3, seed=1), mean=(0.5,), std=(0.5,))
     shallow = _with_data_config(vit(2, seed=2), mean=(0.5,), std=(0.5,))
