@@ -59,7 +59,7 @@ def _timm():
     try:
         import timm
     except ImportError:  # pragma: no cover - exercised only without timm
-        raise ImportError("The timm adapter needs timm: pip install -e '.[timm]' in the hf_clafusion checkout.") from None
+        raise ImportError("The timm adapter needs timm: pip install -e '.[timm]' from the checkout.") from None
     return timm
 
 
