@@ -88,7 +88,7 @@ def load_data(source: str, *, split: str | None, column: str | None = None) -> A
         import datasets
     except ImportError:
         raise CalibrationDataError(
-            f"Loading {source!r} needs the datasets library: pip install 'hf-clafusion[datasets]'."
+            f"Loading {source!r} needs the datasets library: pip install -e '.[datasets]' in the hf_clafusion checkout."
         ) from None
     if (
         (path / "dataset_info.json").is_file()

@@ -69,7 +69,7 @@ def _timm():
     try:
         import timm
     except ImportError:  # pragma: no cover - exercised only without timm
-        raise ImportError("The timm adapter needs timm: pip install hf_clafusion[timm]") from None
+        raise ImportError("The timm adapter needs timm: pip install -e '.[timm]' from the checkout.") from None
     return timm
 
 
