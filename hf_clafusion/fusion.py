@@ -25,10 +25,10 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from . import core
-from ._data import CalibrationData, move_to, prepare_calibration
 from .adapters import get_adapter
 from .adapters.base import Adapter, capture_outputs, reset_batchnorm_stats
 from .config import FusionConfig
+from .data import CalibrationData, check_input_dtype, move_to, prepare_calibration
 from .errors import (
     AlignmentError,
     CalibrationDataError,
@@ -204,6 +204,7 @@ class _Run:
                 seed=self.config.seed,
             )
             self.batches = [move_to(b, self.device) for b in self.calibration.batches]
+            check_input_dtype(self.batches[0], self.prepared[0], "calibration")
             self.segments = self._segment_roles()
 
     def _device(self) -> torch.device:
@@ -275,7 +276,7 @@ class _Run:
                 self.layer_acts = [[torch.cat(chunks) for chunks in model_chunks] for model_chunks in stored]
 
     def _forward(self, model: nn.Module, batch: Any, index: int) -> None:
-        args, kwargs = self.adapter.model_inputs(batch)
+        args, kwargs = self.adapter.model_inputs(model, batch)
         try:
             model(*args, **kwargs)
         except (RuntimeError, TypeError, ValueError) as error:

@@ -675,9 +675,9 @@ class TimmAdapter(Adapter):
         channels = _in_chans(models[0], _family(models[0]))
         mode = "L" if channels == 1 else "RGB"
         if config is not None and len(images) > config.num_samples:
-            from .._data import _subset
+            from ..data import subset_indices
 
-            images = [images[i] for i in _subset(len(images), config.num_samples, config.seed)]
+            images = [images[i] for i in subset_indices(len(images), config.num_samples, config.seed)]
         try:
             return torch.stack([processor(img.convert(mode) if hasattr(img, "convert") else img) for img in images])
         except (TypeError, ValueError, RuntimeError) as error:
