@@ -240,6 +240,15 @@ def label_key(keys: Iterable[str], label_column: str | None) -> str | None:
     return None
 
 
+def _no_label(what: str, named: str, columns: Sequence[str]) -> DataError:
+    return _error(
+        what,
+        f"The {what} data has no label column {named!r} (columns: {list(columns)}). Name it with `label_column=` "
+        f"(evaluate(..., label_column=...), FinetuneConfig(label_column=...)); without one, {list(LABEL_COLUMNS)} "
+        "are tried.",
+    )
+
+
 def split_row(
     row: Mapping, *, label_column: str | None = None, input_column: str | None = None, what: str = "training"
 ) -> tuple[Any, torch.Tensor]:
@@ -247,11 +256,7 @@ def split_row(
     label = label_key(row, label_column)
     if label is None:
         named = label_column or DEFAULT_LABEL_COLUMN
-        raise _error(
-            what,
-            f"The {what} data has no label column {named!r} (columns: {sorted(row)}). Name it with "
-            f"`label_column=` (FinetuneConfig(label_column=...) for finetune).",
-        )
+        raise _no_label(what, named, sorted(row))
     if input_column is not None:
         names = [input_column]
     else:
@@ -431,11 +436,7 @@ def _labelled_whole(
         label = label_key(data.column_names, label_column)
         if label is None:
             named = label_column or DEFAULT_LABEL_COLUMN
-            raise _error(
-                what,
-                f"The {what} dataset has no label column {named!r} (columns: {data.column_names}). Name it with "
-                "`label_column=` (FinetuneConfig(label_column=...) for finetune).",
-            )
+            raise _no_label(what, named, data.column_names)
         if len(data) == 0:
             raise _error(what, f"The {what} data is empty: the split has no rows. Pass a split with rows.")
         inputs = _dataset_columns(
@@ -524,11 +525,7 @@ class SplitDataset(Dataset):
         self.label = label_key(split.column_names, label_column)
         if self.label is None:
             named = label_column or DEFAULT_LABEL_COLUMN
-            raise _error(
-                what,
-                f"The {what} dataset has no label column {named!r} (columns: {split.column_names}). Set "
-                "`label_column` in FinetuneConfig.",
-            )
+            raise _no_label(what, named, split.column_names)
         self.split, self.input_column, self.what = split, input_column, what
 
     def __len__(self) -> int:
