@@ -354,3 +354,21 @@ def test_float64_calibration_data_is_refused_with_the_fix(pair):
 
     with pytest.raises(CalibrationDataError, match=r"calibration inputs are float64 .*dtype float64.*`\.float\(\)`"):
         fuse(pair, torch.randn(64, 8, dtype=torch.float64), CONFIG)
+
+
+def test_raw_images_with_a_processor_evaluate_as_their_processed_tensors():
+    import transformers
+    from PIL import Image
+
+    from hf_clafusion import evaluate
+
+    make, _, _, y = _family("vit")
+    vit = make()
+    g = torch.Generator().manual_seed(1)
+    images = [Image.fromarray(torch.randint(0, 255, (16, 16, 3), generator=g, dtype=torch.uint8).numpy()) for _ in y]
+    processor = transformers.ViTImageProcessor(size={"height": 16, "width": 16})
+    pixels = processor(images=images, return_tensors="pt")["pixel_values"]
+    raw = evaluate(vit, (images, y.tolist()), processor=processor)[0]
+    processed = evaluate(vit, (pixels, y))[0]
+    assert raw.num_samples == N and raw.accuracy == processed.accuracy
+    assert raw.loss == pytest.approx(processed.loss, rel=1e-6)
