@@ -348,11 +348,12 @@ class CalibrationData:
 
 def _calibration_inputs(item: Any) -> Any:
     """The inputs of one calibration item: pairs give their inputs, label keys of dicts are dropped."""
-    pair = as_pair(item, "calibration") if isinstance(item, (tuple, list)) else None
-    if pair is not None:
-        return pair[0]
-    if isinstance(item, (tuple, list)) and len(item) == 2 and isinstance(item[0], (torch.Tensor, Mapping)):
-        return as_inputs(item[0])  # an (inputs, labels) pair from a DataLoader with non-integer labels
+    if isinstance(item, (tuple, list)) and item:
+        pair = as_pair(item, "calibration")
+        if pair is not None:
+            return pair[0]
+        if isinstance(item[0], (torch.Tensor, Mapping)):  # (inputs, ...) from a DataLoader: its first item
+            return _calibration_inputs(item[0])
     if isinstance(item, Mapping):
         return as_inputs({k: v for k, v in item.items() if k not in LABEL_COLUMNS})
     return as_inputs(item)

@@ -291,13 +291,14 @@ def test_a_list_of_per_sample_vectors_is_stacked_for_fusion(pair):
     assert all(torch.equal(state[k], reference[k]) for k in reference)
 
 
-def test_a_labelled_pair_is_calibration_data_without_its_labels(pair):
+def test_labelled_forms_are_calibration_data_without_their_labels(pair):
     x = torch.randn(64, 8)
     reference = fuse(pair, x, CONFIG).model.state_dict()
     for data in (
         (x, torch.randint(0, 3, (64,))),
         (x, [1] * 64),
         {"x": x, "labels": torch.zeros(64, dtype=torch.long)},
+        DataLoader(TensorDataset(x), batch_size=16),  # 1-tuples of inputs
     ):
         state = fuse(pair, data, CONFIG).model.state_dict()
         assert all(torch.equal(state[k], reference[k]) for k in reference)
