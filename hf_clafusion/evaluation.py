@@ -95,6 +95,8 @@ def evaluate(
     batches = labelled_batches(
         data, batch_size=batch_size, label_column=label_column, input_column=input_column, what="evaluation"
     )
+    for model in models:
+        check_input_dtype(batches[0][0], model, "evaluation")
     correct = [0] * (len(models) + 1)
     loss = [0.0] * (len(models) + 1)
     total = 0
@@ -106,7 +108,6 @@ def evaluate(
             probs = []
             for i, (model, adapter) in enumerate(zip(models, adapters)):
                 device = next(model.parameters()).device
-                check_input_dtype(inputs, model, "evaluation")
                 args, kwargs = adapter.model_inputs(model, move_to(inputs, device))
                 logits = adapter.logits(model(*args, **kwargs)).float().cpu()
                 check_labels(labels, logits.shape[-1], "evaluation")
