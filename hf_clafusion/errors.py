@@ -36,7 +36,11 @@ class InvalidWeightsError(ClaFusionError, ValueError):
     """A model's parameters contain NaN or infinite values."""
 
 
-class CalibrationDataError(ClaFusionError, ValueError):
+class DataError(ClaFusionError, ValueError):
+    """Calibration, training or evaluation data is empty, malformed, or not in a supported form (docs/data.md)."""
+
+
+class CalibrationDataError(DataError):
     """The calibration data is empty, too small, or not in a supported format."""
 
 
@@ -66,6 +70,7 @@ __all__ = [
     "ClaFusionError",
     "ClaFusionWarning",
     "ConfigError",
+    "DataError",
     "IncompatibleModelsError",
     "InvalidWeightsError",
     "LoadError",

@@ -37,10 +37,10 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from . import core
-from ._data import CalibrationData, move_to, prepare_calibration
 from .adapters import get_adapter
 from .adapters.base import Adapter, capture_outputs, reset_batchnorm_stats
 from .config import FusionConfig
+from .data import CalibrationData, check_input_dtype, move_to, prepare_calibration
 from .errors import (
     AlignmentError,
     CalibrationDataError,
@@ -309,6 +309,8 @@ def prepare(
             batch_size=config.batch_size,
             seed=config.seed,
         )
+        batches = tuple(move_to(b, device) for b in calibration.batches)
+        check_input_dtype(batches[0], prepared[0], "calibration")
         return Prepared(
             config=config,
             adapter=adapter,
@@ -319,7 +321,7 @@ def prepare(
             anchor=anchor,
             weights=weights,
             calibration=calibration,
-            batches=tuple(move_to(b, device) for b in calibration.batches),
+            batches=batches,
             segments=_segment_roles(specs, anchor, config.balancing),
         )
 
@@ -700,7 +702,7 @@ def _segment_roles(specs: Sequence[NetworkSpec], anchor: int, balancing: str) ->
 
 
 def _forward(adapter: Adapter, model: nn.Module, batch: Any, index: int) -> None:
-    args, kwargs = adapter.model_inputs(batch)
+    args, kwargs = adapter.model_inputs(model, batch)
     try:
         model(*args, **kwargs)
     except (RuntimeError, TypeError, ValueError) as error:

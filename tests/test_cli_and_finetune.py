@@ -4,7 +4,7 @@ import sys
 import pytest
 import torch
 
-from hf_clafusion import CalibrationDataError, FinetuneConfig, finetune
+from hf_clafusion import DataError, FinetuneConfig, finetune
 from hf_clafusion.cli import main
 
 from ._models import mlp
@@ -55,11 +55,11 @@ def test_finetune_lowers_the_training_loss():
 
 
 def test_finetune_rejects_bad_data():
-    with pytest.raises(CalibrationDataError, match="training data is empty"):
+    with pytest.raises(DataError, match="training data is empty"):
         finetune(
             mlp(8, [4], 3),
             (torch.empty(0, 8), torch.empty(0, dtype=torch.long)),
             config=FinetuneConfig(progress=False),
         )
-    with pytest.raises(CalibrationDataError, match="Unsupported training data of type str"):
+    with pytest.raises(DataError, match="Unsupported training data of type str"):
         finetune(mlp(8, [4], 3), "data.csv")

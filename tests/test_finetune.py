@@ -10,7 +10,7 @@ import pytest
 import torch
 from torch.nn import functional as F
 
-from hf_clafusion import CalibrationDataError, ConfigError, FinetuneConfig, finetune
+from hf_clafusion import ConfigError, DataError, FinetuneConfig, finetune
 from hf_clafusion.finetune import distillation_loss
 
 from ._models import cpu_launch_command, mlp
@@ -122,11 +122,11 @@ def test_bad_input_is_refused_clearly():
     from datasets import Dataset
 
     x, y = _data(32)
-    with pytest.raises(CalibrationDataError, match="no label column 'label'.*columns: \\['x', 'y'\\]"):
-        finetune(mlp(8, [4], 3), Dataset.from_dict({"x": x.tolist(), "y": y.tolist()}), config=CONFIG)
-    with pytest.raises(CalibrationDataError, match=r"labels lie in \[0, 7\] but the model has 3 outputs"):
+    with pytest.raises(DataError, match="no label column 'label'.*columns: \\['x', 'z'\\].*label_column="):
+        finetune(mlp(8, [4], 3), Dataset.from_dict({"x": x.tolist(), "z": y.tolist()}), config=CONFIG)
+    with pytest.raises(DataError, match=r"training labels lie in \[0, 7\] but the model has 3 outputs"):
         finetune(mlp(8, [4], 3), (x, torch.full((32,), 7)), config=CONFIG)
-    with pytest.raises(CalibrationDataError, match="training data is empty"):
+    with pytest.raises(DataError, match="training data is empty"):
         finetune(mlp(8, [4], 3), Dataset.from_dict({"x": [], "label": []}), config=CONFIG)
     with pytest.raises(ConfigError, match="`optimizer`: 'lion'"):
         FinetuneConfig.from_dict({"optimizer": "lion"})

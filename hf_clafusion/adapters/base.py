@@ -75,16 +75,24 @@ class Adapter(ABC):
         """
         return None
 
-    def prepare_data(self, data: Any, models: Sequence[nn.Module], processor: Any = None, config: Any = None) -> Any:
-        """Turn calibration data as users have it (raw images, raw text) into model inputs.
+    # -- I/O: how data reaches the model. Everything is read from the arguments; nothing is kept on ``self``.
 
-        ``processor`` is a tokenizer / image processor / transform given by the user, ``config`` the
-        :class:`~hf_clafusion.FusionConfig` (``input_column``, ``max_length``). The default returns ``data``.
+    def prepare_data(self, data: Any, models: Sequence[nn.Module], processor: Any = None, config: Any = None) -> Any:
+        """Turn data as users have it (raw images, raw text) into model inputs, before the data layer.
+
+        Called with the models' own data (``hf_clafusion.data`` then reads the result: docs/data.md lists the
+        forms). ``processor`` is a tokenizer / image processor / transform given by the user, ``config`` the
+        :class:`~hf_clafusion.FusionConfig` (``input_column``, ``max_length``, ``num_samples``, ``seed``) or None.
+        The default returns ``data`` unchanged.
         """
         return data
 
     def features(self, output: torch.Tensor, batch: Any) -> torch.Tensor:
-        """A captured activation as ``(samples, channels)`` for neuron transport (positions/tokens are samples)."""
+        """A captured activation as ``(samples, channels)`` for neuron transport (positions/tokens are samples).
+
+        ``batch`` is the batch the model ran on (a tensor or a dict, e.g. with an ``attention_mask`` that tells
+        padding apart).
+        """
         from ..core import channels_as_features
 
         return channels_as_features(output)
@@ -124,14 +132,24 @@ class Adapter(ABC):
     def load(cls, directory: Path, *, allow_pickle: bool = False) -> nn.Module:
         """Load a model written by :meth:`save`; pickle checkpoints only with ``allow_pickle=True``."""
 
-    def model_inputs(self, batch: Any) -> tuple[tuple, dict]:
-        """Positional and keyword arguments to call the model on one calibration batch."""
+    def model_inputs(self, model: nn.Module, batch: Any) -> tuple[tuple, dict]:
+        """Positional and keyword arguments to call ``model`` on one batch of inputs (no labels).
+
+        Args:
+            model: the model that will run (what it takes is read from it, never remembered from an earlier
+                call; a DDP wrapper is looked through).
+            batch: a tensor ``(B, ...)`` or a dict of tensors, as the data layer gives it (docs/data.md).
+
+        Returns:
+            ``(args, kwargs)`` for ``model(*args, **kwargs)``. Default: a dict is passed as keyword arguments,
+            anything else as the single positional argument.
+        """
         if isinstance(batch, dict):
             return (), dict(batch)
         return (batch,), {}
 
     def logits(self, output: Any) -> torch.Tensor:
-        """The logits tensor from a model output."""
+        """The logits tensor ``(B, C)`` (or ``(B, T, C)``) from a model output."""
         if isinstance(output, torch.Tensor):
             return output
         if hasattr(output, "logits"):
@@ -337,7 +355,7 @@ def reset_batchnorm_stats(model: nn.Module, batches: Sequence[Any], adapter: Ada
         m.train()
     try:
         for batch in batches:
-            args, kwargs = adapter.model_inputs(batch)
+            args, kwargs = adapter.model_inputs(model, batch)
             model(*args, **kwargs)
     finally:
         for m, momentum, training in saved:

@@ -738,10 +738,10 @@ def _shapes(module: nn.Module) -> dict[str, tuple[int, ...]]:
 # --------------------------------------------------------------------------------------------- activations
 
 
-def _input_size(inputs: tuple[tuple, dict]) -> tuple[int, int] | None:
-    """``(H, W)`` of the image batch among a model call's arguments, or None."""
-    args, kwargs = inputs
-    for value in [*args, *kwargs.values()]:
+def _input_size(batch: Any) -> tuple[int, int] | None:
+    """``(H, W)`` of the image batch (a tensor, or a dict of model inputs), or None."""
+    values = batch.values() if isinstance(batch, dict) else [batch]
+    for value in values:
         if isinstance(value, torch.Tensor) and value.ndim == 4:
             return value.shape[-2], value.shape[-1]
     return None
@@ -803,7 +803,7 @@ class TimmAdapter(Adapter):
     def features(self, output: torch.Tensor, batch: Any) -> torch.Tensor:
         if output.ndim == 3:  # ViT tokens: (N, L, D) -> every token is a sample
             return output.reshape(-1, output.shape[-1])
-        if output.ndim == 4 and _channels_last(output, _input_size(self.model_inputs(batch))):
+        if output.ndim == 4 and _channels_last(output, _input_size(batch)):
             # ConvNeXt Linear-MLP hidden units are channels-last (N, H, W, hidden); stream maps are (N, C, H, W)
             return output.reshape(-1, output.shape[-1])
         return super().features(output, batch)
@@ -846,9 +846,9 @@ class TimmAdapter(Adapter):
         channels = _family(models[0]).in_chans(models[0])
         mode = "L" if channels == 1 else "RGB"
         if config is not None and len(images) > config.num_samples:
-            from .._data import _subset
+            from ..data import subset_indices
 
-            images = [images[i] for i in _subset(len(images), config.num_samples, config.seed)]
+            images = [images[i] for i in subset_indices(len(images), config.num_samples, config.seed)]
         try:
             return torch.stack([processor(img.convert(mode) if hasattr(img, "convert") else img) for img in images])
         except (TypeError, ValueError, RuntimeError) as error:

@@ -16,6 +16,7 @@ import json
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -29,7 +30,7 @@ from ..core import (
     relu_diagonal,
     signed_identity_weight,
 )
-from ..errors import AlignmentError, CalibrationDataError, SaveError, UnsupportedArchitectureError
+from ..errors import AlignmentError, DataError, SaveError, UnsupportedArchitectureError
 from ..spec import AxisRef, Group, LayerSpec, NetworkSpec, SegmentSpec
 from .base import Adapter, register_adapter
 
@@ -222,12 +223,12 @@ class SequentialAdapter(Adapter):
         _layout(layers)
         return nn.Sequential(*layers).eval()
 
-    def model_inputs(self, batch):
+    def model_inputs(self, model: nn.Module, batch: Any) -> tuple[tuple, dict]:
         """A Sequential takes one tensor; a dict batch with exactly one tensor (e.g. ``pixel_values``) is unwrapped."""
         if isinstance(batch, dict):
             tensors = [v for v in batch.values() if isinstance(v, torch.Tensor)]
             if len(tensors) != 1:
-                raise CalibrationDataError(
+                raise DataError(
                     f"A Sequential model takes one input tensor, but the batch has keys {sorted(batch)}. Pass the "
                     "input tensor itself (or a dataset with one input column)."
                 )

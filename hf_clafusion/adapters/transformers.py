@@ -29,6 +29,7 @@ block at that position with its residual-writing projections zeroed: exact for p
 from __future__ import annotations
 
 import copy
+import functools
 import inspect
 import json
 import re
@@ -349,17 +350,23 @@ def _vocab_difference(a: Any, b: Any) -> str | None:
     return None
 
 
+def _main_input(model: nn.Module) -> str:
+    """The name of the model's main input (``input_ids`` for text, ``pixel_values`` for images)."""
+    return getattr(model, "main_input_name", None) or "input_ids"
+
+
+@functools.cache
+def _forward_parameters(cls: type) -> frozenset[str]:
+    """Names of the keyword arguments of ``cls.forward`` (a property of the class, so cached per class)."""
+    return frozenset(inspect.signature(cls.forward).parameters)
+
+
 # --------------------------------------------------------------------------------------------- the adapter
 
 
 @register_adapter("transformers")
 class TransformersAdapter(Adapter):
     """Hugging Face ``PreTrainedModel``s of the families in :data:`FAMILIES`."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self._main_input = "input_ids"
-        self._use_cache = False
 
     @classmethod
     def matches(cls, model: nn.Module) -> bool:
@@ -380,8 +387,6 @@ class TransformersAdapter(Adapter):
             original = next(iter(dtypes)) if len(dtypes) == 1 else getattr(model.config, "dtype", None)
             prepared = prepared.float()
             prepared.config.dtype = original
-        self._main_input = getattr(prepared, "main_input_name", "input_ids")
-        self._use_cache = "use_cache" in inspect.signature(prepared.forward).parameters
         return prepared
 
     def spec(self, model: nn.Module) -> NetworkSpec:
@@ -503,9 +508,17 @@ class TransformersAdapter(Adapter):
         )
 
     # -- data
-    def model_inputs(self, batch: Any) -> tuple[tuple, dict]:
-        kwargs = dict(batch) if isinstance(batch, Mapping) else {self._main_input: batch}
-        if self._use_cache:
+    def model_inputs(self, model: nn.Module, batch: Any) -> tuple[tuple, dict]:
+        """Keyword arguments: a tensor is the model's ``main_input_name`` (``input_ids``, ``pixel_values``);
+        ``input_ids`` without an ``attention_mask`` get an all-ones mask when the model takes one (every token
+        is attended, as the model's own default); ``use_cache=False`` when ``forward`` takes it."""
+        model = getattr(model, "module", model)  # through a DDP wrapper
+        kwargs = dict(batch) if isinstance(batch, Mapping) else {_main_input(model): batch}
+        params = _forward_parameters(type(model))
+        ids = kwargs.get("input_ids")
+        if isinstance(ids, torch.Tensor) and "attention_mask" in params and kwargs.get("attention_mask") is None:
+            kwargs["attention_mask"] = torch.ones_like(ids)
+        if "use_cache" in params:
             kwargs.setdefault("use_cache", False)
         return (), kwargs
 
@@ -787,7 +800,7 @@ class TransformersAdapter(Adapter):
         streams: dict[str, list[torch.Tensor]] = {name: [] for name in set(sources.values())}
         generator = torch.Generator().manual_seed(0)
         for batch in batches:
-            args, kwargs = self.model_inputs(batch)
+            args, kwargs = self.model_inputs(model, batch)
             with capture_outputs(model, list(streams)) as out:
                 model(*args, **kwargs)
             for name in streams:
@@ -812,7 +825,7 @@ class TransformersAdapter(Adapter):
         sums = {p: torch.zeros(3, dtype=torch.float64) for p in inserted}
         means = {p: [0, 0.0] for p in inserted}
         for batch in batches:
-            args, kwargs = self.model_inputs(batch)
+            args, kwargs = self.model_inputs(new, batch)
             with capture_outputs(new, [n for pair in names.values() for n in pair]) as out:
                 new(*args, **kwargs)
             for p, (before, after) in names.items():
