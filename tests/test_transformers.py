@@ -404,7 +404,7 @@ def test_different_vocabularies_are_refused(tmp_path):
     paths = _saved_pair(tmp_path, words_b=swapped)
     with pytest.raises(IncompatibleModelsError, match="tokenizers .* differ"):
         fuse_pretrained(paths, inputs("bert"), EXACT)
-    with pytest.raises(IncompatibleModelsError, match="inputs of different sizes"):
+    with pytest.raises(IncompatibleModelsError, match=r"different `vocab_size` \(vocabularies\): \[96, 97\]"):
         fuse([make("bert", 4), make("bert", 2, vocab_size=VOCAB + 1)], inputs("bert"), EXACT)
 
 
