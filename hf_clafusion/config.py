@@ -110,11 +110,18 @@ class FusionConfig(_DictMixin):
     )
     ground_metric: str = field(
         default="activations",
-        metadata={"help": "Neuron cost for optimal transport: 'activations' (RMS distance) or 'weights'."},
+        metadata={
+            "help": "Neuron cost for optimal transport: 'activations' (RMS distance), 'correlation' (RMS distance "
+            "of z-scored activations, sqrt(2 (1 - rho)), as REPAIR and ZipIt! use; invariant to each neuron's "
+            "scale and shift) or 'weights'."
+        },
     )
     solver: str = field(
-        default="emd",
-        metadata={"help": "Transport solver: 'emd' (exact), 'sinkhorn' (entropic) or 'permutation' (LAP)."},
+        default="auto",
+        metadata={
+            "help": "Transport solver: 'auto' (exact: a linear assignment for equal widths, EMD otherwise), 'emd' "
+            "(exact network simplex), 'sinkhorn' (entropic) or 'permutation' (linear assignment, equal widths)."
+        },
     )
     reg: float = field(default=0.05, metadata={"help": "Sinkhorn regularisation, relative to the max cost."})
     plan_normalization: str = field(
@@ -161,8 +168,8 @@ class FusionConfig(_DictMixin):
     ALIGNMENTS: ClassVar[tuple[str, ...]] = ("cla", "chain", "random")
     BALANCINGS: ClassVar[tuple[str, ...]] = ("identity", "merge")
     RELU_APPROX: ClassVar[tuple[str, ...]] = ("sum", "majority", "avg")
-    GROUND_METRICS: ClassVar[tuple[str, ...]] = ("activations", "weights")
-    SOLVERS: ClassVar[tuple[str, ...]] = ("emd", "sinkhorn", "permutation")
+    GROUND_METRICS: ClassVar[tuple[str, ...]] = ("activations", "correlation", "weights")
+    SOLVERS: ClassVar[tuple[str, ...]] = ("emd", "sinkhorn", "permutation", "auto")
     PLAN_NORMALIZATIONS: ClassVar[tuple[str, ...]] = ("two_sided", "column")
     ATTENTION: ClassVar[tuple[str, ...]] = ("heads", "cross_head")
 

@@ -435,7 +435,7 @@ class _Run:
     # -- 5. activation statistics of every alignment group
     def collect_group_statistics(self) -> None:
         self.group_stats: dict[int, list[core.ActivationStats | None]] = {}
-        if self.config.ground_metric != "activations":
+        if self.config.ground_metric not in ("activations", "correlation"):
             return
         others = [k for k in range(len(self.models)) if k != self.anchor]
         groups = {k: self.balanced_specs[k].groups for k in range(len(self.models))}
@@ -464,6 +464,7 @@ class _Run:
     def transport(self) -> dict[int, dict[str, torch.Tensor]]:
         anchor_state = self.balanced[self.anchor].state_dict()
         self.plans: dict[int, dict[str, torch.Tensor]] = {}
+        self.solvers: dict[int, dict[str, str]] = {}
         aligned: dict[int, dict[str, torch.Tensor]] = {self.anchor: anchor_state}
         with self._timed("transport"):
             for k in range(len(self.models)):
@@ -472,20 +473,26 @@ class _Run:
                 work = {name: t.clone() for name, t in self.balanced[k].state_dict().items()}
                 groups_b, groups_a = self.balanced_specs[k].groups, self.balanced_specs[self.anchor].groups
                 self.plans[k] = {}
+                self.solvers[k] = {}
                 for g, (group_b, group_a) in enumerate(
                     self._bar(list(zip(groups_b, groups_a)), f"transport model {k}")
                 ):
-                    if self.config.ground_metric == "activations":
-                        cost = self.group_stats[k][g].distances()
-                        self.group_stats[k][g] = None  # free the (n_B, n_A) statistics as soon as they are used
+                    if self.config.ground_metric in ("activations", "correlation"):
+                        stats, self.group_stats[k][g] = self.group_stats[k][g], None  # freed once used
+                        correlation = self.config.ground_metric == "correlation"
+                        cost = stats.correlation_distances() if correlation else stats.distances()
+                        del stats
                     else:
                         primary = group_b.axes[0].param
                         cost = core.weight_distances(work[primary], anchor_state[group_a.axes[0].param])
                     heads = self._heads(group_b, group_a, k)
                     if heads > 1:
                         plan = core.head_plan(cost, heads, within=group_a.head_dims_free)
+                        self.solvers[k][group_a.name] = "heads"
                     else:
-                        plan = core.transport_plan(cost, solver=self.config.solver, reg=self.config.reg)
+                        solution = core.solve_transport(cost, solver=self.config.solver, reg=self.config.reg)
+                        plan = solution.plan
+                        self.solvers[k][group_a.name] = solution.solver
                     r_map, s_map = core.plan_maps(plan, self.config.plan_normalization)
                     for axis in group_b.axes:
                         matrix = r_map if axis.role == "out" else s_map
@@ -562,6 +569,7 @@ class _Run:
             model=fused,
             pairs=self.pairs,
             transport_plans=self.plans,
+            transport_solvers=getattr(self, "solvers", {}),
             timings=dict(self.timings),
             calibration=self.calibration.provenance,
             config=self.config,
