@@ -438,14 +438,18 @@ def test_correlation_cost_is_invariant_to_per_neuron_positive_scaling_and_shift(
     )
 
 
-def test_a_constant_neuron_z_scores_to_zero():
+def test_a_constant_neuron_z_scores_to_zero_also_when_it_carries_only_rounding_noise():
     a = torch.randn(50, 3)
-    a[:, 2] = 4.0
-    b = torch.cat([a[:, :2], torch.full((50, 1), -1.0)], 1)
+    a[:, 2] = 0.1
+    ulp = float(torch.tensor(1000.0).nextafter(torch.tensor(2000.0))) - 1000.0
+    rounding = 1000.0 + ulp * torch.randint(0, 2, (50,)).float()  # constant up to float32 resolution
+    b = torch.stack([a[:, 0], a[:, 1], rounding], 1)
     stats = ActivationStats()
-    stats.update(b, a)
+    stats.update(b[:20], a[:20])
+    stats.update(b[20:], a[20:])
+    assert [m.tolist() for m in stats.live()] == [[True, True, False], [True, True, False]]
     cost = stats.correlation_distances()
-    assert float(cost[2, 2]) == 0.0 and float(cost[0, 2]) == pytest.approx(1.0) and float(cost[2, 0]) == 1.0
+    assert float(cost[2, 2]) == 0.0 and float(cost[0, 2]) == 1.0 and float(cost[2, 0]) == 1.0
     assert float(cost[0, 0]) == pytest.approx(0.0, abs=1e-3)
 
 

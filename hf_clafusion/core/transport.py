@@ -108,11 +108,23 @@ class ActivationStats:
         sq = (mean_b[:, None] - mean_a[None, :]).square() + (std_b[:, None] - std_a[None, :]).square()
         return (sq + 2.0 * (prod - cov).clamp_min(0.0)).sqrt()
 
+    def live(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Boolean masks ``(n_B,)``, ``(n_A,)`` of the neurons that vary on the samples.
+
+        A neuron is constant when its standard deviation is 0 or below the rounding of its mean in
+        ``product_dtype`` (``8 eps |mean|``).
+        """
+        mean_b, mean_a, std_b, std_a, _ = self.moments()
+        eps = 8.0 * torch.finfo(self.product_dtype).eps
+        return (std_b > eps * mean_b.abs()) & (std_b > 0), (std_a > eps * mean_a.abs()) & (std_a > 0)
+
     def correlations(self) -> torch.Tensor:
-        """``(n_B, n_A)`` Pearson correlations, in [-1, 1]; 0 where a neuron is constant on the samples."""
+        """``(n_B, n_A)`` Pearson correlations, in [-1, 1]; 0 where a neuron is constant (see :meth:`live`)."""
         _, _, std_b, std_a, cov = self.moments()
-        prod = std_b[:, None] * std_a[None, :]
-        return torch.where(prod > 0, cov / prod.clamp_min(1e-300), torch.zeros_like(cov)).clamp(-1.0, 1.0)
+        live_b, live_a = self.live()
+        both = live_b[:, None] & live_a[None, :]
+        rho = cov / (std_b[:, None] * std_a[None, :]).clamp_min(1e-300)
+        return torch.where(both, rho, torch.zeros_like(rho)).clamp(-1.0, 1.0)
 
     def correlation_distances(self) -> torch.Tensor:
         """``(n_B, n_A)`` RMS distances between z-scored activations, ``sqrt(2 (1 - rho))`` (``fusion_math.md`` §3).
@@ -120,8 +132,7 @@ class ActivationStats:
         The cost of REPAIR and ZipIt!: invariant to a positive rescaling and a shift of any neuron. A constant
         neuron z-scores to 0 (distance 1 to every live neuron, 0 to another constant one).
         """
-        _, _, std_b, std_a, _ = self.moments()
-        live_b, live_a = (std_b > 0).double(), (std_a > 0).double()
+        live_b, live_a = (mask.double() for mask in self.live())
         sq = live_b[:, None] + live_a[None, :] - 2.0 * self.correlations()
         return sq.clamp_min(0.0).sqrt()
 
@@ -160,7 +171,8 @@ def auto_solver(n_b: int, n_a: int) -> str:
     size every vertex of the transport polytope is a permutation divided by ``n`` (Birkhoff), so the assignment
     is an optimal plan of the same problem EMD solves, about 10x faster from 256 neurons on
     (``benchmarks/bench_scale.py``). Different widths: ``"emd"``; a linear assignment on replicated costs is
-    also exact there, but measured 4-5x slower than EMD.
+    also exact there, but measured 4-5x slower than EMD. (POT 0.9.7 ignores ``ot.emd``'s ``numThreads``:
+    its network simplex is single-threaded, so no thread count is passed.)
     """
     return "permutation" if n_b == n_a else "emd"
 
