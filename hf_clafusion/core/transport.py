@@ -71,17 +71,17 @@ class ActivationStats:
             self.shift_b, self.shift_a = b.mean(0), a.mean(0)
         b, a = b - self.shift_b, a - self.shift_a
         f64 = torch.float64
-        sum_b, sum_a = b.sum(0, dtype=f64), a.sum(0, dtype=f64)
-        sq_b, sq_a = b.square().sum(0, dtype=f64), a.square().sum(0, dtype=f64)
-        cross = (b.T @ a).to(f64)
         if self.cross is None:
-            self.sum_b, self.sum_a, self.sq_b, self.sq_a, self.cross = sum_b, sum_a, sq_b, sq_a, cross
-        else:
-            self.sum_b += sum_b
-            self.sum_a += sum_a
-            self.sq_b += sq_b
-            self.sq_a += sq_a
-            self.cross += cross
+            zeros = lambda *shape: torch.zeros(*shape, dtype=f64, device=b.device)  # noqa: E731
+            n_b, n_a = b.shape[1], a.shape[1]
+            self.sum_b, self.sum_a, self.sq_b, self.sq_a = zeros(n_b), zeros(n_a), zeros(n_b), zeros(n_a)
+            self.cross = zeros(n_b, n_a)
+        # each batch's sums and products in product_dtype, added in place into the float64 buffers
+        self.sum_b.add_(b.sum(0))
+        self.sum_a.add_(a.sum(0))
+        self.sq_b.add_(b.square().sum(0))
+        self.sq_a.add_(a.square().sum(0))
+        self.cross.add_(b.T @ a)
         self.count += b.shape[0]
 
     def moments(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
