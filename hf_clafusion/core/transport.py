@@ -169,9 +169,9 @@ def auto_solver(n_b: int, n_a: int) -> str:
 
     Equal widths: ``"permutation"`` (``scipy.optimize.linear_sum_assignment``). With uniform marginals of equal
     size every vertex of the transport polytope is a permutation divided by ``n`` (Birkhoff), so the assignment
-    is an optimal plan of the same problem EMD solves, about 10x faster from 256 neurons on
+    is an optimal plan of the same problem EMD solves, measured 2-5x faster than EMD at 256-8192 neurons
     (``benchmarks/bench_scale.py``). Different widths: ``"emd"``; a linear assignment on replicated costs is
-    also exact there, but measured 4-5x slower than EMD. (POT 0.9.7 ignores ``ot.emd``'s ``numThreads``:
+    also exact there, but measured 4-6x slower than EMD. (POT 0.9.7 ignores ``ot.emd``'s ``numThreads``:
     its network simplex is single-threaded, so no thread count is passed.)
     """
     return "permutation" if n_b == n_a else "emd"
