@@ -26,8 +26,8 @@ AlignmentMethod = Literal["cla", "chain", "random"]
 Balancing = Literal["identity", "merge"]
 ReluApprox = Literal["sum", "majority", "avg"]
 Anchor = Literal["deepest", "shallowest"]
-GroundMetric = Literal["activations", "weights"]
-Solver = Literal["emd", "sinkhorn", "permutation"]
+GroundMetric = Literal["activations", "correlation", "weights"]
+Solver = Literal["emd", "sinkhorn", "permutation", "auto"]
 PlanNormalization = Literal["two_sided", "column"]
 AttentionAlignment = Literal["heads", "cross_head"]
 Optimizer = Literal["sgd", "adam", "adamw"]
@@ -189,15 +189,17 @@ class FusionConfig(_DictMixin):
     ground_metric: GroundMetric = field(
         default="activations",
         metadata={
-            "help": "Neuron cost for optimal transport: `activations` (RMS distance of activations) or `weights` "
-            "(distance between weight rows)."
+            "help": "Neuron cost for optimal transport: `activations` (RMS distance of activations), "
+            "`correlation` (RMS distance of z-scored activations, sqrt(2 (1 - rho)), as REPAIR and ZipIt! use; "
+            "invariant to each neuron's scale and shift) or `weights` (distance between weight rows)."
         },
     )
     solver: Solver = field(
-        default="emd",
+        default="auto",
         metadata={
-            "help": "Transport solver: `emd` (exact), `sinkhorn` (entropic, log-domain) or `permutation` (linear "
-            "assignment; equal widths only)."
+            "help": "Transport solver: `auto` (exact: a linear assignment for equal widths, EMD otherwise; "
+            "`summary()` says which ran), `emd` (exact network simplex), `sinkhorn` (entropic, log-domain, only "
+            "when asked for) or `permutation` (linear assignment; equal widths only)."
         },
     )
     reg: float = field(default=0.05, metadata={"help": "Sinkhorn regularisation, relative to the maximum cost."})

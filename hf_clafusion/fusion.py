@@ -257,10 +257,13 @@ class Transported:
     Attributes:
         states: model index -> its aligned state dict (the anchor's own state dict for the anchor).
         plans: non-anchor model index -> anchor group name -> its ``(n_model, n_anchor)`` float plan on CPU.
+        solvers: non-anchor model index -> anchor group name -> the solver that computed its plan (``"heads"``
+            for head-structured plans; what ``solver="auto"`` chose otherwise).
     """
 
     states: dict[int, dict[str, torch.Tensor]]
     plans: dict[int, dict[str, torch.Tensor]]
+    solvers: dict[int, dict[str, str]] = field(default_factory=dict)
 
 
 # --------------------------------------------------------------------------------------------- stages
@@ -460,7 +463,7 @@ def collect_group_statistics(
     Returns:
         Non-anchor model index -> one :class:`~hf_clafusion.core.ActivationStats` per group, in group order.
     """
-    if run.config.ground_metric != "activations":
+    if run.config.ground_metric not in ("activations", "correlation"):
         return {}
     others = [k for k in range(len(run.models)) if k != run.anchor]
     groups = {k: balanced.specs[k].groups for k in range(len(run.models))}
@@ -498,13 +501,15 @@ def transport_to_anchor(
 ) -> Transported:
     """Transport every non-anchor balanced model into the anchor's neuron basis, group by group.
 
-    Each group's plan comes from its activation statistics (``ground_metric="activations"``) or from the
+    Each group's plan comes from its activation statistics (``ground_metric="activations"`` or
+    ``"correlation"``) or from the
     distances between the groups' primary weights, and is applied to every axis of the group. The statistics
     are consumed: each entry of ``statistics`` is set to ``None`` once its plan is computed, to free the
     ``(n_model, n_anchor)`` matrices early.
     """
     anchor_state = balanced.models[run.anchor].state_dict()
     plans: dict[int, dict[str, torch.Tensor]] = {}
+    solvers: dict[int, dict[str, str]] = {}
     states: dict[int, dict[str, torch.Tensor]] = {run.anchor: anchor_state}
     with clock("transport"):
         for k in range(len(run.models)):
@@ -512,21 +517,26 @@ def transport_to_anchor(
                 continue
             work = {name: t.clone() for name, t in balanced.models[k].state_dict().items()}
             groups_b, groups_a = balanced.specs[k].groups, balanced.specs[run.anchor].groups
-            plans[k] = {}
+            plans[k], solvers[k] = {}, {}
             for g, (group_b, group_a) in enumerate(
                 _bar(list(zip(groups_b, groups_a)), f"transport model {k}", run.config)
             ):
-                if run.config.ground_metric == "activations":
-                    cost = statistics[k][g].distances()
-                    statistics[k][g] = None  # free the (n_B, n_A) statistics as soon as they are used
+                if run.config.ground_metric in ("activations", "correlation"):
+                    stats, statistics[k][g] = statistics[k][g], None  # free the (n_B, n_A) statistics once used
+                    correlation = run.config.ground_metric == "correlation"
+                    cost = stats.correlation_distances() if correlation else stats.distances()
+                    del stats
                 else:
                     primary = group_b.axes[0].param
                     cost = core.weight_distances(work[primary], anchor_state[group_a.axes[0].param])
                 heads = _heads(run.config, group_b, group_a, k)
                 if heads > 1:
                     plan = core.head_plan(cost, heads, within=group_a.head_dims_free)
+                    solvers[k][group_a.name] = "heads"
                 else:
-                    plan = core.transport_plan(cost, solver=run.config.solver, reg=run.config.reg)
+                    solution = core.solve_transport(cost, solver=run.config.solver, reg=run.config.reg)
+                    plan = solution.plan
+                    solvers[k][group_a.name] = solution.solver
                 r_map, s_map = core.plan_maps(plan, run.config.plan_normalization)
                 for axis in group_b.axes:
                     matrix = r_map if axis.role == "out" else s_map
@@ -537,7 +547,7 @@ def transport_to_anchor(
                     )
                 plans[k][group_a.name] = plan.float().cpu()
             states[k] = work
-    return Transported(states=states, plans=plans)
+    return Transported(states=states, plans=plans, solvers=solvers)
 
 
 def average(
@@ -643,6 +653,7 @@ def _result(
         model=fused,
         pairs=alignment.pairs,
         transport_plans=transported.plans,
+        transport_solvers=transported.solvers,
         timings=dict(clock.timings),
         calibration=run.calibration.provenance,
         config=run.config,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -129,6 +130,9 @@ class FusionResult(_AlignmentMixin):
         model: the fused model, same family and class as the parents.
         pairs: the cross-layer alignments (see :attr:`layer_alignment`, :attr:`layer_alignments`).
         transport_plans: per non-anchor model index, the plan ``(n_model, n_anchor)`` of every alignment group.
+        transport_solvers: per non-anchor model index, the solver that computed each group's plan (``"emd"``,
+            ``"permutation"``, ``"sinkhorn"``, or ``"heads"`` for head-structured plans); with ``solver="auto"``
+            this is the exact solver it chose.
         timings: seconds per pipeline stage.
         calibration: where the calibration samples came from (source, size, indices, seed).
         config: the :class:`FusionConfig` used.
@@ -156,6 +160,7 @@ class FusionResult(_AlignmentMixin):
     parents: list[dict[str, Any]]
     bn_reset: bool = False
     identity_errors: dict[str, float] = field(default_factory=dict)
+    transport_solvers: dict[int, dict[str, str]] = field(default_factory=dict)
     evaluation: list[dict[str, Any]] = field(default_factory=list)
     evaluation_dataset: str | None = None
     evaluation_task: str = "image-classification"
@@ -279,6 +284,10 @@ class FusionResult(_AlignmentMixin):
             f"  layer cost {cfg.layer_cost}, alignment {cfg.alignment}, balancing {cfg.balancing}, solver {cfg.solver}, "
             f"ground metric {cfg.ground_metric}, {self.calibration.get('num_samples')} calibration samples"
         )
+        ran = Counter(name for groups in self.transport_solvers.values() for name in groups.values())
+        if ran:
+            counts = ", ".join(f"{name} ({n} group{'s' if n > 1 else ''})" for name, n in sorted(ran.items()))
+            lines.append(f"  transport: {cfg.solver} -> {counts}")
         for pair in self.pairs:
             for s, (deep, mapping) in enumerate(zip(pair.deeper, pair.alignment)):
                 shallow = pair.reference if deep == pair.model else pair.model

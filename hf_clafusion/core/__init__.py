@@ -27,22 +27,29 @@ from .similarity import (
     wasserstein_cost_matrix,
 )
 from .transport import (
+    SOLVERS,
     ActivationStats,
+    TransportSolution,
+    auto_solver,
     expand_head_plan,
     head_plan,
     plan_maps,
+    solve_transport,
     transport_plan,
     weight_distances,
 )
 
 
 __all__ = [
+    "SOLVERS",
     "ActivationStats",
     "MinibatchCKA",
+    "TransportSolution",
     "absorb_signed_input",
     "align_layers",
     "alignment_cost",
     "apply_plan",
+    "auto_solver",
     "cca_cost_matrix",
     "chain_alignment",
     "channels_as_features",
@@ -63,6 +70,7 @@ __all__ = [
     "relax_constraints",
     "relu_diagonal",
     "signed_identity_weight",
+    "solve_transport",
     "transport_plan",
     "wasserstein_cost_matrix",
     "weight_distances",
