@@ -8,6 +8,7 @@ ones).
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -133,8 +134,22 @@ class FusionConfig(_DictMixin):
     device: str | None = field(
         default=None, metadata={"help": "Device for the fusion math; None = the models' device."}
     )
-    reset_bn_stats: bool = field(
-        default=True, metadata={"help": "Recompute BatchNorm running statistics on the calibration data."}
+    repair: str | None = field(
+        default="auto",
+        metadata={
+            "help": "Statistics repair of the fused model: 'bn' (recompute BatchNorm running statistics), "
+            "'repair' (REPAIR: per-channel affine corrections folded into the weights so every pre-activation and "
+            "residual branch output has the parents' aligned mean and std), None (none, as the official code), or "
+            "'auto' ('bn' for models with real BatchNorms, 'repair' otherwise; the resolved value is saved)."
+        },
+    )
+    repair_samples: int | None = field(
+        default=None,
+        metadata={"help": "Samples of the calibration data used for statistics repair; None = the num_samples used."},
+    )
+    reset_bn_stats: bool | None = field(
+        default=None,
+        metadata={"help": "Deprecated alias of `repair`: True -> repair='bn', False -> repair=None."},
     )
     progress: bool = field(default=True, metadata={"help": "Show tqdm progress bars."})
     attention: str = field(
@@ -165,6 +180,7 @@ class FusionConfig(_DictMixin):
     SOLVERS: ClassVar[tuple[str, ...]] = ("emd", "sinkhorn", "permutation")
     PLAN_NORMALIZATIONS: ClassVar[tuple[str, ...]] = ("two_sided", "column")
     ATTENTION: ClassVar[tuple[str, ...]] = ("heads", "cross_head")
+    REPAIRS: ClassVar[tuple[str | None, ...]] = ("auto", "bn", "repair", None)
 
     def __post_init__(self) -> None:
         _check_choice("layer_cost", self.layer_cost, self.LAYER_COSTS)
@@ -181,6 +197,23 @@ class FusionConfig(_DictMixin):
         _check_int("num_samples", self.num_samples, 1)
         _check_int("batch_size", self.batch_size, 1)
         _check_int("seed", self.seed, 0)
+        if self.reset_bn_stats is not None:  # deprecated alias, kept so saved configs still load
+            if not isinstance(self.reset_bn_stats, bool):
+                raise ConfigError(
+                    f"Invalid value for `reset_bn_stats`: {self.reset_bn_stats!r}. It is a deprecated boolean; "
+                    "use repair='bn' (True) or repair=None (False) instead.",
+                    field="reset_bn_stats",
+                )
+            warnings.warn(
+                "FusionConfig.reset_bn_stats is deprecated; use repair='bn' (for True) or repair=None (for False).",
+                DeprecationWarning,
+                stacklevel=3,
+            )
+            object.__setattr__(self, "repair", "bn" if self.reset_bn_stats else None)
+            object.__setattr__(self, "reset_bn_stats", None)
+        _check_choice("repair", self.repair, self.REPAIRS)
+        if self.repair_samples is not None:
+            _check_int("repair_samples", self.repair_samples, 1)
         if isinstance(self.anchor, bool) or not (
             self.anchor in ("deepest", "shallowest") or (isinstance(self.anchor, int) and self.anchor >= 0)
         ):
@@ -207,7 +240,7 @@ class FusionConfig(_DictMixin):
         1 - linear CKA (Gram form) on 200 samples (activation seed 21), start_layer_idx s = 2 and
         free_end_layers f = 1 (first_fixed=1, last_fixed=1), identity layers inserted into the shallow model,
         activation ground metric sqrt(||a - b||^2 / N), exact EMD, the column-normalised plan applied on both
-        axes, fused onto the *shallow* model's widths. Differences that remain (the output layer is never
+        axes, fused onto the *shallow* model's widths, no statistics repair (no BatchNorm recomputation). Differences that remain (the output layer is never
         OT-aligned here; identity layers are never inserted before the input) are listed in
         ``docs/differences.md``.
         """
@@ -223,6 +256,7 @@ class FusionConfig(_DictMixin):
             plan_normalization="column",
             num_samples=200,
             seed=21,
+            repair=None,
         )
         base.update(overrides)
         return cls(**base)

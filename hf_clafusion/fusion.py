@@ -8,7 +8,7 @@ Read top to bottom, :func:`fuse` is the algorithm:
 4. depth balancing: identity layers into the shallower model, or merging the deeper one's unmatched layers;
 5. activation statistics of every alignment group of the balanced models (one pass per model);
 6. a transport plan per group, applied to every axis of the group (:mod:`hf_clafusion.core.transport`);
-7. weighted average with the anchor, then BatchNorm statistics recomputed.
+7. weighted average with the anchor, then statistics repair (:mod:`hf_clafusion.repair`).
 """
 
 from __future__ import annotations
@@ -27,15 +27,17 @@ from tqdm.auto import tqdm
 from . import core
 from ._data import CalibrationData, move_to, prepare_calibration
 from .adapters import get_adapter
-from .adapters.base import Adapter, capture_outputs, reset_batchnorm_stats
+from .adapters.base import Adapter, capture_outputs
 from .config import FusionConfig
 from .errors import (
     AlignmentError,
     CalibrationDataError,
+    ClaFusionError,
     ConfigError,
     IncompatibleModelsError,
     InvalidWeightsError,
 )
+from .repair import repair_fused
 from .result import AlignmentPreview, FusionResult, PairAlignment, describe_parent
 from .spec import NetworkSpec
 
@@ -546,16 +548,42 @@ class _Run:
         return fused.eval()
 
     def reset_bn(self, fused: nn.Module) -> None:
-        if not self.config.reset_bn_stats:
-            return
-        with self._timed("bn_reset"):
-            try:
-                self.bn_reset = reset_batchnorm_stats(fused, self.batches, self.adapter)
-            except (RuntimeError, TypeError, ValueError) as error:
-                raise CalibrationDataError(
-                    f"The fused model cannot run on the calibration data to recompute BatchNorm statistics: "
-                    f"{str(error).splitlines()[0]}. Pass inputs shaped as the models expect."
-                ) from error
+        """Statistics repair (``config.repair``, see :mod:`hf_clafusion.repair`); records the resolved mode."""
+        start = time.perf_counter()
+        try:
+            outcome = repair_fused(
+                fused,
+                self.config.repair,
+                parents=self.balanced,
+                specs=self.balanced_specs,
+                anchor=self.anchor,
+                plans=self.plans,
+                weights=self.weights,
+                adapter=self.adapter,
+                batches=self._repair_batches(),
+                plan_normalization=self.config.plan_normalization,
+            )
+        except (RuntimeError, TypeError, ValueError) as error:
+            if isinstance(error, ClaFusionError):
+                raise
+            raise CalibrationDataError(
+                f"The fused model cannot run on the calibration data to repair its statistics: "
+                f"{str(error).splitlines()[0]}. Pass inputs shaped as the models expect."
+            ) from error
+        self.bn_reset = outcome.bn_reset
+        self.config = self.config.replace(repair=outcome.mode)
+        if outcome.mode is not None:
+            stage = "bn_reset" if outcome.mode == "bn" else "repair"
+            self.timings[stage] = self.timings.get(stage, 0.0) + time.perf_counter() - start
+
+    def _repair_batches(self) -> list:
+        if self.config.repair_samples is None or self.config.repair is None:
+            return self.batches
+        data = self.adapter.prepare_data(self.data, self.prepared, self.processor, self.config)
+        calibration = prepare_calibration(
+            data, num_samples=self.config.repair_samples, batch_size=self.config.batch_size, seed=self.config.seed
+        )
+        return [move_to(b, self.device) for b in calibration.batches]
 
     def result(self, fused: nn.Module) -> FusionResult:
         return FusionResult(

@@ -14,7 +14,7 @@ from hf_clafusion.adapters.base import capture_outputs
 from ._models import cnn, mlp
 
 
-CONFIG = FusionConfig(progress=False, reset_bn_stats=False, num_samples=32, batch_size=16)
+CONFIG = FusionConfig(progress=False, repair=None, num_samples=32, batch_size=16)
 
 
 def _with_inplace(model: nn.Module, inplace: bool) -> nn.Module:

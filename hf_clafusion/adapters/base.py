@@ -267,12 +267,16 @@ def capture_outputs(model: nn.Module, names: Sequence[str]) -> Iterator[dict[str
 
 
 @torch.no_grad()
-def reset_batchnorm_stats(model: nn.Module, batches: Sequence[Any], adapter: Adapter) -> bool:
+def reset_batchnorm_stats(
+    model: nn.Module, batches: Sequence[Any], adapter: Adapter, keep: Sequence[nn.Module] = ()
+) -> bool:
     """Recompute every BatchNorm's running statistics on ``batches`` (cumulative average, no momentum).
 
-    Only the BatchNorm modules are put in train mode (dropout stays off). Returns whether the model has any.
+    Only the BatchNorm modules are put in train mode (dropout stays off); those in ``keep`` stay as they are.
+    Returns whether any BatchNorm was recomputed.
     """
-    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    kept = {id(m) for m in keep}
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and id(m) not in kept]
     if not norms:
         return False
     saved = [(m, m.momentum, m.training) for m in norms]
