@@ -567,8 +567,9 @@ class _Run:
             if isinstance(error, ClaFusionError):
                 raise
             raise CalibrationDataError(
-                f"The fused model cannot run on the calibration data to repair its statistics: "
-                f"{str(error).splitlines()[0]}. Pass inputs shaped as the models expect."
+                f"The fused model cannot run on the calibration data to recompute BatchNorm statistics or repair "
+                f"its statistics (repair={self.config.repair!r}): {str(error).splitlines()[0]}. Pass inputs shaped "
+                "as the models expect."
             ) from error
         self.bn_reset = outcome.bn_reset
         self.config = self.config.replace(repair=outcome.mode)
