@@ -41,7 +41,7 @@ from ..errors import (
     SaveError,
     UnsupportedArchitectureError,
 )
-from ..spec import AxisRef, Group, LayerSpec, NetworkSpec, SegmentSpec
+from ..spec import AxisRef, Group, LayerSpec, NetworkSpec, RepairPoint, SegmentSpec
 from .base import Adapter, register_adapter
 
 
@@ -112,6 +112,13 @@ def _writer_axes(name: str, module: nn.Module) -> list[AxisRef]:
     return axes
 
 
+def _norm_repair(name: str, module: nn.Module, group: str, *, branch: bool = False) -> list[RepairPoint]:
+    """A repair point at an affine norm's output (corrections folded into its weight and bias)."""
+    if getattr(module, "weight", None) is None or getattr(module, "bias", None) is None:
+        return []
+    return [RepairPoint(name, group, f"{name}.weight", f"{name}.bias", branch=branch)]
+
+
 def _out_channels(module: nn.Module) -> int:
     return module.out_channels if isinstance(module, nn.Conv2d) else module.out_features
 
@@ -177,8 +184,9 @@ def _resnet_downsample(name: str, block: nn.Module) -> tuple[str, str] | None:
     return f"{name}.downsample.{convs[0][0]}", f"{name}.downsample.{norms[0][0]}"
 
 
-def _resnet_spec(model: nn.Module) -> tuple[list[SegmentSpec], list[Group]]:
+def _resnet_spec(model: nn.Module) -> tuple[list[SegmentSpec], list[Group], list[RepairPoint]]:
     groups: list[Group] = []
+    points: list[RepairPoint] = []  # every BatchNorm output: conv pre-activations and residual branch outputs
     modules = dict(model.named_modules())
     # stem: a single conv, or a deep stem Sequential(conv, bn, act, conv, bn, act, conv); then bn1
     if isinstance(model.conv1, nn.Conv2d):
@@ -194,7 +202,9 @@ def _resnet_spec(model: nn.Module) -> tuple[list[SegmentSpec], list[Group]]:
         axes = _writer_axes(c, modules[c]) + _norm_axes(f"conv1.{norm}", modules[f"conv1.{norm}"])
         axes.append(AxisRef(f"{convs[i + 1]}.weight", 1, "in"))
         groups.append(Group(f"stem.{i}", modules[c].out_channels, tuple(axes), capture=f"{convs[i + 1]}:input"))
+        points += _norm_repair(f"conv1.{norm}", modules[f"conv1.{norm}"], f"stem.{i}")
     stream = _Stream("stem", modules[convs[-1]].out_channels, captures=["maxpool"])
+    points += _norm_repair("bn1", model.bn1, "stem")
     stream.axes += _writer_axes(convs[-1], modules[convs[-1]]) + _norm_axes("bn1", model.bn1)
     segments = []
     for stage in _resnet_stages(model):
@@ -211,6 +221,7 @@ def _resnet_spec(model: nn.Module) -> tuple[list[SegmentSpec], list[Group]]:
                 groups.append(stream.group())
                 stream = _Stream(f"{stage}.residual", modules[ds[0]].out_channels)
                 stream.axes += _writer_axes(ds[0], modules[ds[0]]) + _norm_axes(ds[1], modules[ds[1]])
+                points += _norm_repair(ds[1], modules[ds[1]], stream.name)
             pairs = [("conv1", "bn1", "conv2")] + ([("conv2", "bn2", "conv3")] if kind == "bottleneck" else [])
             for conv, norm, nxt in pairs:
                 axes = _writer_axes(f"{name}.{conv}", getattr(block, conv)) + _norm_axes(
@@ -220,9 +231,11 @@ def _resnet_spec(model: nn.Module) -> tuple[list[SegmentSpec], list[Group]]:
                 groups.append(
                     Group(f"{name}.{conv}", getattr(block, conv).out_channels, tuple(axes), f"{name}.{nxt}:input")
                 )
+                points += _norm_repair(f"{name}.{norm}", getattr(block, norm), f"{name}.{conv}")
             last_conv, last_norm = ("conv3", "bn3") if kind == "bottleneck" else ("conv2", "bn2")
             stream.axes += _writer_axes(f"{name}.{last_conv}", getattr(block, last_conv))
             stream.axes += _norm_axes(f"{name}.{last_norm}", getattr(block, last_norm))
+            points += _norm_repair(f"{name}.{last_norm}", getattr(block, last_norm), stream.name, branch=True)
             stream.captures.append(name)
             layers.append(LayerSpec(name, name, getattr(block, last_conv).out_channels))
         segments.append(SegmentSpec(stage, tuple(layers), first_pinned=True))
@@ -231,7 +244,7 @@ def _resnet_spec(model: nn.Module) -> tuple[list[SegmentSpec], list[Group]]:
         raise _unsupported(f"classifier {type(fc).__name__}", "fc", "Expected one nn.Linear classifier.")
     stream.axes.append(AxisRef("fc.weight", 1, "in"))
     groups.append(stream.group())
-    return segments, groups
+    return segments, groups, points
 
 
 def _zero_resnet_block(block: nn.Module) -> None:
@@ -607,8 +620,9 @@ class TimmAdapter(Adapter):
 
     def spec(self, model: nn.Module) -> NetworkSpec:
         family = _family(model)
+        points: list[RepairPoint] = []
         if family == "resnet":
-            segments, groups = _resnet_spec(model)
+            segments, groups, points = _resnet_spec(model)
         elif family == "vit":
             segments, groups = _vit_spec(model)
         elif family == "vgg":
@@ -623,6 +637,7 @@ class TimmAdapter(Adapter):
             output_size=model.num_classes,
             input_size=_in_chans(model, family),
             description={"family": family, "class": type(model).__name__, "depths": [s.depth for s in segments]},
+            repair_points=tuple(points),
         )
 
     # -- activations
