@@ -31,8 +31,8 @@ from .errors import AlignmentError, UnsupportedArchitectureError
 from .spec import NetworkSpec, RepairPoint
 
 
-#: A branch output whose every channel has |mean| and std below this is an inserted identity block's zero.
-ZERO_BRANCH = 1e-12
+#: An output whose every channel has |mean| and std below this is an inserted identity block's zero branch.
+ZERO_OUTPUT = 1e-12
 
 
 @dataclass(frozen=True)
@@ -183,9 +183,9 @@ def repair_targets(
 ) -> list[tuple[torch.Tensor, torch.Tensor] | None]:
     """``(mu*, sigma*)`` per repair point of the anchor, from every model's statistics carried by its plans.
 
-    ``points[k][i]`` and ``stats[k][i]`` are model ``k``'s i-th repair point and its statistics. At a residual
-    branch output that is exactly 0 in a model (an inserted identity block), that model does not contribute; a
-    point with no contributor gets None.
+    ``points[k][i]`` and ``stats[k][i]`` are model ``k``'s i-th repair point and its statistics. Where a model's
+    output is exactly 0 (the residual branch of an inserted identity block), that model does not contribute: the
+    targets come from the models with a real layer there. A point with no contributor gets None.
     """
     maps: dict[tuple[int, str], torch.Tensor] = {}
     targets: list[tuple[torch.Tensor, torch.Tensor] | None] = []
@@ -193,8 +193,8 @@ def repair_targets(
         means, stds, ws = [], [], []
         for k in range(len(points)):
             mean, std = stats[k][i].mean, stats[k][i].std
-            if points[k][i].branch and float(mean.abs().max()) <= ZERO_BRANCH and float(std.max()) <= ZERO_BRANCH:
-                continue
+            if float(mean.abs().max()) <= ZERO_OUTPUT and float(std.max()) <= ZERO_OUTPUT:
+                continue  # an inserted identity block's branch: the model has no real layer here
             if k != anchor:
                 key = (k, point.group)
                 if key not in maps:
@@ -245,7 +245,11 @@ def repair_statistics(
         weight = params[point.weight]
         bias = params[point.bias] if point.bias is not None else None
         new_weight, new_bias = core.fold_affine(
-            weight.data, None if bias is None else bias.data, scale.to(weight.device), _to(shift, weight.device)
+            weight.data,
+            None if bias is None else bias.data,
+            scale.to(weight.device),
+            _to(shift, weight.device),
+            axis=point.axis,
         )
         weight.copy_(new_weight)
         if bias is not None:

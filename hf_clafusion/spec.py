@@ -74,24 +74,24 @@ class RepairPoint:
 
     The corrected activation is ``capture``'s output: a Linear/Conv pre-activation (after its BatchNorm, when
     one follows) or a residual branch output (before the addition). The correction ``y -> scale * y + shift`` is
-    folded into ``weight`` (scaled along axis 0) and ``bias`` (scaled, then shifted); without a bias the
-    correction is scale-only.
+    folded into ``weight`` (scaled along ``axis``) and ``bias`` (scaled, then shifted); without a bias the
+    correction is scale-only. A model whose output there is exactly 0 (a residual branch of an inserted identity
+    block) gives no target.
 
     Attributes:
         capture: module whose output is corrected (a capture as in :class:`Group`, without channel slice).
         group: name of the alignment group of the corrected channels (its plan carries each parent's
             per-channel statistics to the anchor's channels).
-        weight: state-dict key of the parameter scaled along its axis 0 (Linear/Conv weight, BatchNorm weight).
+        weight: state-dict key of the parameter scaled along ``axis`` (Linear/Conv weight, norm weight).
         bias: state-dict key of the parameter shifted, or None (scale-only correction).
-        branch: whether the output is a residual branch's: a model with an inserted identity block outputs 0 there
-            and does not contribute to the targets.
+        axis: the axis of ``weight`` that holds the output channels (0; 1 for a transposed ``Conv1D``).
     """
 
     capture: str
     group: str
     weight: str
     bias: str | None
-    branch: bool = False
+    axis: int = 0
 
 
 @dataclass(frozen=True)

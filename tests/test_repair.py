@@ -208,18 +208,15 @@ def test_official_preset_does_no_repair_and_bad_values_are_refused():
 
 
 def test_repair_on_an_uncovered_family_is_refused_and_auto_warns():
-    transformers = pytest.importorskip("transformers")
-    config = transformers.BertConfig(
-        vocab_size=64, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32
-    )
-    torch.manual_seed(0)
-    models = [transformers.BertForSequenceClassification(config).eval() for _ in range(2)]
-    data = {"input_ids": torch.randint(0, 64, (16, 8))}
+    pytest.importorskip("timm")
+    from .test_timm import images, vit
+
+    models, x = [vit(1, seed=0), vit(1, seed=1)], images(16)
     base = FusionConfig(progress=False, num_samples=16, batch_size=16)
     with pytest.raises(UnsupportedArchitectureError, match="repair='repair' is not supported"):
-        fuse(models, data, base, repair="repair")
+        fuse(models, x, base, repair="repair")
     with pytest.warns(UserWarning, match="not repaired"):
-        assert fuse(models, data, base).config.repair is None
+        assert fuse(models, x, base).config.repair is None
 
 
 # --------------------------------------------------------------------------------------------- timm ResNet
@@ -260,3 +257,30 @@ def test_after_repair_every_point_has_its_target_and_identity_blocks_take_the_re
     index = [p.capture for p in points[0]].index("layer1.2.bn2")
     assert float(stats[1][index].std.max()) == 0.0
     torch.testing.assert_close(targets[index][1], stats[0][index].std)
+
+
+# --------------------------------------------------------------------------------------------- transformers
+
+
+@pytest.mark.parametrize("family", ["bert", "gpt2", "llama"])
+def test_transformers_permuted_copy_fuses_back_with_repair_and_identity_blocks_take_real_targets(family):
+    pytest.importorskip("transformers")
+    from hf_clafusion.repair import measure
+
+    from .test_transformers import inputs, make, out, permuted_copy
+
+    model, batch = make(family, 2), inputs(family, 16)
+    result = fuse([model, permuted_copy(model, seed=1)], batch, progress=False, repair="repair", num_samples=16)
+    assert result.config.repair == "repair"
+    assert max_rel_error(out(result.model, batch), out(model, batch)) < 1e-4
+    if family == "bert":
+        return  # post-LN identity blocks are fitted, not zero branches
+    deep, shallow = make(family, 3, seed=0), make(family, 1, seed=1)
+    result = fuse([deep, shallow], batch, progress=False, repair="repair", num_samples=16)
+    adapter = get_adapter(deep)
+    points = adapter.spec(result.model).repair_points
+    fused_stats = measure(result.model, [p.capture for p in points], [batch], adapter)
+    deep_stats = measure(adapter.prepare(deep), [p.capture for p in points], [batch], adapter)
+    # at the middle block (an identity in the shallow model) the branch outputs get the deep model's statistics
+    for index in [i for i, p in enumerate(points) if ".1." in p.capture and p.group == "residual"]:
+        torch.testing.assert_close(fused_stats[index].std, deep_stats[index].std, rtol=1e-3, atol=1e-5)

@@ -112,11 +112,11 @@ def _writer_axes(name: str, module: nn.Module) -> list[AxisRef]:
     return axes
 
 
-def _norm_repair(name: str, module: nn.Module, group: str, *, branch: bool = False) -> list[RepairPoint]:
+def _norm_repair(name: str, module: nn.Module, group: str) -> list[RepairPoint]:
     """A repair point at an affine norm's output (corrections folded into its weight and bias)."""
     if getattr(module, "weight", None) is None or getattr(module, "bias", None) is None:
         return []
-    return [RepairPoint(name, group, f"{name}.weight", f"{name}.bias", branch=branch)]
+    return [RepairPoint(name, group, f"{name}.weight", f"{name}.bias")]
 
 
 def _out_channels(module: nn.Module) -> int:
@@ -235,7 +235,7 @@ def _resnet_spec(model: nn.Module) -> tuple[list[SegmentSpec], list[Group], list
             last_conv, last_norm = ("conv3", "bn3") if kind == "bottleneck" else ("conv2", "bn2")
             stream.axes += _writer_axes(f"{name}.{last_conv}", getattr(block, last_conv))
             stream.axes += _norm_axes(f"{name}.{last_norm}", getattr(block, last_norm))
-            points += _norm_repair(f"{name}.{last_norm}", getattr(block, last_norm), stream.name, branch=True)
+            points += _norm_repair(f"{name}.{last_norm}", getattr(block, last_norm), stream.name)
             stream.captures.append(name)
             layers.append(LayerSpec(name, name, getattr(block, last_conv).out_channels))
         segments.append(SegmentSpec(stage, tuple(layers), first_pinned=True))

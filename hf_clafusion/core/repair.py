@@ -126,18 +126,24 @@ def affine_correction(
 
 
 def fold_affine(
-    weight: torch.Tensor, bias: torch.Tensor | None, scale: torch.Tensor, shift: torch.Tensor | None
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    scale: torch.Tensor,
+    shift: torch.Tensor | None,
+    axis: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Fold ``y -> scale * y + shift`` into the layer ``y = W x + b`` that writes the channels on its axis 0.
+    """Fold ``y -> scale * y + shift`` into the layer ``y = W x + b`` that writes the channels on ``axis`` of ``W``.
 
-    ``W' = scale * W`` (broadcast over every other axis: Linear ``(out, in)``, Conv ``(out, in, kh, kw)``,
-    norm ``(out,)``) and ``b' = scale * b + shift``. Exact: the new layer's output equals the corrected old one.
+    ``W' = scale * W`` along ``axis`` (broadcast over the other axes: Linear ``(out, in)``, Conv
+    ``(out, in, kh, kw)``, norm ``(out,)``, a transposed ``Conv1D`` ``(in, out)`` with ``axis=1``) and
+    ``b' = scale * b + shift``. Exact: the new layer's output equals the corrected old one.
 
     Args:
-        weight: ``(out, ...)``.
+        weight: the layer's weight, output channels on ``axis``.
         bias: ``(out,)`` or None.
         scale: ``(out,)``.
         shift: ``(out,)`` or None (scale-only).
+        axis: the output-channel axis of ``weight``.
 
     Returns:
         ``(W', b')`` in the dtype of the inputs.
@@ -147,7 +153,8 @@ def fold_affine(
     """
     if bias is None and shift is not None:
         raise ValueError("Cannot fold a shift into a layer without a bias; use a scale-only correction (shift=None).")
-    view = (-1,) + (1,) * (weight.ndim - 1)
+    view = [1] * weight.ndim
+    view[axis] = -1
     new_weight = (weight.to(torch.float64) * scale.view(view)).to(weight.dtype)
     if bias is None:
         return new_weight, None
