@@ -137,13 +137,26 @@ def test_a_permuted_copy_fuses_back_to_the_original_with_every_repair_mode(famil
 
 
 def test_auto_resolves_by_batchnorm_and_the_resolved_mode_is_saved(tmp_path):
-    x = torch.rand(64, 1, 8, 8)
-    with_bn = fuse([cnn([8, "M"], seed=0), cnn([8, "M"], seed=1)], x, progress=False)
     without = fuse([mlp(6, [8], 3, seed=0), mlp(6, [8], 3, seed=1)], torch.rand(64, 6), progress=False)
-    assert (with_bn.config.repair, with_bn.bn_reset) == ("bn", True)
     assert (without.config.repair, without.bn_reset) == ("repair", False)
     without.save_pretrained(tmp_path)
     assert json.loads((tmp_path / "fusion_config.json").read_text())["config"]["repair"] == "repair"
+
+
+def test_auto_on_a_batchnorm_net_keeps_the_mode_that_agrees_best_with_the_parents_ensemble():
+    x = torch.rand(128, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+    models = [cnn([8, 8, "M", 16, "M"], seed=0, hidden_fc=[16]), cnn([8, "M", 16, "M"], seed=1, hidden_fc=[16])]
+    config = FusionConfig(progress=False, num_samples=128, batch_size=64)
+    with torch.no_grad():
+        ensemble = sum(m.eval()(x) for m in models).argmax(-1)
+        agreement = {}
+        for mode in ("bn", "repair"):
+            fused = fuse(models, x, config, repair=mode).model
+            agreement[mode] = float((fused(x).argmax(-1) == ensemble).float().mean())
+        auto = fuse(models, x, config)
+        best = "bn" if agreement["bn"] >= agreement["repair"] else "repair"
+        assert auto.config.repair == best and auto.bn_reset == (best == "bn")
+        assert float((auto.model(x).argmax(-1) == ensemble).float().mean()) == agreement[best]
 
 
 def test_repair_and_bn_recomputation_agree_on_a_batchnorm_net():
