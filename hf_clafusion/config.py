@@ -15,6 +15,7 @@ import dataclasses
 import functools
 import types
 import typing
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal
 
@@ -28,6 +29,7 @@ ReluApprox = Literal["sum", "majority", "avg"]
 Anchor = Literal["deepest", "shallowest"]
 GroundMetric = Literal["activations", "correlation", "weights"]
 Solver = Literal["emd", "sinkhorn", "permutation", "auto"]
+Repair = Literal["auto", "bn", "repair"]
 PlanNormalization = Literal["two_sided", "column"]
 AttentionAlignment = Literal["heads", "cross_head"]
 Optimizer = Literal["sgd", "adam", "adamw"]
@@ -227,9 +229,23 @@ class FusionConfig(_DictMixin):
             "be on one device)."
         },
     )
-    reset_bn_stats: bool = field(
-        default=True,
-        metadata={"help": "Recompute BatchNorm running statistics of the fused model on the calibration data."},
+    repair: Repair | None = field(
+        default="auto",
+        metadata={
+            "help": "Statistics repair of the fused model: `bn` (recompute BatchNorm running statistics), "
+            "`repair` (REPAIR: per-channel affine corrections folded into the weights so every pre-activation and "
+            "residual branch output has the parents' aligned mean and std), None (none, as the official code), or "
+            "`auto` (models with real BatchNorms: `bn` or `repair`, whichever agrees best with the parents' "
+            "ensemble on the data; others: `repair`; the resolved value is saved)."
+        },
+    )
+    repair_samples: int | None = field(
+        default=None,
+        metadata={"help": "Samples of the calibration data used for statistics repair; None = the num_samples used."},
+    )
+    reset_bn_stats: bool | None = field(
+        default=None,
+        metadata={"help": "Deprecated alias of `repair`: True -> `repair='bn'`, False -> `repair=None`."},
     )
     progress: bool = field(default=True, metadata={"help": "Show tqdm progress bars."})
     attention: AttentionAlignment = field(
@@ -261,8 +277,23 @@ class FusionConfig(_DictMixin):
     SOLVERS: ClassVar[tuple[str, ...]] = typing.get_args(Solver)
     PLAN_NORMALIZATIONS: ClassVar[tuple[str, ...]] = typing.get_args(PlanNormalization)
     ATTENTION: ClassVar[tuple[str, ...]] = typing.get_args(AttentionAlignment)
+    REPAIRS: ClassVar[tuple[str | None, ...]] = (*typing.get_args(Repair), None)
 
     def __post_init__(self) -> None:
+        if self.reset_bn_stats is not None:  # deprecated alias, kept so saved configs still load
+            if not isinstance(self.reset_bn_stats, bool):
+                raise ConfigError(
+                    f"Invalid value for `reset_bn_stats`: {self.reset_bn_stats!r}. It is a deprecated boolean; "
+                    "use repair='bn' (True) or repair=None (False) instead.",
+                    field="reset_bn_stats",
+                )
+            warnings.warn(
+                "FusionConfig.reset_bn_stats is deprecated; use repair='bn' (for True) or repair=None (for False).",
+                DeprecationWarning,
+                stacklevel=3,
+            )
+            object.__setattr__(self, "repair", "bn" if self.reset_bn_stats else None)
+            object.__setattr__(self, "reset_bn_stats", None)
         for name in field_choices(FusionConfig):
             if name != "anchor":  # a choice or a model index, checked below
                 _check_choice(self, name)
@@ -272,6 +303,8 @@ class FusionConfig(_DictMixin):
         _check_int("num_samples", self.num_samples, 1)
         _check_int("batch_size", self.batch_size, 1)
         _check_int("seed", self.seed, 0)
+        if self.repair_samples is not None:
+            _check_int("repair_samples", self.repair_samples, 1)
         if isinstance(self.anchor, bool) or not (
             self.anchor in typing.get_args(Anchor) or (isinstance(self.anchor, int) and self.anchor >= 0)
         ):
@@ -298,7 +331,7 @@ class FusionConfig(_DictMixin):
         1 - linear CKA (Gram form) on 200 samples (activation seed 21), start_layer_idx s = 2 and
         free_end_layers f = 1 (first_fixed=1, last_fixed=1), identity layers inserted into the shallow model,
         activation ground metric sqrt(||a - b||^2 / N), exact EMD, the column-normalised plan applied on both
-        axes, fused onto the *shallow* model's widths. Differences that remain (the output layer is never
+        axes, fused onto the *shallow* model's widths, no statistics repair (no BatchNorm recomputation). Differences that remain (the output layer is never
         OT-aligned here; identity layers are never inserted before the input) are listed in
         ``docs/differences.md``.
         """
@@ -314,6 +347,7 @@ class FusionConfig(_DictMixin):
             plan_normalization="column",
             num_samples=200,
             seed=21,
+            repair=None,
         )
         base.update(overrides)
         return cls(**base)
@@ -436,6 +470,7 @@ __all__ = [
     "Optimizer",
     "PlanNormalization",
     "ReluApprox",
+    "Repair",
     "Scheduler",
     "Solver",
     "describe_choices",

@@ -38,16 +38,18 @@ from tqdm.auto import tqdm
 
 from . import core
 from .adapters import get_adapter
-from .adapters.base import Adapter, capture_outputs, reset_batchnorm_stats
+from .adapters.base import Adapter, capture_outputs
 from .config import FusionConfig
 from .data import CalibrationData, check_input_dtype, move_to, prepare_calibration
 from .errors import (
     AlignmentError,
     CalibrationDataError,
+    ClaFusionError,
     ConfigError,
     IncompatibleModelsError,
     InvalidWeightsError,
 )
+from .repair import RepairOutcome, repair_fused
 from .result import AlignmentPreview, FusionResult, PairAlignment, describe_parent
 from .spec import Group, NetworkSpec
 
@@ -111,8 +113,8 @@ def fuse(
     transported = transport_to_anchor(run, balanced, statistics, clock=clock)
     with clock("averaging"):
         fused = load_fused(balanced.models[run.anchor], average(transported.states, run.weights, anchor=run.anchor))
-    bn_reset = repair_statistics(fused, run, balanced, transported, clock=clock)
-    return _result(run, alignment, balanced, transported, fused, bn_reset, clock)
+    repaired = repair_statistics(fused, run, balanced, transported, clock=clock)
+    return _result(run, alignment, balanced, transported, fused, repaired, clock)
 
 
 def align(
@@ -191,6 +193,8 @@ class Prepared:
         calibration: the calibration data and its provenance.
         batches: the calibration batches on ``device``.
         segments: depth roles of each segment.
+        repair_batches: the batches statistics repair measures on (``config.repair_samples`` samples of the
+            same data; the calibration batches when that is None).
     """
 
     config: FusionConfig
@@ -204,6 +208,7 @@ class Prepared:
     calibration: CalibrationData
     batches: tuple[Any, ...]
     segments: tuple[SegmentRoles, ...]
+    repair_batches: tuple[Any, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -314,6 +319,17 @@ def prepare(
         )
         batches = tuple(move_to(b, device) for b in calibration.batches)
         check_input_dtype(batches[0], prepared[0], "calibration")
+        repair_batches = batches
+        if config.repair_samples is not None and config.repair is not None:
+            repair_batches = tuple(
+                move_to(b, device)
+                for b in prepare_calibration(
+                    adapter.prepare_data(data, prepared, processor, config),
+                    num_samples=config.repair_samples,
+                    batch_size=config.batch_size,
+                    seed=config.seed,
+                ).batches
+            )
         return Prepared(
             config=config,
             adapter=adapter,
@@ -325,6 +341,7 @@ def prepare(
             weights=weights,
             calibration=calibration,
             batches=batches,
+            repair_batches=repair_batches,
             segments=_segment_roles(specs, anchor, config.balancing),
         )
 
@@ -598,33 +615,52 @@ def load_fused(template: nn.Module, tensors: Iterable[tuple[str, torch.Tensor]])
 
 def repair_statistics(
     fused: nn.Module, run: Prepared, balanced: Balanced, transported: Transported, *, clock: Stopwatch
-) -> bool:
+) -> RepairOutcome:
     """The statistics step after averaging: correct the fused model's activation statistics, in place.
 
     Averaging aligned weights shrinks and shifts the activations of the fused model ("variance collapse").
-    Today this stage recomputes every BatchNorm's running statistics on the calibration batches when
-    ``config.reset_bn_stats`` is set. It is also the seam for REPAIR-style corrections (Jordan et al., 2023),
-    which match each fused group's activation statistics to the interpolated statistics of the parents and
-    fold the correction into the weights: everything such a correction needs is among the inputs, namely
-    the balanced parents and their specs (``balanced``), the plans and aligned states (``transported``), the
-    averaging weights, the anchor, the adapter, the config and the calibration batches (``run``).
+    ``config.repair`` chooses the correction (:mod:`hf_clafusion.repair`): ``"bn"`` recomputes every
+    BatchNorm's running statistics on the calibration data (BatchNorms that are identities in every parent
+    stay identities); ``"repair"`` (Jordan et al., "REPAIR", ICLR 2023) matches each repair point's per-channel
+    mean and standard deviation to the parents' (carried to the anchor's channels by the transport plans,
+    weighted by ``weights``) and folds the correction into the weights; ``"auto"`` resolves to the better of
+    the two for the model; ``None`` leaves the averaged model as it is.
 
     Returns:
-        Whether BatchNorm statistics were recomputed (``FusionResult.bn_reset``).
+        `RepairOutcome`: the resolved mode (recorded in the result's config) and whether BatchNorm statistics
+        were recomputed.
 
     Raises:
         CalibrationDataError: the fused model cannot run on the calibration batches.
+        UnsupportedArchitectureError: ``repair="repair"`` for a family without repair points.
     """
-    if not run.config.reset_bn_stats:
-        return False
-    with clock("bn_reset"):
-        try:
-            return reset_batchnorm_stats(fused, run.batches, run.adapter)
-        except (RuntimeError, TypeError, ValueError) as error:
-            raise CalibrationDataError(
-                f"The fused model cannot run on the calibration data to recompute BatchNorm statistics: "
-                f"{str(error).splitlines()[0]}. Pass inputs shaped as the models expect."
-            ) from error
+    if run.config.repair is None:
+        return RepairOutcome(mode=None, bn_reset=False)
+    start = time.perf_counter()
+    try:
+        outcome = repair_fused(
+            fused,
+            run.config.repair,
+            parents=balanced.models,
+            specs=balanced.specs,
+            anchor=run.anchor,
+            plans=transported.plans,
+            weights=run.weights,
+            adapter=run.adapter,
+            batches=run.repair_batches,
+            plan_normalization=run.config.plan_normalization,
+        )
+    except ClaFusionError:
+        raise
+    except (RuntimeError, TypeError, ValueError) as error:
+        raise CalibrationDataError(
+            f"The fused model cannot run on the calibration data to recompute BatchNorm statistics or repair its "
+            f"statistics (repair={run.config.repair!r}): {str(error).splitlines()[0]}. Pass inputs shaped as the "
+            "models expect."
+        ) from error
+    if outcome.mode is not None:
+        clock.timings["bn_reset" if outcome.mode == "bn" else "repair"] = time.perf_counter() - start
+    return outcome
 
 
 # --------------------------------------------------------------------------------------------- internals
@@ -646,7 +682,7 @@ def _result(
     balanced: Balanced,
     transported: Transported,
     fused: nn.Module,
-    bn_reset: bool,
+    repaired: RepairOutcome,
     clock: Stopwatch,
 ) -> FusionResult:
     return FusionResult(
@@ -656,11 +692,11 @@ def _result(
         transport_solvers=transported.solvers,
         timings=dict(clock.timings),
         calibration=run.calibration.provenance,
-        config=run.config,
+        config=run.config.replace(repair=repaired.mode),  # the resolved mode, as saved in fusion_config.json
         adapter=run.adapter.name,
         anchor=run.anchor,
         parents=list(run.parents),
-        bn_reset=bn_reset,
+        bn_reset=repaired.bn_reset,
         identity_errors=balanced.identity_errors,
     )
 

@@ -260,7 +260,7 @@ def test_cross_layer_alignment_is_no_worse_than_random_admissible_alignments():
 
 def test_bn_statistics_are_recomputed_after_fusion():
     deep, shallow = resnet([3, 1, 1, 1], seed=1), resnet([2, 1, 1, 1], seed=2)
-    result = fuse([deep, shallow], images(64), progress=False, num_samples=64)
+    result = fuse([deep, shallow], images(64), progress=False, num_samples=64, repair="bn")
     assert result.bn_reset
     assert not torch.equal(result.model.layer1[0].bn1.running_var, deep.layer1[0].bn1.running_var)
 

@@ -308,7 +308,9 @@ def capture_outputs(model: nn.Module, names: Sequence[str]) -> Iterator[dict[str
 
     Each name is a capture (see :class:`~hf_clafusion.spec.Group`): a module's output (the first tensor of a
     tuple output), ``"module:input"`` for its first positional input, optionally with a ``"[a:b]"`` channel
-    slice. The dictionary maps each capture to its latest value (detached). Hooks are always removed.
+    slice. The dictionary maps each capture to its latest value (detached). Values are copies taken inside the
+    hook, so an in-place operation after the hooked module (``nn.ReLU(inplace=True)``, ``x += shortcut``) cannot
+    change what was captured. Hooks are always removed.
     """
     modules = dict(model.named_modules())
     parsed = {name: parse_capture(name) for name in dict.fromkeys(names)}
@@ -321,13 +323,13 @@ def capture_outputs(model: nn.Module, names: Sequence[str]) -> Iterator[dict[str
         if kind == "input":
 
             def pre_hook(_module, inputs, _name=name, _channels=channels):
-                store[_name] = _slice_channels(_first_tensor(inputs), _channels)
+                store[_name] = _slice_channels(_first_tensor(inputs), _channels).clone()
 
             handles.append(modules[module].register_forward_pre_hook(pre_hook))
         else:
 
             def hook(_module, _inputs, output, _name=name, _channels=channels):
-                store[_name] = _slice_channels(_first_tensor(output), _channels)
+                store[_name] = _slice_channels(_first_tensor(output), _channels).clone()
 
             handles.append(modules[module].register_forward_hook(hook))
     try:
@@ -338,12 +340,16 @@ def capture_outputs(model: nn.Module, names: Sequence[str]) -> Iterator[dict[str
 
 
 @torch.no_grad()
-def reset_batchnorm_stats(model: nn.Module, batches: Sequence[Any], adapter: Adapter) -> bool:
+def reset_batchnorm_stats(
+    model: nn.Module, batches: Sequence[Any], adapter: Adapter, keep: Sequence[nn.Module] = ()
+) -> bool:
     """Recompute every BatchNorm's running statistics on ``batches`` (cumulative average, no momentum).
 
-    Only the BatchNorm modules are put in train mode (dropout stays off). Returns whether the model has any.
+    Only the BatchNorm modules are put in train mode (dropout stays off); those in ``keep`` stay as they are.
+    Returns whether any BatchNorm was recomputed.
     """
-    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    kept = {id(m) for m in keep}
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and id(m) not in kept]
     if not norms:
         return False
     saved = [(m, m.momentum, m.training) for m in norms]

@@ -49,7 +49,7 @@ from ..errors import (
     SaveError,
     UnsupportedArchitectureError,
 )
-from ..spec import AxisRef, Group, LayerSpec, NetworkSpec, SegmentSpec
+from ..spec import AxisRef, Group, LayerSpec, NetworkSpec, RepairPoint, SegmentSpec
 from .base import Adapter, register_adapter
 
 
@@ -96,6 +96,13 @@ def _writer_axes(name: str, module: nn.Module) -> list[AxisRef]:
     if getattr(module, "bias", None) is not None:
         axes.append(AxisRef(f"{name}.bias", 0, "out"))
     return axes
+
+
+def _norm_repair(name: str, module: nn.Module, group: str) -> list[RepairPoint]:
+    """A repair point at an affine norm's output (corrections folded into its weight and bias)."""
+    if getattr(module, "weight", None) is None or getattr(module, "bias", None) is None:
+        return []
+    return [RepairPoint(name, group, f"{name}.weight", f"{name}.bias")]
 
 
 def _out_channels(module: nn.Module) -> int:
@@ -172,8 +179,9 @@ def _resnet_downsample(name: str, block: nn.Module) -> tuple[str, str] | None:
     return f"{name}.downsample.{convs[0][0]}", f"{name}.downsample.{norms[0][0]}"
 
 
-def _resnet_spec(model: nn.Module) -> tuple[list[SegmentSpec], list[Group]]:
+def _resnet_spec(model: nn.Module) -> tuple[list[SegmentSpec], list[Group], list[RepairPoint]]:
     groups: list[Group] = []
+    points: list[RepairPoint] = []  # every BatchNorm output: conv pre-activations and residual branch outputs
     modules = dict(model.named_modules())
     # stem: a single conv, or a deep stem Sequential(conv, bn, act, conv, bn, act, conv); then bn1
     if isinstance(model.conv1, nn.Conv2d):
@@ -189,7 +197,9 @@ def _resnet_spec(model: nn.Module) -> tuple[list[SegmentSpec], list[Group]]:
         axes = _writer_axes(c, modules[c]) + _norm_axes(f"conv1.{norm}", modules[f"conv1.{norm}"])
         axes.append(AxisRef(f"{convs[i + 1]}.weight", 1, "in"))
         groups.append(Group(f"stem.{i}", modules[c].out_channels, tuple(axes), capture=f"{convs[i + 1]}:input"))
+        points += _norm_repair(f"conv1.{norm}", modules[f"conv1.{norm}"], f"stem.{i}")
     stream = _Stream("stem", modules[convs[-1]].out_channels, captures=["maxpool"])
+    points += _norm_repair("bn1", model.bn1, "stem")
     stream.axes += _writer_axes(convs[-1], modules[convs[-1]]) + _norm_axes("bn1", model.bn1)
     segments = []
     for stage in _resnet_stages(model):
@@ -206,6 +216,7 @@ def _resnet_spec(model: nn.Module) -> tuple[list[SegmentSpec], list[Group]]:
                 groups.append(stream.group())
                 stream = _Stream(f"{stage}.residual", modules[ds[0]].out_channels)
                 stream.axes += _writer_axes(ds[0], modules[ds[0]]) + _norm_axes(ds[1], modules[ds[1]])
+                points += _norm_repair(ds[1], modules[ds[1]], stream.name)
             pairs = [("conv1", "bn1", "conv2")] + ([("conv2", "bn2", "conv3")] if kind == "bottleneck" else [])
             for conv, norm, nxt in pairs:
                 axes = _writer_axes(f"{name}.{conv}", getattr(block, conv)) + _norm_axes(
@@ -215,9 +226,11 @@ def _resnet_spec(model: nn.Module) -> tuple[list[SegmentSpec], list[Group]]:
                 groups.append(
                     Group(f"{name}.{conv}", getattr(block, conv).out_channels, tuple(axes), f"{name}.{nxt}:input")
                 )
+                points += _norm_repair(f"{name}.{norm}", getattr(block, norm), f"{name}.{conv}")
             last_conv, last_norm = ("conv3", "bn3") if kind == "bottleneck" else ("conv2", "bn2")
             stream.axes += _writer_axes(f"{name}.{last_conv}", getattr(block, last_conv))
             stream.axes += _norm_axes(f"{name}.{last_norm}", getattr(block, last_norm))
+            points += _norm_repair(f"{name}.{last_norm}", getattr(block, last_norm), stream.name)
             stream.captures.append(name)
             layers.append(LayerSpec(name, name, getattr(block, last_conv).out_channels))
         segments.append(SegmentSpec(stage, tuple(layers), first_pinned=True))
@@ -226,7 +239,7 @@ def _resnet_spec(model: nn.Module) -> tuple[list[SegmentSpec], list[Group]]:
         raise _unsupported(f"classifier {type(fc).__name__}", "fc", "Expected one nn.Linear classifier.")
     stream.axes.append(AxisRef("fc.weight", 1, "in"))
     groups.append(stream.group())
-    return segments, groups
+    return segments, groups, points
 
 
 def _resnet_writers(block: nn.Module) -> list[torch.Tensor]:
@@ -297,7 +310,7 @@ def _vit_check_block(name: str, block: nn.Module) -> None:
             raise _unsupported(f"layer scale {type(getattr(block, ls)).__name__}", f"{name}.{ls}")
 
 
-def _vit_spec(model: nn.Module) -> tuple[list[SegmentSpec], list[Group]]:
+def _vit_spec(model: nn.Module) -> tuple[list[SegmentSpec], list[Group], list[RepairPoint]]:
     if getattr(model, "attn_pool", None) is not None:
         raise _unsupported("attention-pooling head (global_pool='map')", "attn_pool", "Use 'token' or 'avg' pooling.")
     if not _is_identity(getattr(model, "pre_logits", None)):
@@ -356,7 +369,7 @@ def _vit_spec(model: nn.Module) -> tuple[list[SegmentSpec], list[Group]]:
             raise _unsupported(f"classifier {type(module).__name__}", head)
         res.axes.append(AxisRef(f"{head}.weight", 1, "in"))
     groups.insert(0, res.group())
-    return [SegmentSpec("blocks", tuple(layers))], groups
+    return [SegmentSpec("blocks", tuple(layers))], groups, []  # no repair points yet
 
 
 def _vit_writers(block: nn.Module) -> list[torch.Tensor]:
@@ -380,7 +393,7 @@ def _vit_layout(model: nn.Module) -> dict[str, Any]:
 # --------------------------------------------------------------------------------------------- ConvNeXt
 
 
-def _convnext_spec(model: nn.Module) -> tuple[list[SegmentSpec], list[Group]]:
+def _convnext_spec(model: nn.Module) -> tuple[list[SegmentSpec], list[Group], list[RepairPoint]]:
     from timm.layers import LayerNorm2d
     from timm.models.convnext import ConvNeXtBlock
 
@@ -435,7 +448,7 @@ def _convnext_spec(model: nn.Module) -> tuple[list[SegmentSpec], list[Group]]:
         stream.axes += _norm_axes("head.norm", head.norm)
     stream.axes.append(AxisRef("head.fc.weight", 1, "in"))
     groups.append(stream.group())
-    return segments, groups
+    return segments, groups, []  # no repair points yet
 
 
 def _convnext_writers(block: nn.Module) -> list[torch.Tensor]:
@@ -498,7 +511,7 @@ def _vgg_name(model: nn.Module, depths: Sequence[int] | None = None) -> str:
     )
 
 
-def _vgg_spec(model: nn.Module) -> tuple[list[SegmentSpec], list[Group]]:
+def _vgg_spec(model: nn.Module) -> tuple[list[SegmentSpec], list[Group], list[RepairPoint]]:
     _vgg_name(model)
     chunks = _vgg_chunks(model)
     layers = list(model.features)
@@ -526,7 +539,7 @@ def _vgg_spec(model: nn.Module) -> tuple[list[SegmentSpec], list[Group]]:
         )
         for s, chunk in enumerate(chunks)
     ]
-    return segments, groups
+    return segments, groups, []  # no repair points yet
 
 
 def _vgg_rebuild(model: nn.Module, layouts: Sequence[Sequence[int | None]]) -> nn.Module:
@@ -616,7 +629,7 @@ class Family:
 
     name: str
     model_class: str
-    spec: Callable[[nn.Module], tuple[list[SegmentSpec], list[Group]]]
+    spec: Callable[[nn.Module], tuple[list[SegmentSpec], list[Group], list[RepairPoint]]]
     in_chans: Callable[[nn.Module], int]
     layout: Callable[[nn.Module], dict[str, Any]]
     containers: Callable[[nn.Module], list[str]] | None = None
@@ -789,7 +802,7 @@ class TimmAdapter(Adapter):
 
     def spec(self, model: nn.Module) -> NetworkSpec:
         family = _family(model)
-        segments, groups = family.spec(model)
+        segments, groups, points = family.spec(model)
         return NetworkSpec(
             family=self.name,
             segments=tuple(segments),
@@ -797,6 +810,7 @@ class TimmAdapter(Adapter):
             output_size=model.num_classes,
             input_size=family.in_chans(model),
             description={"family": family.name, "class": type(model).__name__, "depths": [s.depth for s in segments]},
+            repair_points=tuple(points),
         )
 
     # -- activations

@@ -31,7 +31,7 @@ from ..core import (
     signed_identity_weight,
 )
 from ..errors import AlignmentError, DataError, SaveError, UnsupportedArchitectureError
-from ..spec import AxisRef, Group, LayerSpec, NetworkSpec, SegmentSpec
+from ..spec import AxisRef, Group, LayerSpec, NetworkSpec, RepairPoint, SegmentSpec
 from .base import Adapter, register_adapter
 
 
@@ -210,6 +210,16 @@ def _has_relu(unit: _Unit, layers: Sequence[nn.Module]) -> bool:
     return any(isinstance(layers[i], nn.ReLU) for i in unit.followers)
 
 
+def _repair_point(unit: _Unit, layers: Sequence[nn.Module], group: str) -> RepairPoint | None:
+    """The unit's pre-activation: its BatchNorm's output (folded into the affine BatchNorm) or its weight layer's."""
+    norms = [i for i in unit.followers if isinstance(layers[i], nn.modules.batchnorm._BatchNorm)]
+    if norms:
+        i = norms[-1]
+        return RepairPoint(str(i), group, f"{i}.weight", f"{i}.bias") if layers[i].affine else None
+    bias = f"{unit.index}.bias" if layers[unit.index].bias is not None else None
+    return RepairPoint(str(unit.index), group, f"{unit.index}.weight", bias)
+
+
 @register_adapter("torch.sequential")
 class SequentialAdapter(Adapter):
     """Plain ``nn.Sequential`` MLPs and VGG-style CNNs."""
@@ -251,7 +261,7 @@ class SequentialAdapter(Adapter):
         layout = _layout(layers)
         segments = [seg.units for seg in layout.segments]
         units = [u for seg in segments for u in seg] + [layout.classifier]
-        groups = []
+        groups, repair_points = [], []
         for pos, unit in enumerate(units[:-1]):
             weight, nxt = layers[unit.index], layers[units[pos + 1].index]
             width = _out_width(weight)
@@ -272,6 +282,9 @@ class SequentialAdapter(Adapter):
                 )
             axes.append(AxisRef(f"{units[pos + 1].index}.weight", 1, "in", inner=reads // width))
             groups.append(Group(f"layer.{unit.index}", width, tuple(axes), capture=str(unit.index)))
+            point = _repair_point(unit, layers, f"layer.{unit.index}")
+            if point is not None:
+                repair_points.append(point)
         seg_specs = tuple(
             SegmentSpec(
                 f"segment.{s}",
@@ -286,6 +299,7 @@ class SequentialAdapter(Adapter):
             output_size=_out_width(layers[units[-1].index]),
             input_size=_in_width(layers[units[0].index]),
             description=self.description(model),
+            repair_points=tuple(repair_points),
         )
 
     def insert_identity(self, model, layouts, template, *, batches=None):

@@ -48,7 +48,7 @@ from ..errors import (
     SaveError,
     UnsupportedArchitectureError,
 )
-from ..spec import AxisRef, Group, LayerSpec, NetworkSpec, SegmentSpec
+from ..spec import AxisRef, Group, LayerSpec, NetworkSpec, RepairPoint, SegmentSpec
 from .base import Adapter, capture_outputs, register_adapter
 
 
@@ -416,6 +416,13 @@ class TransformersAdapter(Adapter):
             AxisRef(f"{base}{p}", axis, "out") for p, axis in fam.embeddings if f"{base}{p}" in state
         ]
         blocks: list[Group] = []
+        points: list[RepairPoint] = []  # MLP hidden pre-activations and the two residual branch outputs per block
+
+        def point(name: str, group: str) -> RepairPoint:
+            return RepairPoint(
+                name, group, f"{name}.weight", f"{name}.bias" if f"{name}.bias" in state else None, w_out
+            )
+
         for i in range(depth):
             layer = f"{layers}.{i}"
             for n in fam.norms:
@@ -454,6 +461,12 @@ class TransformersAdapter(Adapter):
             mlp_axes += linear(f"{layer}.{fam.mlp_out}", "in", out_axis=False)
             width = state[f"{layer}.{fam.mlp_out}.weight"].shape[w_in]
             blocks.append(Group(f"mlp.{i}", width, tuple(mlp_axes), capture=f"{layer}.{fam.mlp_out}:input"))
+            # a gated MLP's gate feeds a nonlinearity: its up projection is corrected (scale-only without a bias)
+            points += [
+                point(f"{layer}.{fam.o}", "residual"),
+                point(f"{layer}.{fam.mlp_in[-1]}", f"mlp.{i}"),
+                point(f"{layer}.{fam.mlp_out}", "residual"),
+            ]
         if fam.final_norm:
             residual += norm(f"{base}{fam.final_norm}")
 
@@ -505,6 +518,7 @@ class TransformersAdapter(Adapter):
                 "hidden_size": hidden,
                 "heads": [heads, kv_heads, head_dim],
             },
+            repair_points=tuple(points),
         )
 
     # -- data

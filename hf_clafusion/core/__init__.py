@@ -15,6 +15,14 @@ from .depth import (
     signed_identity_weight,
 )
 from .layer_alignment import align_layers, alignment_cost, chain_alignment, random_alignment, relax_constraints
+from .repair import (
+    ChannelStats,
+    affine_correction,
+    carry_statistics,
+    fold_affine,
+    is_identity_batchnorm,
+    repair_targets,
+)
 from .similarity import (
     MinibatchCKA,
     cca_cost_matrix,
@@ -43,13 +51,16 @@ from .transport import (
 __all__ = [
     "SOLVERS",
     "ActivationStats",
+    "ChannelStats",
     "MinibatchCKA",
     "TransportSolution",
     "absorb_signed_input",
+    "affine_correction",
     "align_layers",
     "alignment_cost",
     "apply_plan",
     "auto_solver",
+    "carry_statistics",
     "cca_cost_matrix",
     "chain_alignment",
     "channels_as_features",
@@ -57,10 +68,12 @@ __all__ = [
     "expand_head_plan",
     "fit_layernorm_identity",
     "fit_post_ln_identity",
+    "fold_affine",
     "head_plan",
     "identity_batchnorm",
     "identity_weight",
     "index_cost_matrix",
+    "is_identity_batchnorm",
     "linear_cka",
     "merge_linear",
     "neuron_count_cost_matrix",
@@ -69,6 +82,7 @@ __all__ = [
     "random_alignment",
     "relax_constraints",
     "relu_diagonal",
+    "repair_targets",
     "signed_identity_weight",
     "solve_transport",
     "transport_plan",
