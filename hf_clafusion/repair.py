@@ -186,10 +186,14 @@ def _predictions(
     """Argmax of the weighted mean of the models' logits over ``batches``, flattened."""
     out = []
     for batch in batches:
-        args, kwargs = adapter.model_inputs(batch)
-        logits = sum(w * adapter.logits(m(*args, **kwargs)).float() for w, m in zip(weights, models))
+        logits = sum(w * _logits(adapter, m, batch) for w, m in zip(weights, models))
         out.append(logits.argmax(-1).flatten())
     return torch.cat(out)
+
+
+def _logits(adapter: Adapter, model: nn.Module, batch: Any) -> torch.Tensor:
+    args, kwargs = adapter.model_inputs(model, batch)
+    return adapter.logits(model(*args, **kwargs)).float()
 
 
 def _modules(model: nn.Module, names: set[str]) -> list[nn.Module]:
@@ -207,7 +211,7 @@ def measure(
     model.eval()
     try:
         for batch in batches:
-            args, kwargs = adapter.model_inputs(batch)
+            args, kwargs = adapter.model_inputs(model, batch)
             with capture_outputs(model, names) as out:
                 model(*args, **kwargs)
             for s, name in zip(stats, captures):

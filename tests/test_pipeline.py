@@ -81,11 +81,12 @@ def test_average_refuses_models_with_different_parameter_names_before_yielding_a
 def test_repair_statistics_recomputes_batchnorm_statistics_only_when_asked(reset):
     deep, shallow = cnn([6, 6, 6, "M"], 4, seed=1), cnn([5, 5, "M"], 4, seed=2)
     x = torch.randn(32, 1, 8, 8)
-    config = FusionConfig(reset_bn_stats=reset, batch_size=32, progress=False)
+    config = FusionConfig(repair="bn" if reset else None, batch_size=32, progress=False)
     run, _, balanced, transported, fused, clock = _run_stages([deep, shallow], x, config)
     averaged = fused.state_dict()
     averaged = {name: t.clone() for name, t in averaged.items()}
-    assert repair_statistics(fused, run, balanced, transported, clock=clock) is reset
+    outcome = repair_statistics(fused, run, balanced, transported, clock=clock)
+    assert outcome.bn_reset is reset and outcome.mode == ("bn" if reset else None)
     assert ("bn_reset" in clock.timings) is reset
     first_bn = fused[1]
     if reset:

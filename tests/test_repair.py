@@ -257,7 +257,7 @@ def test_after_repair_every_point_has_its_target_and_identity_blocks_take_the_re
     deep, shallow = resnet([3, 1, 1, 1], seed=0), resnet([1, 1, 1, 1], seed=1)
     result = fuse([deep, shallow], x, progress=False, repair="repair", num_samples=64, batch_size=64)
     adapter = get_adapter(deep)
-    balanced = adapter.insert_identity(adapter.prepare(shallow), [[0, None, None], [0], [0], [0]], deep)
+    balanced, _ = adapter.insert_identity(adapter.prepare(shallow), [[0, None, None], [0], [0], [0]], deep)
     parents = [adapter.prepare(deep), balanced]
     points = [adapter.spec(m).repair_points for m in parents]
     stats = [measure(m, [p.capture for p in points[k]], [x], adapter) for k, m in enumerate(parents)]
