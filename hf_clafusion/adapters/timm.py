@@ -43,6 +43,7 @@ from ..errors import (
 )
 from ..spec import AxisRef, Group, LayerSpec, NetworkSpec, SegmentSpec
 from .base import Adapter, register_adapter
+from .files import check_weight_files
 
 
 SUPPORTED = (
@@ -769,7 +770,7 @@ class TimmAdapter(Adapter):
                 "timm.create_model(name, num_classes=..., layers=/depth=/depths=...) instead of the class constructor."
             )
         try:
-            save_for_hf(model, str(directory), safe_serialization=True)
+            save_for_hf(model, str(directory), safe_serialization=True, model_config={"pretrained_cfg": {"tag": None}})
         except (ValueError, TypeError) as error:
             raise SaveError(f"timm could not write the model's config.json: {error}") from error
 
@@ -798,6 +799,7 @@ class TimmAdapter(Adapter):
                 )
             if not (directory / "pytorch_model.bin").is_file():
                 raise SaveError(f"No model.safetensors in {str(directory)!r}.")
+        check_weight_files(directory)
         try:
             model = timm.create_model(f"local-dir:{directory}", pretrained=True)
         except (RuntimeError, OSError, ValueError, KeyError) as error:
