@@ -212,6 +212,9 @@ def tokenize_text(
         )
     column = texts[0]
     keep = {label_column}
+    positions = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+    if isinstance(positions, int) and positions > 0:
+        max_length = min(max_length, positions)  # never longer than the model can read
 
     def encode(batch: dict[str, Any]) -> dict[str, Any]:
         return tokenizer(batch[column], truncation=True, padding="max_length", max_length=max_length)

@@ -196,9 +196,10 @@ def test_the_plot_numbers_layers_over_the_network_as_the_card_does():
     # the circled matches, read through the tick labels, are the card's (network-wide) indices
     matched = [rows[int(y)] for y in second.lines[0].get_ydata()]
     assert matched == pair.alignment[1]
-    assert f"| {pair.model} | {pair.reference} | 1 | {pair.deeper[1]} | {pair.alignment[1]} |" in build_model_card(
-        res
-    ).text
+    assert (
+        f"| {pair.model} | {pair.reference} | 1 | {pair.deeper[1]} | {pair.alignment[1]} |"
+        in build_model_card(res).text
+    )
     bars = [ax for ax in figure.axes if not ax.images]
     assert bars and all("cka cost" in ax.get_ylabel() for ax in bars)
 
