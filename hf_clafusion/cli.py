@@ -367,7 +367,12 @@ def cmd_inspect(args: argparse.Namespace) -> None:
     if (folder / "README.md").is_file():
         print("card metadata:")
         print(yaml.safe_dump(ModelCard.load(folder / "README.md").data.to_dict(), sort_keys=False).rstrip())
-    print(result.summary())  # includes the evaluation and the finetuning history
+    print(result.summary())  # includes the finetuning history
+    if result.evaluation:
+        print("recorded evaluation" + (f" on {result.evaluation_dataset}:" if result.evaluation_dataset else ":"))
+        for row in result.evaluation:
+            marker = "  (this model)" if row.get("fused") else ""
+            print(f"  {row['name']}: accuracy {100 * row['accuracy']:.2f}%, loss {row['loss']:.4f}{marker}")
 
 
 def cmd_demo(args: argparse.Namespace) -> None:

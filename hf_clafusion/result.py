@@ -306,9 +306,6 @@ class FusionResult(_AlignmentMixin):
             lines.append("  BatchNorm statistics recomputed on the calibration data")
         for where, error in self.identity_errors.items():
             lines.append(f"  approximate identity block ({where}): relative error {error:.2%} on the calibration data")
-        for row in self.evaluation:
-            marker = " (this model)" if row.get("fused") else ""
-            lines.append(f"  evaluation: {row['name']}{marker} accuracy {100 * row['accuracy']:.2f}%")
         if self.finetune_history:
             lines.append(f"  finetuned for {len(self.finetune_history)} epoch(s); saved weights: after the last one")
             for record in self.finetune_history:

@@ -326,6 +326,25 @@ def test_inspect_shows_the_finetuning_history(parents, tmp_path, capsys):
     assert "epoch 1: train loss" in out and "epoch 2: train loss" in out and "best eval accuracy" in out
 
 
+def test_inspect_shows_the_recorded_evaluation(parents, tmp_path, capsys):
+    from hf_clafusion import evaluate
+    from hf_clafusion.hub import load_fusion_result
+
+    deep, shallow, data = parents
+    fused = tmp_path / "fused"
+    assert main(["fuse", str(deep), str(shallow), "--data", str(data), "--output", str(fused), "--quiet"]) == 0
+    result = load_fusion_result(fused)
+    x, y = torch.randn(30, 8), torch.randint(0, 3, (30,))
+    result.record_evaluation(evaluate([result.model], (x, y), names=["fused"]), dataset="toy")
+    result.save_pretrained(tmp_path / "evaluated")
+    capsys.readouterr()
+    assert main(["inspect", str(tmp_path / "evaluated")]) == 0
+    out = capsys.readouterr().out
+    row = result.evaluation[0]
+    assert "recorded evaluation on toy:" in out
+    assert f"  fused: accuracy {100 * row['accuracy']:.2f}%, loss {row['loss']:.4f}  (this model)" in out
+
+
 def _bert_folder(folder: Path, layers: int, seed: int) -> Path:
     transformers = pytest.importorskip("transformers")
     from tokenizers import Tokenizer, models, pre_tokenizers
