@@ -28,6 +28,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import time
+import warnings
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -45,6 +46,7 @@ from .errors import (
     AlignmentError,
     CalibrationDataError,
     ClaFusionError,
+    ClaFusionWarning,
     ConfigError,
     IncompatibleModelsError,
     InvalidWeightsError,
@@ -388,6 +390,7 @@ def align_segments(run: Prepared, activations: LayerActivations, *, clock: Stopw
             m, n = run.segments[s].depths[deep], run.segments[s].depths[shallow]
             cost = _segment_cost(run, activations, s, k, ref, deep, shallow)
             mapping = _segment_alignment(run, cost, m, n, s)
+            _warn_if_costs_tie(run.config, cost, m, n, s, k, ref)
             local[(s, k)] = mapping
             pair = by_pair.get((k, ref)) or by_pair.get((ref, k))
             if pair is None:  # reported as (aligned model, the anchor or the other model)
@@ -831,6 +834,23 @@ def _segment_alignment(run: Prepared, cost: torch.Tensor, m: int, n: int, segmen
     if config.alignment == "random":
         return core.random_alignment(m, n, first_fixed=first, last_fixed=last, seed=config.seed + segment)
     return core.align_layers(cost, first_fixed=first, last_fixed=last)
+
+
+def _warn_if_costs_tie(config: FusionConfig, cost: torch.Tensor, m: int, n: int, s: int, k: int, ref: int) -> None:
+    """Warn when every layer cost of a segment that needs an alignment choice is the same: the choice is arbitrary."""
+    if m == n or config.alignment != "cla" or config.layer_cost in ("index", "neuron_count") or cost.numel() < 2:
+        return
+    spread = float(cost.max() - cost.min())
+    if spread <= 1e-6 * max(1.0, float(cost.abs().max())):
+        warnings.warn(
+            f"All layer costs of segment {s} (model {k} vs model {ref}) are equal ({float(cost.flatten()[0]):.4g} "
+            f"over a {m}x{n} matrix), so every alignment costs the same and the one chosen is arbitrary. Check that "
+            "the parents are trained (freshly initialised networks, e.g. timm ResNets whose last BatchNorm in each "
+            "block starts at zero, give the same activations after every block) and that the calibration data "
+            "varies; or choose layer_cost='index'.",
+            ClaFusionWarning,
+            stacklevel=4,
+        )
 
 
 def _template_for(segments: Sequence[SegmentRoles], k: int) -> int:

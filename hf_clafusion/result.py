@@ -63,6 +63,12 @@ def describe_parent(model: nn.Module, index: int) -> dict[str, Any]:
     }
 
 
+def best_epoch(history: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """The finetuning record with the highest ``eval_accuracy`` (the earliest among ties), or None without any."""
+    evaluated = [r for r in history if "eval_accuracy" in r]
+    return max(evaluated, key=lambda r: r["eval_accuracy"]) if evaluated else None
+
+
 class _AlignmentMixin:
     pairs: list[PairAlignment]
 
@@ -92,11 +98,13 @@ class _AlignmentMixin:
         """Heatmaps of the layer cost matrices with the chosen alignment drawn on them; saved when ``path`` is given.
 
         One panel per (pair, segment) with at least one layer to align: rows are the deeper model's layers of the
-        segment, columns the shallower model's.
+        segment, columns the shallower model's. Layers are numbered over the whole network (0-indexed hidden
+        layers), as in :attr:`layer_alignment`, :meth:`summary` and the model card; the colour bar gives the layer
+        cost (``config.layer_cost``; lower means more similar).
         """
         from .plotting import plot_alignment
 
-        costs, alignments, row_labels, column_labels, titles = [], [], [], [], []
+        costs, alignments, row_labels, column_labels, titles, row_starts, column_starts = [], [], [], [], [], [], []
         for pair in self.pairs:
             for s in range(len(pair.alignment)):
                 if pair.costs[s].numel() == 0:
@@ -105,11 +113,22 @@ class _AlignmentMixin:
                 shallow = pair.reference if deep == pair.model else pair.model
                 costs.append(pair.costs[s].detach().cpu().double().numpy())
                 alignments.append(pair.local(s))
+                row_starts.append(pair.offsets[s] if s < len(pair.offsets) else 0)
+                column_starts.append(sum(len(pair.alignment[t]) for t in range(s)))  # one entry per shallow layer
                 row_labels.append(f"model {deep} layer")
-                column_labels.append(f"model {shallow} layer (segment {s})")
+                column_labels.append(f"model {shallow} layer")
                 titles.append(f"segment {s}: cost and alignment")
+        layer_cost = getattr(getattr(self, "config", None), "layer_cost", "layer cost")
         return plot_alignment(
-            costs, alignments, row_labels=row_labels, column_labels=column_labels, titles=titles, path=path
+            costs,
+            alignments,
+            row_labels=row_labels,
+            column_labels=column_labels,
+            titles=titles,
+            row_starts=row_starts,
+            column_starts=column_starts,
+            colorbar_label=f"{layer_cost} cost (lower: more similar)",
+            path=path,
         )
 
 
@@ -298,6 +317,16 @@ class FusionResult(_AlignmentMixin):
             lines.append("  BatchNorm statistics recomputed on the calibration data")
         for where, error in self.identity_errors.items():
             lines.append(f"  approximate identity block ({where}): relative error {error:.2%} on the calibration data")
+        if self.finetune_history:
+            lines.append(f"  finetuned for {len(self.finetune_history)} epoch(s); saved weights: after the last one")
+            for record in self.finetune_history:
+                line = f"    epoch {record.get('epoch')}: train loss {record.get('train_loss', float('nan')):.4f}"
+                if "eval_accuracy" in record:
+                    line += f", eval accuracy {100 * record['eval_accuracy']:.2f}%"
+                lines.append(line)
+            best = best_epoch(self.finetune_history)
+            if best is not None:
+                lines.append(f"    best eval accuracy {100 * best['eval_accuracy']:.2f}% at epoch {best.get('epoch')}")
         total = sum(self.timings.values())
         stages = ", ".join(f"{k} {v:.3f}s" for k, v in self.timings.items())
         lines.append(f"  time {total:.3f}s ({stages})")
@@ -325,8 +354,11 @@ class FusionResult(_AlignmentMixin):
             license: the card's license (default: the parents' license when they all agree).
             datasets: data set ids for the card's metadata.
             model_name: the card's title and ``model-index`` name.
-            processor: the anchor's tokenizer / image processor, saved beside the model (``save_pretrained``) so
-                ``AutoTokenizer.from_pretrained(save_directory)`` works.
+            processor: the tokenizer / image processor saved beside the model (``save_pretrained``) so
+                ``AutoTokenizer.from_pretrained(save_directory)`` works. ``None`` (the default) uses the anchor
+                parent's (or another parent's) for a transformers text or vision model, found in the folder or
+                Hub cache it was loaded from, and raises :class:`~hf_clafusion.SaveError` when there is none;
+                ``False`` saves the model without one.
         """
         from .hub import save_fusion_result
 
@@ -383,4 +415,4 @@ class FusionResult(_AlignmentMixin):
             )
 
 
-__all__ = ["AlignmentPreview", "FusionResult", "PairAlignment"]
+__all__ = ["AlignmentPreview", "FusionResult", "PairAlignment", "best_epoch"]

@@ -154,7 +154,7 @@ def test_finetune_trains_for_the_requested_steps_in_every_data_form(factory, for
 
 def test_saved_fused_model_loads_back_with_the_same_outputs(factory, tmp_path):
     _, _, result = _fused(factory.name)
-    saved = result.save_pretrained(tmp_path / "fused")
+    saved = result.save_pretrained(tmp_path / "fused", processor=False)  # tiny models built in code have no tokenizer
     loaded = hf_clafusion.load_pretrained(saved).eval()
     assert type(loaded) is type(result.model)
     batch = factory.batch(4, seed=3)

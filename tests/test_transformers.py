@@ -315,7 +315,7 @@ def test_deep_shallow_pair_fuses_and_round_trips(family, tmp_path):
         assert "approximate identity block" in result.summary()
     else:
         assert result.identity_errors == {}
-    result.save_pretrained(tmp_path / "fused")
+    result.save_pretrained(tmp_path / "fused", processor=False)  # built in memory: no tokenizer to keep
     auto = {
         "ForSequenceClassification": transformers.AutoModelForSequenceClassification,
         "ForMaskedLM": transformers.AutoModelForMaskedLM,
@@ -542,7 +542,7 @@ def test_bf16_parents_are_aligned_in_float32_and_saved_in_bf16(tmp_path):
     batch = inputs("llama")
     result = fuse([model, twin], batch, EXACT)
     assert next(result.model.parameters()).dtype == torch.float32  # aligned and averaged in float32
-    result.save_pretrained(tmp_path / "fused")
+    result.save_pretrained(tmp_path / "fused", processor=False)  # built in memory: no tokenizer to keep
     reloaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "fused").eval()
     assert next(reloaded.parameters()).dtype == torch.bfloat16
     # a permuted copy fuses back to the original: the saved bf16 weights are the original's, bit for bit
@@ -602,7 +602,7 @@ def test_cross_head_mode_fuses_different_widths(family, tmp_path):
     fused = result.model
     assert type(fused) is type(deep) and fused.config.hidden_size == 32 and fused.config.num_hidden_layers == 4
     assert torch.isfinite(out(fused, batch)).all()
-    result.save_pretrained(tmp_path / "fused")
+    result.save_pretrained(tmp_path / "fused", processor=False)  # built in memory: no tokenizer to keep
     reloaded = type(fused).from_pretrained(tmp_path / "fused").eval()
     assert torch.allclose(out(reloaded, batch), out(fused, batch), atol=1e-5)
 

@@ -46,11 +46,13 @@ from ..errors import (
     CalibrationDataError,
     ClaFusionWarning,
     IncompatibleModelsError,
+    LoadError,
     SaveError,
     UnsupportedArchitectureError,
 )
 from ..spec import AxisRef, Group, LayerSpec, NetworkSpec, RepairPoint, SegmentSpec
 from .base import Adapter, register_adapter
+from .files import check_weight_files
 
 
 SUPPORTED = (
@@ -935,7 +937,7 @@ class TimmAdapter(Adapter):
                 "timm.create_model(name, num_classes=..., layers=/depth=/depths=...) instead of the class constructor."
             )
         try:
-            save_for_hf(model, str(directory), safe_serialization=True)
+            save_for_hf(model, str(directory), safe_serialization=True, model_config={"pretrained_cfg": {"tag": None}})
         except (ValueError, TypeError) as error:
             raise SaveError(f"timm could not write the model's config.json: {error}") from error
 
@@ -955,8 +957,9 @@ class TimmAdapter(Adapter):
         timm = _timm()
         directory = Path(directory)
         if not cls.can_load(directory):
-            raise SaveError(f"{str(directory)!r} has no timm config.json (with an 'architecture' key).")
+            raise LoadError(f"{str(directory)!r} has no timm config.json (with an 'architecture' key).")
         _refuse_pickle(directory, allow_pickle)
+        check_weight_files(directory)
         try:
             model = timm.create_model(f"local-dir:{directory}", pretrained=True)
         except (RuntimeError, OSError, ValueError, KeyError) as error:
@@ -980,14 +983,14 @@ class TimmAdapter(Adapter):
 
 
 def _refuse_pickle(directory: Path, allow_pickle: bool) -> None:
-    """Refuse (``SaveError``) a folder without ``model.safetensors``, unless it holds an opted-in pickle."""
+    """Refuse (``LoadError``) a folder without ``model.safetensors``, unless it holds an opted-in pickle."""
     if (directory / "model.safetensors").is_file():
         return
     pickle = directory / "pytorch_model.bin"
     if not pickle.is_file():
-        raise SaveError(f"No model.safetensors in {str(directory)!r}.")
+        raise LoadError(f"No model.safetensors in {str(directory)!r}.")
     if not allow_pickle:
-        raise SaveError(
+        raise LoadError(
             f"{str(pickle)!r} is a pickle checkpoint; only safetensors are loaded by default. Pass allow_pickle=True "
             "if you trust its source."
         )

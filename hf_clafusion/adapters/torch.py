@@ -33,6 +33,7 @@ from ..core import (
 from ..errors import AlignmentError, DataError, SaveError, UnsupportedArchitectureError
 from ..spec import AxisRef, Group, LayerSpec, NetworkSpec, RepairPoint, SegmentSpec
 from .base import Adapter, register_adapter
+from .files import check_safetensors
 
 
 FORMAT = "hf_clafusion.sequential"
@@ -463,6 +464,7 @@ PICKLE_FILES = ("pytorch_model.bin", "model.pt", "model.pth")
 def load_weights(directory: Path, *, allow_pickle: bool = False) -> dict[str, torch.Tensor]:
     """The state dict of a saved folder: ``model.safetensors``, or an opted-in pickle read with ``weights_only``."""
     if (directory / WEIGHTS_FILE).is_file():
+        check_safetensors(directory / WEIGHTS_FILE)
         return load_file(str(directory / WEIGHTS_FILE))
     pickles = [directory / name for name in PICKLE_FILES if (directory / name).is_file()]
     if not pickles:

@@ -50,6 +50,7 @@ from ..errors import (
 )
 from ..spec import AxisRef, Group, LayerSpec, NetworkSpec, RepairPoint, SegmentSpec
 from .base import Adapter, capture_outputs, register_adapter
+from .files import check_weight_files
 
 
 # --------------------------------------------------------------------------------------------- the registry
@@ -891,6 +892,7 @@ class TransformersAdapter(Adapter):
                 "If you trust it, load it yourself with trust_remote_code=True and pass the model object."
             )
         safetensors = any(directory.glob("*.safetensors"))
+        check_weight_files(directory)
         if not safetensors and not allow_pickle:
             raise SaveError(
                 f"{str(directory)!r} holds no safetensors weights; pickle checkpoints can run arbitrary code when "
