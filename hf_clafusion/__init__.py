@@ -28,6 +28,7 @@ from .errors import (
     InvalidWeightsError,
     LoadError,
     SaveError,
+    TrainingDivergedError,
     UnsupportedArchitectureError,
 )
 from .evaluation import EvaluationReport, evaluate
@@ -54,6 +55,7 @@ __all__ = [
     "InvalidWeightsError",
     "LoadError",
     "SaveError",
+    "TrainingDivergedError",
     "UnsupportedArchitectureError",
     "__version__",
     "align",

@@ -48,6 +48,10 @@ class AlignmentError(ClaFusionError, RuntimeError):
     """A layer-alignment request cannot be satisfied (for example an infeasible first/last constraint)."""
 
 
+class TrainingDivergedError(ClaFusionError, RuntimeError):
+    """Finetuning produced a non-finite loss; every process stopped at the same step."""
+
+
 class SaveError(ClaFusionError, OSError):
     """Saving a model failed, the target folder is not usable, or pushing it to the Hub failed."""
 

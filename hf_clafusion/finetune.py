@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import math
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,7 +26,7 @@ from tqdm.auto import tqdm
 from .adapters import get_adapter
 from .config import FinetuneConfig
 from .data import LabelledData, check_input_dtype, check_labels, labelled_dataset, move_to, split_batch
-from .errors import ConfigError
+from .errors import ClaFusionWarning, ConfigError, TrainingDivergedError
 
 
 STATE_FILE = "trainer_state.json"
@@ -33,10 +34,15 @@ STATE_FILE = "trainer_state.json"
 
 @dataclass
 class FinetuneResult:
-    """The finetuned model (the input model, trained in place) and one metrics record per epoch."""
+    """The finetuned model (the input model, trained in place) and one metrics record per epoch.
+
+    ``initial_evaluation`` is the evaluation of the model before training (with an ``eval_dataset``, when not
+    resuming), the reference of the accuracy-drop warning.
+    """
 
     model: nn.Module
     history: list[dict[str, Any]] = field(default_factory=list)
+    initial_evaluation: dict[str, float] | None = None
 
 
 def distillation_loss(
@@ -46,13 +52,18 @@ def distillation_loss(
     *,
     alpha: float,
     temperature: float,
+    scaling: str = "batchmean",
 ) -> torch.Tensor:
     """Knowledge-distillation loss ``alpha * T^2 * KL(p_teacher || p_student) + (1 - alpha) * CE(student, labels)``.
 
-    ``p = softmax(logits / T)``; with several teachers (an ensemble of parents) ``p_teacher`` is the mean of
-    their softmax outputs. The KL term is averaged over the batch (``reduction="batchmean"``). Note that the
-    official CLAFusion scripts use ``nn.KLDivLoss()`` with its default ``reduction="mean"``, which also divides
-    by the number of classes.
+    ``p = softmax(logits / T)``. Two scalings of the KL term:
+
+    - ``"batchmean"`` (default): summed over the ``C`` classes and averaged over the batch
+      (``F.kl_div(..., reduction="batchmean")``, the true KL divergence per sample); with several teachers (an
+      ensemble of parents) ``p_teacher`` is the mean of their softmax outputs.
+    - ``"official"``: the official CLAFusion scripts' ``nn.KLDivLoss()`` (``reduction="mean"``), which also
+      divides by ``C``, with the teachers' *logits* averaged before the softmax. The same ``T`` is then ``C``
+      times weaker, which is why their ``T = 20`` trains there but diverges with ``"batchmean"``.
 
     Args:
         student_logits (`Tensor` of shape `(B, C)`).
@@ -60,14 +71,26 @@ def distillation_loss(
         labels (`Tensor` of shape `(B,)`).
         alpha (`float`): weight of the distillation term, in [0, 1].
         temperature (`float`): softmax temperature ``T``.
+        scaling (`str`): ``"batchmean"`` or ``"official"``.
 
     Returns:
         A scalar tensor.
+
+    Reference:
+        Hinton, Vinyals & Dean, "Distilling the Knowledge in a Neural Network", 2015 (the ``T^2`` factor).
     """
     teachers = [teacher_logits] if isinstance(teacher_logits, torch.Tensor) else list(teacher_logits)
-    target = torch.stack([(t.float() / temperature).softmax(-1) for t in teachers]).mean(0)
     log_student = F.log_softmax(student_logits.float() / temperature, dim=-1)
-    kl = F.kl_div(log_student, target, reduction="batchmean")
+    if scaling == "official":
+        target = (torch.stack([t.float() for t in teachers]).mean(0) / temperature).softmax(-1)
+        kl = F.kl_div(log_student, target, reduction="sum") / target.numel()  # KLDivLoss(reduction="mean")
+    elif scaling == "batchmean":
+        target = torch.stack([(t.float() / temperature).softmax(-1) for t in teachers]).mean(0)
+        kl = F.kl_div(log_student, target, reduction="batchmean")
+    else:
+        raise ConfigError(
+            f"Invalid distillation `scaling`: {scaling!r}. Choose 'batchmean' or 'official'.", field="distill_scaling"
+        )
     return alpha * temperature**2 * kl + (1.0 - alpha) * F.cross_entropy(student_logits.float(), labels.long())
 
 
@@ -185,7 +208,12 @@ def _loss(run: _Training, inputs: Any, labels: torch.Tensor, config: FinetuneCon
     with torch.no_grad():
         teacher_logits = [_forward(run, t, inputs) for t in run.teachers]
     return distillation_loss(
-        logits, teacher_logits, labels, alpha=config.distill_alpha, temperature=config.distill_temperature
+        logits,
+        teacher_logits,
+        labels,
+        alpha=config.distill_alpha,
+        temperature=config.distill_temperature,
+        scaling=config.distill_scaling,
     )
 
 
@@ -221,6 +249,7 @@ def _train_epoch(
             check_labels(labels, run.num_classes, "training")
         with accelerator.accumulate(model):
             loss = _loss(run, inputs, labels, config)
+            _stop_if_diverged(run, loss, config, epoch, global_step)
             accelerator.backward(loss)
             if config.grad_clip is not None and accelerator.sync_gradients:
                 accelerator.clip_grad_norm_(model.parameters(), config.grad_clip)
@@ -239,6 +268,43 @@ def _train_epoch(
                 break
     totals = accelerator.reduce(torch.stack([loss_sum, seen]), reduction="sum")
     return float(totals[0] / totals[1].clamp_min(1)), global_step, batch_index, stop
+
+
+def _stop_if_diverged(run: _Training, loss: torch.Tensor, config: FinetuneConfig, epoch: int, step: int) -> None:
+    """Raise :class:`TrainingDivergedError` on every process at once when any process's loss is not finite.
+
+    The processes agree through one all-reduce per batch, so no process is left waiting in a collective for
+    one that stopped.
+    """
+    bad = torch.tensor([0.0 if bool(torch.isfinite(loss.detach()).all()) else 1.0], device=run.accelerator.device)
+    if float(run.accelerator.reduce(bad, reduction="sum")[0]) == 0:
+        return
+    knobs = f"`lr` ({config.lr:g})"
+    if run.teachers:
+        knobs += f" or `distill_temperature` ({config.distill_temperature:g}, scaling {config.distill_scaling!r})"
+    raise TrainingDivergedError(
+        f"The training loss became non-finite ({float(loss.detach()):g} on this process) at optimiser step "
+        f"{step + 1}, epoch {epoch + 1}; training stopped on every process. Lower {knobs}, or set `grad_clip` "
+        "(e.g. 1.0)."
+    )
+
+
+def _warn_if_collapsed(initial: dict[str, float] | None, record: dict[str, Any], config: FinetuneConfig, run) -> None:
+    """Warn when evaluation accuracy fell below half of what the model had before training."""
+    if initial is None or "eval_accuracy" not in record or initial["eval_accuracy"] <= 0:
+        return
+    if record["eval_accuracy"] < 0.5 * initial["eval_accuracy"]:
+        knobs = f"`lr` ({config.lr:g})"
+        if run.teachers:
+            knobs += f" and `distill_temperature` ({config.distill_temperature:g})"
+        warnings.warn(
+            ClaFusionWarning(
+                f"Evaluation accuracy fell from {initial['eval_accuracy']:.4f} before training to "
+                f"{record['eval_accuracy']:.4f} after epoch {record['epoch']}: training is destroying the model. "
+                f"Lower {knobs}."
+            ),
+            stacklevel=3,
+        )
 
 
 @torch.no_grad()
@@ -300,6 +366,10 @@ def finetune(
     Raises:
         DataError: empty split, missing label column, labels outside the model's classes, unsupported form.
         ConfigError: invalid configuration (unknown optimiser, unsupported mixed precision, ...).
+        TrainingDivergedError: the loss became NaN or infinite (every process stops at the same step).
+
+    Warns:
+        ClaFusionWarning: evaluation accuracy after an epoch fell below half of the accuracy before training.
 
     Example:
         ```py
@@ -325,6 +395,9 @@ def finetune(
         state = _resume(run.accelerator, config)
     history: list[dict[str, Any]] = state["history"]
     global_step = state["global_step"]
+    initial = None
+    if run.eval_loader is not None and config.resume_from is None:
+        initial = _evaluate(run, config)
     for epoch in range(state["epoch"], config.epochs):
         skip = state["batch_in_epoch"] if epoch == state["epoch"] else 0
         train_loss, global_step, batch_index, stop = _train_epoch(run, config, epoch, skip, global_step, history)
@@ -336,6 +409,7 @@ def finetune(
         }
         if run.eval_loader is not None:
             record.update(_evaluate(run, config))
+            _warn_if_collapsed(initial, record, config, run)
         history.append(record)
         if config.log_with:
             run.accelerator.log({k: v for k, v in record.items() if k != "epoch"}, step=global_step)
@@ -348,7 +422,7 @@ def finetune(
     if config.log_with:
         run.accelerator.end_training()
     run.accelerator.wait_for_everyone()
-    return FinetuneResult(run.accelerator.unwrap_model(run.model).eval(), history)
+    return FinetuneResult(run.accelerator.unwrap_model(run.model).eval(), history, initial)
 
 
 def _check_process_state() -> None:
