@@ -1,3 +1,4 @@
+import re
 import subprocess
 import sys
 
@@ -32,6 +33,9 @@ def test_quick_demo_runs_end_to_end(tmp_path, capsys):
     for row in ("deep parent", "shallow parent", "ensemble", "CLAFusion + finetune", "chain mapping"):
         assert row in out
     for name in ("mlp", "cnn"):
+        assert re.search(
+            rf"^{name}: one-shot CLAFusion is \d+\.\d\d points (above|below) the chain-mapping", out, re.M
+        )
         assert (tmp_path / name / "model.safetensors").exists()
         assert (tmp_path / name / "alignment.png").exists()
 
