@@ -76,8 +76,12 @@ def resolve_mode(
 ) -> str | tuple[str, ...] | None:
     """The repair mode to run, others checked against the family; ``"auto"`` resolved for this model.
 
-    ``"auto"`` gives ``("bn", "repair")`` for a model with a real BatchNorm and repair points: both are tried and
-    the one whose predictions agree best with the parents' ensemble is kept (:func:`repair_fused`).
+    ``"auto"`` gives ``("bn", "repair")`` for a model with a real BatchNorm and repair points, and
+    ``(None, "repair")`` for a model with repair points and no real BatchNorm: each candidate is tried and the one
+    whose predictions agree best with the parents' ensemble on the data is kept (:func:`repair_fused`; ties keep
+    the first). Without BatchNorm the comparison with no repair matters: where layers have no bias the
+    correction is scale-only and cannot move the means, and on the paper's bias-free MLP pair it costs about 2.6
+    points (``docs/benchmarks.md``).
 
     Raises:
         UnsupportedArchitectureError: ``"repair"`` for a model whose adapter gives no repair points.
@@ -97,7 +101,7 @@ def resolve_mode(
     if real_bn:
         return ("bn", "repair") if spec.repair_points else "bn"
     if spec.repair_points:
-        return "repair"
+        return (None, "repair")
     warnings.warn(
         f"repair='auto': {spec.family} models of this architecture have no BatchNorm to recompute and no REPAIR "
         "support yet, so the fused model's statistics are not repaired.",
@@ -138,7 +142,7 @@ def repair_fused(
         `RepairOutcome`: the resolved mode and what was done.
     """
     resolved = resolve_mode(mode, fused, parents, specs[anchor])
-    if isinstance(resolved, tuple):  # "auto" on a BatchNorm net: keep the mode whose predictions agree best
+    if isinstance(resolved, tuple):  # "auto": keep the candidate whose predictions agree best with the ensemble
         with torch.no_grad():
             ensemble = _predictions(parents, batches, adapter, weights)
             trials = []
@@ -158,7 +162,7 @@ def repair_fused(
                 )
                 agreement = float((_predictions([trial], batches, adapter, [1.0]) == ensemble).float().mean())
                 trials.append((agreement, -len(trials), outcome, trial))
-            _, _, outcome, best = max(trials, key=lambda t: t[:2])  # ties: the first candidate ("bn")
+            _, _, outcome, best = max(trials, key=lambda t: t[:2])  # ties: the first candidate
             fused.load_state_dict(best.state_dict())
         return outcome
     if resolved is None:
