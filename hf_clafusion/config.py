@@ -207,11 +207,11 @@ class FusionConfig(_DictMixin):
     )
     reg: float = field(default=0.05, metadata={"help": "Sinkhorn regularisation, relative to the maximum cost."})
     plan_normalization: PlanNormalization = field(
-        default="two_sided",
+        default="column",
         metadata={
-            "help": "`two_sided`: `R = n_A T` on output axes, `S = n_B T` on input axes (exact for widened copies). "
-            "`column`: the official code's column-normalised plan `R` on both axes (exact only for equal "
-            "widths)."
+            "help": "`column`: the column-normalised plan `R = n_A T` on output and input axes (the official code's; "
+            "measured best when widths differ, see docs/benchmarks.md). `two_sided`: `R` on output axes, "
+            "`S = n_B T` on input axes (exact for copies widened by neuron duplication). Equal widths: the same."
         },
     )
     weights: tuple[float, ...] | None = field(

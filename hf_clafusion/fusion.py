@@ -13,14 +13,14 @@ elsewhere, and a :class:`Stopwatch` records the seconds of each stage under a fi
 4. :func:`balance_depths` (``balancing``): identity layers into the shallower model
    (:func:`balance_identity`) or the deeper one's unmatched layers merged (:func:`balance_merge`);
 5. :func:`collect_group_statistics` (``activations_groups``): activation statistics of every alignment group
-   of the balanced models, one pass per model, for ``ground_metric="activations"``;
+   of the balanced models, one pass per model, for ``ground_metric="activations"`` or ``"correlation"``;
 6. :func:`transport_to_anchor` (``transport``): a transport plan per group, applied to every axis of the
    group (:mod:`hf_clafusion.core.transport`);
 7. :func:`average` then :func:`load_fused` (``averaging``): the weighted average with the anchor, produced
    tensor by tensor and only then loaded into a copy of the balanced anchor;
-8. :func:`repair_statistics` (``bn_reset``): the statistics step after averaging. Today it recomputes
-   BatchNorm statistics (``reset_bn_stats``); it is the seam for REPAIR-style corrections, and receives
-   everything those need.
+8. :func:`repair_statistics` (``bn_reset`` or ``repair``): the statistics step after averaging
+   (``FusionConfig.repair``: BatchNorm recomputation or REPAIR corrections folded into the weights,
+   :mod:`hf_clafusion.repair`).
 """
 
 from __future__ import annotations

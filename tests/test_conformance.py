@@ -23,7 +23,7 @@ from .families import FACTORIES, FORMS, NUM_SAMPLES, Factory, labelled_forms, lo
 
 
 CONFIG = FusionConfig(progress=False, num_samples=NUM_SAMPLES, batch_size=NUM_SAMPLES)
-EXACT = CONFIG.replace(reset_bn_stats=False)
+EXACT = CONFIG.replace(repair=None)
 BY_NAME = {f.name: f for f in FACTORIES}
 
 

@@ -460,7 +460,7 @@ def test_fuse_with_correlation_costs_returns_the_original_for_a_permuted_copy():
 
     model = cnn([6, 6, "M", 8, "M"], hidden_fc=[16], bn=True, seed=2).eval()
     x = torch.rand(64, 1, 8, 8)
-    config = FusionConfig(progress=False, reset_bn_stats=False, ground_metric="correlation")
+    config = FusionConfig(progress=False, repair=None, ground_metric="correlation")
     result = fuse([model, permuted_copy(model, seed=5)], x, config)
     assert "ground metric correlation" in result.summary()
     assert torch.allclose(result.model(x), model(x), atol=1e-4)

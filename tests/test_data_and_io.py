@@ -26,7 +26,7 @@ from hf_clafusion.adapters import get_adapter
 from ._models import cnn, max_rel_error, mlp
 
 
-CONFIG = FusionConfig(progress=False, reset_bn_stats=False, num_samples=64)
+CONFIG = FusionConfig(progress=False, repair=None, num_samples=64)
 
 
 @pytest.fixture

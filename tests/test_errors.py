@@ -194,7 +194,7 @@ def test_the_choice_lists_come_from_the_literal_aliases():
     assert field_choices(FusionConfig)["layer_cost"] == FusionConfig.LAYER_COSTS
     assert field_choices(FinetuneConfig)["mixed_precision"] == typing.get_args(config_module.MixedPrecision)
     assert describe_choices(FusionConfig)["anchor"] == "'deepest', 'shallowest' or a model index >= 0"
-    assert set(field_choices(FinetuneConfig)) == {"optimizer", "scheduler", "mixed_precision"}
+    assert set(field_choices(FinetuneConfig)) == {"optimizer", "scheduler", "mixed_precision", "distill_scaling"}
 
 
 def test_models_built_from_different_layer_types_are_refused():

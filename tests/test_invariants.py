@@ -9,7 +9,8 @@ from hf_clafusion.adapters import get_adapter
 from ._models import cnn, max_rel_error, mlp, permuted_copy, randomize_bn, widened_mlp
 
 
-EXACT = FusionConfig(reset_bn_stats=False, progress=False)
+# Exact invariants: no statistics repair, and the two-sided rescaling that is exact for widened copies.
+EXACT = FusionConfig(repair=None, plan_normalization="two_sided", progress=False)
 
 
 def _insert(model, layouts, template):

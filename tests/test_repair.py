@@ -136,11 +136,21 @@ def test_a_permuted_copy_fuses_back_to_the_original_with_every_repair_mode(famil
     assert result.config.repair in ("bn", "repair", None)
 
 
-def test_auto_resolves_by_batchnorm_and_the_resolved_mode_is_saved(tmp_path):
-    without = fuse([mlp(6, [8], 3, seed=0), mlp(6, [8], 3, seed=1)], torch.rand(64, 6), progress=False)
-    assert (without.config.repair, without.bn_reset) == ("repair", False)
-    without.save_pretrained(tmp_path)
-    assert json.loads((tmp_path / "fusion_config.json").read_text())["config"]["repair"] == "repair"
+def test_auto_without_batchnorm_keeps_no_repair_or_repair_whichever_agrees_best_and_saves_it(tmp_path):
+    x = torch.rand(64, 6, generator=torch.Generator().manual_seed(0))
+    models = [mlp(6, [8, 8], 3, seed=0), mlp(6, [8], 3, seed=1)]
+    config = FusionConfig(progress=False, num_samples=64)
+    with torch.no_grad():
+        ensemble = sum(m.eval()(x) for m in models).argmax(-1)
+        agreement = {}
+        for mode in (None, "repair"):
+            fused = fuse(models, x, config, repair=mode).model
+            agreement[mode] = float((fused(x).argmax(-1) == ensemble).float().mean())
+        auto = fuse(models, x, config)
+    best = None if agreement[None] >= agreement["repair"] else "repair"  # ties keep the unrepaired model
+    assert (auto.config.repair, auto.bn_reset) == (best, False)
+    auto.save_pretrained(tmp_path, processor=False)
+    assert json.loads((tmp_path / "fusion_config.json").read_text())["config"]["repair"] == best
 
 
 def test_auto_on_a_batchnorm_net_keeps_the_mode_that_agrees_best_with_the_parents_ensemble():
@@ -179,8 +189,9 @@ def test_identity_batchnorms_stay_identities():
     norms = [m for m in result.model.modules() if isinstance(m, nn.BatchNorm2d)]
     assert norms and all(is_identity_batchnorm(m.weight, m.bias, m.running_mean, m.running_var, m.eps) for m in norms)
     assert not result.bn_reset
-    # with no real BatchNorm, "auto" repairs the statistics instead
-    assert fuse(models, x, progress=False).config.repair == "repair"
+    # identity BatchNorms are not real BatchNorms: "auto" does not consider recomputing them
+    auto = fuse(models, x, progress=False)
+    assert auto.config.repair in (None, "repair") and not auto.bn_reset
 
 
 def test_repair_raises_one_shot_accuracy_of_a_trained_mlp_pair(digits):
@@ -193,8 +204,8 @@ def test_repair_raises_one_shot_accuracy_of_a_trained_mlp_pair(digits):
         repaired = fuse([deep, shallow], x, config, repair="repair").model
         plain = fuse([deep, shallow], x, config, repair=None).model
         gains.append(accuracy(repaired, x_test, y_test) - accuracy(plain, x_test, y_test))
-    # measured: +7 to +15 points over 4 seeds
-    assert min(gains) > 0.03, gains
+    # measured: +2.3 and +3.3 points with the default column rescaling (+7 to +15 with two_sided)
+    assert min(gains) > 0.01, gains
 
 
 # --------------------------------------------------------------------------------------------- config

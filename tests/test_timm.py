@@ -33,7 +33,7 @@ from hf_clafusion.hub import load_pretrained  # noqa: E402
 from ._models import max_rel_error, permutation_matrix, permuted_copy, randomize_bn  # noqa: E402
 
 
-EXACT = FusionConfig(reset_bn_stats=False, progress=False, num_samples=32, batch_size=32)
+EXACT = FusionConfig(repair=None, progress=False, num_samples=32, batch_size=32)
 SIZE = 16  # ConvNeXt (stride 32 overall) gets 32x32 images
 
 

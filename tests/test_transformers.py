@@ -30,7 +30,7 @@ def _one_thread():
     torch.set_num_threads(threads)
 
 
-EXACT = FusionConfig(progress=False, reset_bn_stats=False, num_samples=16, batch_size=8)
+EXACT = FusionConfig(progress=False, repair=None, num_samples=16, batch_size=8)
 VOCAB = 96
 
 # ----------------------------------------------------------------------------------------------- tiny models
