@@ -72,7 +72,7 @@ def identity_batchnorms(models: Sequence[nn.Module]) -> set[str]:
 
 
 def resolve_mode(
-    mode: str | None, fused: nn.Module, parents: Sequence[nn.Module], spec: NetworkSpec
+    mode: str | None, fused: nn.Module, parents: Sequence[nn.Module], spec: NetworkSpec, *, auto_repair: bool = True
 ) -> str | tuple[str, ...] | None:
     """The repair mode to run, others checked against the family; ``"auto"`` resolved for this model.
 
@@ -81,7 +81,8 @@ def resolve_mode(
     whose predictions agree best with the parents' ensemble on the data is kept (:func:`repair_fused`; ties keep
     the first). Without BatchNorm the comparison with no repair matters: where layers have no bias the
     correction is scale-only and cannot move the means, and on the paper's bias-free MLP pair it costs about 2.6
-    points (``docs/benchmarks.md``).
+    points (``docs/benchmarks.md``). Families whose adapter sets ``auto_repair = False`` (transformers: REPAIR
+    is slow there and not measured to help) resolve to ``"bn"`` or None.
 
     Raises:
         UnsupportedArchitectureError: ``"repair"`` for a model whose adapter gives no repair points.
@@ -98,10 +99,13 @@ def resolve_mode(
     real_bn = any(
         isinstance(m, nn.modules.batchnorm._BatchNorm) and name not in keep for name, m in fused.named_modules()
     )
+    points = bool(spec.repair_points) and auto_repair
     if real_bn:
-        return ("bn", "repair") if spec.repair_points else "bn"
-    if spec.repair_points:
+        return ("bn", "repair") if points else "bn"
+    if points:
         return (None, "repair")
+    if spec.repair_points:  # the family opted out of automatic REPAIR
+        return None
     warnings.warn(
         f"repair='auto': {spec.family} models of this architecture have no BatchNorm to recompute and no REPAIR "
         "support yet, so the fused model's statistics are not repaired.",
@@ -141,7 +145,7 @@ def repair_fused(
     Returns:
         `RepairOutcome`: the resolved mode and what was done.
     """
-    resolved = resolve_mode(mode, fused, parents, specs[anchor])
+    resolved = resolve_mode(mode, fused, parents, specs[anchor], auto_repair=type(adapter).auto_repair)
     if isinstance(resolved, tuple):  # "auto": keep the candidate whose predictions agree best with the ensemble
         with torch.no_grad():
             ensemble = _predictions(parents, batches, adapter, weights)

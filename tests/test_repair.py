@@ -308,3 +308,13 @@ def test_transformers_permuted_copy_fuses_back_with_repair_and_identity_blocks_t
     # at the middle block (an identity in the shallow model) the branch outputs get the deep model's statistics
     for index in [i for i, p in enumerate(points) if ".1." in p.capture and p.group == "residual"]:
         torch.testing.assert_close(fused_stats[index].std, deep_stats[index].std, rtol=1e-3, atol=1e-5)
+
+
+def test_auto_leaves_transformers_to_an_explicit_repair():
+    pytest.importorskip("transformers")
+    from .test_transformers import inputs, make
+
+    deep, shallow, batch = make("gpt2", 3, seed=0), make("gpt2", 1, seed=1), inputs("gpt2", 16)
+    result = fuse([deep, shallow], batch, progress=False, num_samples=16)
+    assert result.config.repair is None and "repair" not in result.timings  # TransformersAdapter.auto_repair
+    assert fuse([deep, shallow], batch, progress=False, num_samples=16, repair="repair").config.repair == "repair"

@@ -31,6 +31,9 @@ class Adapter(ABC):
     """
 
     name: ClassVar[str]
+    #: Whether ``FusionConfig(repair="auto")`` considers REPAIR for this family (its spec has repair points and
+    #: the correction was measured to help). ``repair="repair"`` runs it either way.
+    auto_repair: ClassVar[bool] = True
 
     @classmethod
     @abstractmethod
