@@ -23,10 +23,12 @@ from .errors import (
     ClaFusionError,
     ClaFusionWarning,
     ConfigError,
+    DataError,
     IncompatibleModelsError,
     InvalidWeightsError,
     LoadError,
     SaveError,
+    TrainingDivergedError,
     UnsupportedArchitectureError,
 )
 from .evaluation import EvaluationReport, evaluate
@@ -43,6 +45,7 @@ __all__ = [
     "ClaFusionError",
     "ClaFusionWarning",
     "ConfigError",
+    "DataError",
     "EvaluationReport",
     "FinetuneConfig",
     "FinetuneResult",
@@ -52,6 +55,7 @@ __all__ = [
     "InvalidWeightsError",
     "LoadError",
     "SaveError",
+    "TrainingDivergedError",
     "UnsupportedArchitectureError",
     "__version__",
     "align",

@@ -1,9 +1,10 @@
 """The ``hf-clafusion`` command line (the only argument parser in the package).
 
-Subcommands: ``fuse``, ``finetune``, ``push``, ``inspect``, ``demo``. YAML configs map one-to-one to
+Subcommands: ``fuse``, ``finetune``, ``evaluate``, ``push``, ``inspect``, ``demo``. YAML configs map one-to-one to
 :class:`~hf_clafusion.FusionConfig` / :class:`~hf_clafusion.FinetuneConfig` (unknown keys are rejected with the
 list of valid ones). Exit codes: 0 success, 2 usage error (bad arguments or configuration), 1 any other
-failure, reported in one line on stderr (``--debug`` shows the traceback).
+failure (any error, including a missing optional package), reported in one line on stderr (``--debug`` shows the
+traceback).
 """
 
 from __future__ import annotations
@@ -23,6 +24,8 @@ EPILOG = """examples:
   hf-clafusion fuse ./deep ./shallow --data ./my_dataset --split train --config fusion.yaml --output ./fused
   hf-clafusion fuse ./a ./b --data ./calib.safetensors --set solver=sinkhorn --set reg=0.05 --output ./fused
   hf-clafusion finetune ./fused --data ./my_dataset --split train --eval-split validation --output ./fused-ft
+  hf-clafusion finetune ./fused --data ./train.safetensors --eval-fraction 0.1 --output ./fused-ft
+  hf-clafusion evaluate ./fused-ft ./deep ./shallow --data ./my_dataset --split test
   hf-clafusion inspect ./fused
   hf-clafusion push ./fused me/fused-mlp --private    # token from `hf auth login` or HF_TOKEN
 """
@@ -63,32 +66,57 @@ def _config_dict(path: str | None, assignments: list[str]) -> dict[str, Any]:
     return data
 
 
-def load_data(source: str, *, split: str | None, column: str | None = None) -> Any:
-    """Calibration or training data from the command line.
+def _split_keys(tensors: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    splits: dict[str, dict[str, Any]] = {}
+    for key, tensor in tensors.items():
+        name, sep, field_ = key.rpartition("/")
+        if sep and field_ in ("inputs", "labels"):
+            splits.setdefault(name, {})[field_] = tensor
+    return splits
 
-    A ``.safetensors`` file gives its tensors (``inputs``/``labels`` keys, or its only tensor); a folder written
-    by ``Dataset.save_to_disk`` is loaded with ``load_from_disk``; anything else goes to
-    ``datasets.load_dataset(source, split=split)`` (local data files, or a Hub id when the network allows).
+
+def load_data(source: str, *, split: str | None, column: str | None = None) -> Any:
+    """Calibration, training or evaluation data from the command line.
+
+    A ``.safetensors`` file gives its tensors: ``inputs`` (and ``labels``), or its only tensor; or, for a file
+    with splits, ``<split>/inputs`` and ``<split>/labels`` (e.g. ``train/inputs``, ``validation/labels``) selected
+    by ``split`` (default ``train``). A folder written by ``Dataset.save_to_disk`` is loaded with
+    ``load_from_disk``; anything else goes to ``datasets.load_dataset(source, split=split)`` (local data files, or a
+    Hub id when the network allows).
     """
     path = Path(source).expanduser()
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
 
+        from .adapters.files import check_safetensors
+
         if not path.is_file():
             raise CalibrationDataError(f"Data file not found: {source!r}.")
+        check_safetensors(path)
         tensors = load_file(str(path))
+        splits = _split_keys(tensors)
+        if splits:
+            name = split or "train"
+            if name not in splits or "inputs" not in splits[name]:
+                raise CalibrationDataError(
+                    f"{source!r} has no split {name!r} (no {name + '/inputs'!r} tensor); its splits are "
+                    f"{sorted(splits)}. Choose one with --split / --eval-split."
+                )
+            chosen = splits[name]
+            return (chosen["inputs"], chosen["labels"]) if "labels" in chosen else chosen["inputs"]
         if "inputs" in tensors:
             return (tensors["inputs"], tensors["labels"]) if "labels" in tensors else tensors["inputs"]
         if len(tensors) == 1:
             return next(iter(tensors.values()))
         raise CalibrationDataError(
-            f"{source!r} holds tensors {sorted(tensors)}; name them 'inputs' (and 'labels') or keep only one."
+            f"{source!r} holds tensors {sorted(tensors)}; name them 'inputs' (and 'labels'), or "
+            "'<split>/inputs' and '<split>/labels' for several splits, or keep only one."
         )
     try:
         import datasets
     except ImportError:
         raise CalibrationDataError(
-            f"Loading {source!r} needs the datasets library: pip install 'hf-clafusion[datasets]'."
+            f"Loading {source!r} needs the datasets library: pip install -e '.[datasets]' from the checkout."
         ) from None
     if (
         (path / "dataset_info.json").is_file()
@@ -115,18 +143,113 @@ def load_data(source: str, *, split: str | None, column: str | None = None) -> A
     return loaded.with_format("torch")
 
 
+def has_split(source: str, split: str) -> bool:
+    """Whether ``source`` (a ``.safetensors`` file or a ``save_to_disk`` folder) holds the named split."""
+    path = Path(source).expanduser()
+    if path.suffix == ".safetensors" and path.is_file():
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as handle:
+            return f"{split}/inputs" in set(handle.keys())
+    if (path / "dataset_dict.json").is_file():
+        return split in json.loads((path / "dataset_dict.json").read_text()).get("splits", [])
+    return True  # a Hub id or data files: datasets.load_dataset reports a missing split itself
+
+
+def hold_out(data: Any, fraction: float, seed: int) -> tuple[Any, Any]:
+    """Split ``(inputs, labels)`` tensors or a dataset into training and held-out parts (seeded, shuffled)."""
+    import torch
+
+    if not 0.0 < fraction < 1.0:
+        raise UsageError(f"--eval-fraction must be between 0 and 1 (exclusive), got {fraction}.")
+    if hasattr(data, "train_test_split"):
+        parts = data.train_test_split(test_size=fraction, seed=seed)
+        return parts["train"], parts["test"]
+    inputs, labels = data
+    count = labels.shape[0]
+    held = max(1, round(count * fraction))
+    if held >= count:
+        raise UsageError(f"--eval-fraction {fraction} leaves no training rows out of {count}.")
+    order = torch.randperm(count, generator=torch.Generator().manual_seed(seed))
+    train, evaluation = order[held:], order[:held]
+    return (inputs[train], labels[train]), (inputs[evaluation], labels[evaluation])
+
+
+def tokenize_text(
+    data: Any, model: Any, folder: Path, *, input_column: str | None, label_column: str, max_length: int
+) -> tuple[Any, bool]:
+    """Tokenize a dataset's raw-text input column with the tokenizer saved in ``folder`` (or beside the model).
+
+    Returns the data (unchanged when it holds no text) and whether it was tokenized; the tokenized dataset has the
+    tokenizer's columns (``input_ids``, ``attention_mask``...) and the label column.
+
+    Raises:
+        CalibrationDataError: raw text but no tokenizer, or several text columns and no ``--input-column``.
+    """
+    if not hasattr(data, "features"):
+        return data, False
+    texts = [
+        name
+        for name, feature in data.features.items()
+        if name != label_column and getattr(feature, "dtype", None) in ("string", "large_string")
+    ]
+    if input_column is not None:
+        texts = [input_column] if input_column in texts else []
+    if not texts:
+        return data, False
+    if len(texts) > 1:
+        raise CalibrationDataError(
+            f"The dataset has several text columns {texts}; choose the model input with --input-column."
+        )
+    from .hub import find_processor
+
+    name = getattr(getattr(model, "config", None), "_name_or_path", None)
+    tokenizer = find_processor(model, [str(folder)] + ([name] if name else []))
+    if tokenizer is None or not callable(tokenizer):
+        raise CalibrationDataError(
+            f"The column {texts[0]!r} holds raw text, and no tokenizer was found in {str(folder)!r}. Save the "
+            "tokenizer into the model folder (tokenizer.save_pretrained(folder)), or tokenize the dataset first."
+        )
+    column = texts[0]
+    keep = {label_column}
+    positions = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+    if isinstance(positions, int) and positions > 0:
+        max_length = min(max_length, positions)  # never longer than the model can read
+
+    def encode(batch: dict[str, Any]) -> dict[str, Any]:
+        return tokenizer(batch[column], truncation=True, padding="max_length", max_length=max_length)
+
+    encoded = data.with_format(None).map(
+        encode, batched=True, remove_columns=[c for c in data.column_names if c not in keep]
+    )
+    return encoded.with_format("torch"), True
+
+
+def _load_model(folder: Path) -> tuple[Any, Any]:
+    """``(FusionResult or None, model)`` of a saved folder."""
+    from .hub import FUSION_CONFIG_FILE, load_fusion_result, load_pretrained
+
+    if (folder / FUSION_CONFIG_FILE).is_file():
+        result = load_fusion_result(folder)
+        return result, result.model
+    return None, load_pretrained(folder)
+
+
 def cmd_fuse(args: argparse.Namespace) -> None:
     from .api import fuse_pretrained
     from .config import FusionConfig
+    from .hub import check_target
 
     config = FusionConfig.from_dict({"progress": not args.quiet, **_config_dict(args.config, args.set)})
+    check_target(args.output, args.overwrite)  # before the (long) fusion, not after it
     data = load_data(args.data, split=args.split, column=args.input_column)
     if isinstance(data, tuple):
         data = data[0]
     if args.input_column is not None and hasattr(data, "select_columns"):
         data = data.select_columns([args.input_column])
     result = fuse_pretrained(args.parents, data, config)
-    folder = result.save_pretrained(args.output, overwrite=args.overwrite, license=args.license)
+    processor = False if args.no_processor else None
+    folder = result.save_pretrained(args.output, overwrite=args.overwrite, license=args.license, processor=processor)
     print(result.summary())
     print(f"saved to {folder}")
     if args.push_to:
@@ -138,38 +261,81 @@ def cmd_fuse(args: argparse.Namespace) -> None:
 def cmd_finetune(args: argparse.Namespace) -> None:
     from .config import FinetuneConfig
     from .finetune import finetune
-    from .hub import FUSION_CONFIG_FILE, folder_license, load_fusion_result, load_pretrained, save_model
+    from .hub import check_target, folder_license, save_model
 
+    check_target(args.output, args.overwrite)  # before training
+    if args.eval_split is not None and args.eval_fraction is not None:
+        raise UsageError("Pass --eval-split or --eval-fraction, not both.")
+    if args.eval_split is not None and not has_split(args.data, args.eval_split):
+        raise UsageError(
+            f"{args.data!r} has no split {args.eval_split!r}. A .safetensors file holds splits as "
+            f"'{args.eval_split}/inputs' and '{args.eval_split}/labels' tensors; or hold out part of the training "
+            "data with --eval-fraction 0.1."
+        )
+    source = Path(args.model)
+    result, model = _load_model(source)
+    train = load_data(args.data, split=args.split)
+    evaluation = None if args.eval_split is None else load_data(args.data, split=args.eval_split)
+    if not isinstance(train, (tuple, list)) and not hasattr(train, "column_names"):
+        raise CalibrationDataError(
+            f"{args.data!r} holds inputs without labels; finetuning needs 'inputs' and 'labels' tensors."
+        )
+    if args.eval_fraction is not None:
+        train, evaluation = hold_out(train, args.eval_fraction, args.seed)
+    tokenize = dict(input_column=args.input_column, label_column=args.label_column, max_length=args.max_length)
+    train, tokenized = tokenize_text(train, model, source, **tokenize)
+    if evaluation is not None:
+        evaluation, _ = tokenize_text(evaluation, model, source, **tokenize)
     config = FinetuneConfig.from_dict(
         {
             "progress": not args.quiet,
-            "input_column": args.input_column,
+            "input_column": None if tokenized else args.input_column,
             "label_column": args.label_column,
             **_config_dict(args.config, args.set),
         }
     )
-    if args.eval_split is not None and Path(args.data).suffix == ".safetensors":
-        raise UsageError("--eval-split needs a dataset with splits; a .safetensors file has none.")
-    train = load_data(args.data, split=args.split)
-    if not isinstance(train, tuple) and train is not None and not hasattr(train, "column_names"):
-        raise CalibrationDataError(
-            f"{args.data!r} holds inputs without labels; finetuning needs 'inputs' and 'labels'."
-        )
-    evaluation = None if args.eval_split is None else load_data(args.data, split=args.eval_split)
-    source = Path(args.model)
-    fused = (source / FUSION_CONFIG_FILE).is_file()
-    result = load_fusion_result(source) if fused else None
-    model = result.model if fused else load_pretrained(source)
     trained = finetune(model, train, evaluation, config)
     for record in trained.history:
         print(json.dumps(record))
+    processor = False if args.no_processor else None
     if result is not None:
         result.record_finetune(trained)
         license_ = args.license or folder_license(source)
-        folder = result.save_pretrained(args.output, overwrite=args.overwrite, license=license_)
+        folder = result.save_pretrained(args.output, overwrite=args.overwrite, license=license_, processor=processor)
     else:
-        folder = save_model(trained.model, args.output, overwrite=args.overwrite)
+        name = getattr(getattr(model, "config", None), "_name_or_path", None)
+        folder = save_model(
+            trained.model, args.output, overwrite=args.overwrite, processor=processor, sources=[str(source), name]
+        )
     print(f"saved to {folder}")
+
+
+def cmd_evaluate(args: argparse.Namespace) -> None:
+    from .evaluation import evaluate
+
+    models = [_load_model(Path(folder))[1] for folder in args.models]
+    data = load_data(args.data, split=args.split)
+    if not isinstance(data, (tuple, list)) and not hasattr(data, "column_names"):
+        raise CalibrationDataError(
+            f"{args.data!r} holds inputs without labels; evaluation needs 'inputs' and 'labels' tensors."
+        )
+    data, _ = tokenize_text(
+        data,
+        models[0],
+        Path(args.models[0]),
+        input_column=args.input_column,
+        label_column=args.label_column,
+        max_length=args.max_length,
+    )
+    report = evaluate(
+        models,
+        data,
+        names=list(args.models),
+        ensemble=len(models) > 1,
+        label_column=args.label_column,
+        batch_size=args.batch_size,
+    )
+    print(report)
 
 
 def cmd_push(args: argparse.Namespace) -> None:
@@ -195,11 +361,18 @@ def cmd_inspect(args: argparse.Namespace) -> None:
     from .hub import load_fusion_result
 
     folder = Path(args.folder)
+    if not folder.is_dir():
+        raise UsageError(f"No such folder: {args.folder!r}. Pass a folder written by hf-clafusion fuse / finetune.")
     result = load_fusion_result(folder)
     if (folder / "README.md").is_file():
         print("card metadata:")
         print(yaml.safe_dump(ModelCard.load(folder / "README.md").data.to_dict(), sort_keys=False).rstrip())
-    print(result.summary())
+    print(result.summary())  # includes the finetuning history
+    if result.evaluation:
+        print("recorded evaluation" + (f" on {result.evaluation_dataset}:" if result.evaluation_dataset else ":"))
+        for row in result.evaluation:
+            marker = "  (this model)" if row.get("fused") else ""
+            print(f"  {row['name']}: accuracy {100 * row['accuracy']:.2f}%, loss {row['loss']:.4f}{marker}")
 
 
 def cmd_demo(args: argparse.Namespace) -> None:
@@ -244,6 +417,11 @@ def build_parser() -> argparse.ArgumentParser:
     fuse.add_argument("--license", default=None, help="license for the model card")
     fuse.add_argument("--push-to", default=None, metavar="REPO_ID", help="also push to this Hub repository")
     fuse.add_argument("--private", action="store_true", help="create the Hub repository as private")
+    fuse.add_argument(
+        "--no-processor",
+        action="store_true",
+        help="save a transformers model without the anchor parent's tokenizer / image processor",
+    )
     fuse.add_argument("--quiet", action="store_true", help="no progress bars")
     fuse.set_defaults(handler=cmd_fuse)
 
@@ -255,10 +433,31 @@ def build_parser() -> argparse.ArgumentParser:
     )
     finetune.add_argument("model", help="a folder saved by hf_clafusion")
     finetune.add_argument("--data", required=True, help=".safetensors file (inputs, labels), dataset folder or id")
-    finetune.add_argument("--split", default="train")
-    finetune.add_argument("--eval-split", default=None, help="held-out split evaluated after each epoch")
+    finetune.add_argument("--split", default="train", help="training split (a dataset's, or a .safetensors file's)")
+    finetune.add_argument(
+        "--eval-split",
+        default=None,
+        help="held-out split evaluated after each epoch (in a .safetensors file: the SPLIT/inputs, SPLIT/labels tensors)",
+    )
+    finetune.add_argument(
+        "--eval-fraction",
+        type=float,
+        default=None,
+        metavar="F",
+        help="instead of --eval-split: hold out this fraction of the training data (seeded by --seed)",
+    )
+    finetune.add_argument("--seed", type=int, default=0, help="seed of --eval-fraction's split")
     finetune.add_argument("--input-column", default=None)
     finetune.add_argument("--label-column", default="label")
+    finetune.add_argument(
+        "--max-length",
+        type=int,
+        default=128,
+        help="tokens per text (raw-text datasets, tokenized with the model's tokenizer)",
+    )
+    finetune.add_argument(
+        "--no-processor", action="store_true", help="save a transformers model without its tokenizer / image processor"
+    )
     finetune.add_argument("--config", default=None, help="YAML file with FinetuneConfig fields")
     finetune.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     finetune.add_argument("--output", required=True)
@@ -277,6 +476,23 @@ def build_parser() -> argparse.ArgumentParser:
     push.add_argument("--create-pr", action="store_true", help="open a pull request instead of committing")
     push.add_argument("--message", default=None, help="commit message")
     push.set_defaults(handler=cmd_push)
+
+    evaluate = commands.add_parser(
+        "evaluate",
+        help="accuracy of saved models on labelled data",
+        description="Load one or more saved models and print their accuracy and loss on labelled data (with the "
+        "prediction ensemble when several are given). Raw text is tokenized with the first model's tokenizer.",
+        epilog=EPILOG,
+        formatter_class=formatter,
+    )
+    evaluate.add_argument("models", nargs="+", help="model folders (saved by hf_clafusion, timm or transformers)")
+    evaluate.add_argument("--data", required=True, help=".safetensors file (inputs, labels), dataset folder or id")
+    evaluate.add_argument("--split", default="test", help="the split to evaluate (default: test)")
+    evaluate.add_argument("--input-column", default=None)
+    evaluate.add_argument("--label-column", default="label")
+    evaluate.add_argument("--max-length", type=int, default=128, help="tokens per text (raw-text datasets)")
+    evaluate.add_argument("--batch-size", type=int, default=256)
+    evaluate.set_defaults(handler=cmd_evaluate)
 
     inspect = commands.add_parser("inspect", help="print a saved fused model's card data and alignment")
     inspect.add_argument("folder")
@@ -305,14 +521,30 @@ def main(argv: list[str] | None = None) -> int:
     try:
         args.handler(args)
         return 0
-    except ClaFusionError as error:
-        if args.debug:
-            raise
-        print(f"hf-clafusion: error: {error}", file=sys.stderr)
-        return 2 if isinstance(error, (UsageError, ConfigError)) else 1
     except KeyboardInterrupt:
         print("hf-clafusion: interrupted", file=sys.stderr)
         return 130
+    except Exception as error:  # every failure is one line on stderr; --debug shows the traceback
+        if args.debug:
+            raise
+        print(f"hf-clafusion: error: {error_line(error)}", file=sys.stderr)
+        return 2 if isinstance(error, (UsageError, ConfigError)) else 1
+
+
+def error_line(error: BaseException) -> str:
+    """The one-line message the command line prints for ``error``."""
+    text = " ".join(str(error).split())
+    if isinstance(error, ClaFusionError):
+        return text
+    if isinstance(error, ImportError):
+        return (
+            f"a package this command needs is missing ({text or type(error).__name__}). Install the matching "
+            "extra; from a checkout: pip install -e '.[timm]', '.[transformers]' or '.[datasets]'."
+        )
+    return (
+        f"unexpected {type(error).__name__}: {text}. Rerun with --debug (hf-clafusion --debug ...) for the "
+        "traceback, and report it if the input looks right."
+    )
 
 
 if __name__ == "__main__":

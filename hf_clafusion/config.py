@@ -15,6 +15,7 @@ import dataclasses
 import functools
 import types
 import typing
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal
 
@@ -27,13 +28,15 @@ Balancing = Literal["identity", "merge"]
 Unmatched = Literal["average", "transplant", "identity"]
 ReluApprox = Literal["sum", "majority", "avg"]
 Anchor = Literal["deepest", "shallowest"]
-GroundMetric = Literal["activations", "weights"]
-Solver = Literal["emd", "sinkhorn", "permutation"]
+GroundMetric = Literal["activations", "correlation", "weights"]
+Solver = Literal["emd", "sinkhorn", "permutation", "auto"]
+Repair = Literal["auto", "bn", "repair"]
 PlanNormalization = Literal["two_sided", "column"]
 AttentionAlignment = Literal["heads", "cross_head"]
 Optimizer = Literal["sgd", "adam", "adamw"]
 Scheduler = Literal["none", "multistep", "cosine"]
 MixedPrecision = Literal["no", "fp16", "bf16"]
+DistillScaling = Literal["batchmean", "official"]
 
 
 def _literal_values(annotation: Any) -> tuple[Any, ...]:
@@ -199,24 +202,26 @@ class FusionConfig(_DictMixin):
     ground_metric: GroundMetric = field(
         default="activations",
         metadata={
-            "help": "Neuron cost for optimal transport: `activations` (RMS distance of activations) or `weights` "
-            "(distance between weight rows)."
+            "help": "Neuron cost for optimal transport: `activations` (RMS distance of activations), "
+            "`correlation` (RMS distance of z-scored activations, sqrt(2 (1 - rho)), as REPAIR and ZipIt! use; "
+            "invariant to each neuron's scale and shift) or `weights` (distance between weight rows)."
         },
     )
     solver: Solver = field(
-        default="emd",
+        default="auto",
         metadata={
-            "help": "Transport solver: `emd` (exact), `sinkhorn` (entropic, log-domain) or `permutation` (linear "
-            "assignment; equal widths only)."
+            "help": "Transport solver: `auto` (exact: a linear assignment for equal widths, EMD otherwise; "
+            "`summary()` says which ran), `emd` (exact network simplex), `sinkhorn` (entropic, log-domain, only "
+            "when asked for) or `permutation` (linear assignment; equal widths only)."
         },
     )
     reg: float = field(default=0.05, metadata={"help": "Sinkhorn regularisation, relative to the maximum cost."})
     plan_normalization: PlanNormalization = field(
-        default="two_sided",
+        default="column",
         metadata={
-            "help": "`two_sided`: `R = n_A T` on output axes, `S = n_B T` on input axes (exact for widened copies). "
-            "`column`: the official code's column-normalised plan `R` on both axes (exact only for equal "
-            "widths)."
+            "help": "`column`: the column-normalised plan `R = n_A T` on output and input axes (the official code's; "
+            "measured best when widths differ, see docs/benchmarks.md). `two_sided`: `R` on output axes, "
+            "`S = n_B T` on input axes (exact for copies widened by neuron duplication). Equal widths: the same."
         },
     )
     weights: tuple[float, ...] | None = field(
@@ -235,9 +240,23 @@ class FusionConfig(_DictMixin):
             "be on one device)."
         },
     )
-    reset_bn_stats: bool = field(
-        default=True,
-        metadata={"help": "Recompute BatchNorm running statistics of the fused model on the calibration data."},
+    repair: Repair | None = field(
+        default="auto",
+        metadata={
+            "help": "Statistics repair of the fused model: `bn` (recompute BatchNorm running statistics), "
+            "`repair` (REPAIR: per-channel affine corrections folded into the weights so every pre-activation and "
+            "residual branch output has the parents' aligned mean and std), None (none, as the official code), or "
+            "`auto` (models with real BatchNorms: `bn` or `repair`, whichever agrees best with the parents' "
+            "ensemble on the data; others: `repair`; the resolved value is saved)."
+        },
+    )
+    repair_samples: int | None = field(
+        default=None,
+        metadata={"help": "Samples of the calibration data used for statistics repair; None = the num_samples used."},
+    )
+    reset_bn_stats: bool | None = field(
+        default=None,
+        metadata={"help": "Deprecated alias of `repair`: True -> `repair='bn'`, False -> `repair=None`."},
     )
     progress: bool = field(default=True, metadata={"help": "Show tqdm progress bars."})
     attention: AttentionAlignment = field(
@@ -269,8 +288,23 @@ class FusionConfig(_DictMixin):
     SOLVERS: ClassVar[tuple[str, ...]] = typing.get_args(Solver)
     PLAN_NORMALIZATIONS: ClassVar[tuple[str, ...]] = typing.get_args(PlanNormalization)
     ATTENTION: ClassVar[tuple[str, ...]] = typing.get_args(AttentionAlignment)
+    REPAIRS: ClassVar[tuple[str | None, ...]] = (*typing.get_args(Repair), None)
 
     def __post_init__(self) -> None:
+        if self.reset_bn_stats is not None:  # deprecated alias, kept so saved configs still load
+            if not isinstance(self.reset_bn_stats, bool):
+                raise ConfigError(
+                    f"Invalid value for `reset_bn_stats`: {self.reset_bn_stats!r}. It is a deprecated boolean; "
+                    "use repair='bn' (True) or repair=None (False) instead.",
+                    field="reset_bn_stats",
+                )
+            warnings.warn(
+                "FusionConfig.reset_bn_stats is deprecated; use repair='bn' (for True) or repair=None (for False).",
+                DeprecationWarning,
+                stacklevel=3,
+            )
+            object.__setattr__(self, "repair", "bn" if self.reset_bn_stats else None)
+            object.__setattr__(self, "reset_bn_stats", None)
         for name in field_choices(FusionConfig):
             if name != "anchor":  # a choice or a model index, checked below
                 _check_choice(self, name)
@@ -280,6 +314,8 @@ class FusionConfig(_DictMixin):
         _check_int("num_samples", self.num_samples, 1)
         _check_int("batch_size", self.batch_size, 1)
         _check_int("seed", self.seed, 0)
+        if self.repair_samples is not None:
+            _check_int("repair_samples", self.repair_samples, 1)
         if isinstance(self.anchor, bool) or not (
             self.anchor in typing.get_args(Anchor) or (isinstance(self.anchor, int) and self.anchor >= 0)
         ):
@@ -306,7 +342,7 @@ class FusionConfig(_DictMixin):
         1 - linear CKA (Gram form) on 200 samples (activation seed 21), start_layer_idx s = 2 and
         free_end_layers f = 1 (first_fixed=1, last_fixed=1), identity layers inserted into the shallow model,
         activation ground metric sqrt(||a - b||^2 / N), exact EMD, the column-normalised plan applied on both
-        axes, fused onto the *shallow* model's widths. Differences that remain (the output layer is never
+        axes, fused onto the *shallow* model's widths, no statistics repair (no BatchNorm recomputation). Differences that remain (the output layer is never
         OT-aligned here; identity layers are never inserted before the input) are listed in
         ``docs/differences.md``.
         """
@@ -322,6 +358,7 @@ class FusionConfig(_DictMixin):
             plan_normalization="column",
             num_samples=200,
             seed=21,
+            repair=None,
         )
         base.update(overrides)
         return cls(**base)
@@ -377,7 +414,20 @@ class FinetuneConfig(_DictMixin):
         metadata={"help": "With `teacher=`: weight of the distillation term, `alpha * T^2 * KL + (1 - alpha) * CE`."},
     )
     distill_temperature: float = field(
-        default=20.0, metadata={"help": "With `teacher=`: the temperature `T` (the official scripts use 20)."}
+        default=2.0,
+        metadata={
+            "help": "With `teacher=`: the temperature `T`. 2 trains stably with the default SGD on every benchmark "
+            "pair; the official scripts' 20 is only stable with their `official` scaling "
+            "(`FinetuneConfig.official_distillation()`)."
+        },
+    )
+    distill_scaling: DistillScaling = field(
+        default="batchmean",
+        metadata={
+            "help": "With `teacher=`: `batchmean` (KL summed over classes, averaged over the batch; the teachers' "
+            "probabilities averaged) or `official` (the official scripts: `KLDivLoss(reduction='mean')`, which also "
+            "divides by the number of classes, and the teachers' logits averaged)."
+        },
     )
     log_with: tuple[str, ...] = field(
         default=(), metadata={"help": "Accelerate trackers to log the per-epoch metrics to, e.g. `['tensorboard']`."}
@@ -430,12 +480,34 @@ class FinetuneConfig(_DictMixin):
             raise ConfigError(f"Invalid value for `grad_clip`: {self.grad_clip!r}. Use a number > 0 or None.")
         object.__setattr__(self, "milestones", tuple(int(m) for m in self.milestones))
 
+    @classmethod
+    def official_distillation(cls, **overrides: Any) -> FinetuneConfig:
+        """The official CLAFusion scripts' distillation: ``T = 20`` with their loss scaling (opt-in).
+
+        ``KLDivLoss(reduction="mean")`` divides the KL term by the number of classes as well as the batch, and
+        several teachers' logits are averaged before the softmax. With ``distill_scaling="batchmean"`` (the
+        default) the same ``T = 20`` is ``C`` times stronger and diverges with SGD at lr 0.01; see
+        ``docs/finetuning.md``. SGD with momentum 0.9 and weight decay 5e-4 at lr 0.01, as their teacher-student
+        runs.
+        """
+        base: dict[str, Any] = dict(
+            optimizer="sgd",
+            lr=0.01,
+            momentum=0.9,
+            weight_decay=5e-4,
+            distill_temperature=20.0,
+            distill_scaling="official",
+        )
+        base.update(overrides)
+        return cls(**base)
+
 
 __all__ = [
     "AlignmentMethod",
     "Anchor",
     "AttentionAlignment",
     "Balancing",
+    "DistillScaling",
     "FinetuneConfig",
     "FusionConfig",
     "GroundMetric",
@@ -444,6 +516,7 @@ __all__ = [
     "Optimizer",
     "PlanNormalization",
     "ReluApprox",
+    "Repair",
     "Scheduler",
     "Solver",
     "describe_choices",

@@ -236,7 +236,25 @@ def run_demo(
             name, deep, shallow, data, output, seed, finetune_epochs=1 if quick else 5, dataset_name=dataset
         )
     print(format_table(tables, dataset))
+    print(verdict(tables))
     return tables
+
+
+def verdict(tables: dict) -> str:
+    """One line per pair: how the fused model compares with the baselines the table shows, said plainly."""
+    lines = []
+    for name, rows in tables.items():
+        acc = {row: 100 * value for row, value in rows}
+        best = max(acc["deep parent"], acc["shallow parent"])
+        one_shot = acc["CLAFusion"] - acc["chain mapping (baseline)"]
+        tuned = acc["CLAFusion + finetune"] - best
+        lines.append(
+            f"{name}: one-shot CLAFusion is {abs(one_shot):.2f} points {'above' if one_shot >= 0 else 'below'} the "
+            f"chain-mapping baseline; after finetuning it is {abs(tuned):.2f} points "
+            f"{'above' if tuned >= 0 else 'below'} the better parent (which was not finetuned here: "
+            "benchmarks/bench_quality.py gives every model the same finetuning budget)."
+        )
+    return "\n".join(lines)
 
 
 def format_table(tables: dict, dataset: str) -> str:

@@ -36,12 +36,20 @@ class InvalidWeightsError(ClaFusionError, ValueError):
     """A model's parameters contain NaN or infinite values."""
 
 
-class CalibrationDataError(ClaFusionError, ValueError):
+class DataError(ClaFusionError, ValueError):
+    """Calibration, training or evaluation data is empty, malformed, or not in a supported form (docs/data.md)."""
+
+
+class CalibrationDataError(DataError):
     """The calibration data is empty, too small, or not in a supported format."""
 
 
 class AlignmentError(ClaFusionError, RuntimeError):
     """A layer-alignment request cannot be satisfied (for example an infeasible first/last constraint)."""
+
+
+class TrainingDivergedError(ClaFusionError, RuntimeError):
+    """Finetuning produced a non-finite loss; every process stopped at the same step."""
 
 
 class SaveError(ClaFusionError, OSError):
@@ -66,6 +74,7 @@ __all__ = [
     "ClaFusionError",
     "ClaFusionWarning",
     "ConfigError",
+    "DataError",
     "IncompatibleModelsError",
     "InvalidWeightsError",
     "LoadError",

@@ -10,9 +10,9 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from ._data import labelled_batches, move_to
 from .adapters import get_adapter
-from .errors import CalibrationDataError, IncompatibleModelsError
+from .data import check_input_dtype, check_labels, labelled_batches, move_to
+from .errors import IncompatibleModelsError
 
 
 @dataclass
@@ -55,19 +55,25 @@ def evaluate(
     names: Sequence[str] | None = None,
     ensemble: bool = True,
     label_column: str | None = None,
+    input_column: str | None = None,
     batch_size: int = 256,
+    processor: Any = None,
 ) -> EvaluationReport:
     """Accuracy and cross-entropy of each model, and of their prediction ensemble (mean of softmax outputs).
 
     Args:
         models: one model or a list (parents, the fused model...). Models are evaluated in eval mode, on their
             own device.
-        data: ``(inputs, labels)`` tensors, an iterable of such pairs (a DataLoader), or a ``datasets.Dataset``
-            with a label column.
+        data: labelled data in any form of the table in docs/data.md: ``(inputs, labels)`` (inputs a tensor or a
+            dict of tensors, labels a tensor or a list of ints), a dict with a label key, a DataLoader (or any
+            iterable) of pairs or of labelled dicts, or a ``datasets`` split with a label column.
         names: a display name per model (default ``model 0``, ``model 1``...).
         ensemble: add a row for the prediction ensemble of all models (when there are 2 or more).
-        label_column: the label column of a dataset (default: ``label`` / ``labels`` / ...).
-        batch_size: batch size when ``data`` is a pair of tensors or a dataset.
+        label_column: the label column / key (default: ``label`` / ``labels`` / ``y`` / ``target`` / ``targets``).
+        input_column: the input column of a dataset or dict (default: every non-label column).
+        batch_size: batch size when ``data`` is held in memory (a pair, a dict, a dataset).
+        processor: a tokenizer / image processor for raw inputs (``(texts, labels)``, ``(images, labels)``), read
+            by the first model's adapter (``Adapter.prepare_data``); with ``None`` the parents' own is looked up.
 
     Returns:
         `EvaluationReport`: one row per model (+ ``ensemble``); ``print()`` it for a table.
@@ -84,8 +90,13 @@ def evaluate(
     names = list(names) if names is not None else [f"model {i}" for i in range(len(models))]
     if len(names) != len(models):
         raise IncompatibleModelsError(f"Got {len(names)} names for {len(models)} models; give one name per model.")
-    batches = labelled_batches(data, batch_size=batch_size, label_column=label_column)
     adapters = [get_adapter(m) for m in models]
+    data = _prepare_raw(data, adapters[0], models, processor)
+    batches = labelled_batches(
+        data, batch_size=batch_size, label_column=label_column, input_column=input_column, what="evaluation"
+    )
+    for model in models:
+        check_input_dtype(batches[0][0], model, "evaluation")
     correct = [0] * (len(models) + 1)
     loss = [0.0] * (len(models) + 1)
     total = 0
@@ -97,13 +108,9 @@ def evaluate(
             probs = []
             for i, (model, adapter) in enumerate(zip(models, adapters)):
                 device = next(model.parameters()).device
-                args, kwargs = adapter.model_inputs(move_to(inputs, device))
+                args, kwargs = adapter.model_inputs(model, move_to(inputs, device))
                 logits = adapter.logits(model(*args, **kwargs)).float().cpu()
-                if labels.numel() and (labels.max() >= logits.shape[-1] or labels.min() < 0):
-                    raise CalibrationDataError(
-                        f"Labels must be in [0, {logits.shape[-1] - 1}] for a model with {logits.shape[-1]} outputs, "
-                        f"got values in [{int(labels.min())}, {int(labels.max())}]."
-                    )
+                check_labels(labels, logits.shape[-1], "evaluation")
                 loss[i] += float(F.cross_entropy(logits, labels.long(), reduction="sum"))
                 correct[i] += int((logits.argmax(-1) == labels).sum())
                 probs.append(logits.softmax(-1))
@@ -120,6 +127,17 @@ def evaluate(
     if ensemble and len(models) > 1:
         report.append(EvaluationRow("ensemble", correct[-1] / total, loss[-1] / total, total))
     return report
+
+
+def _prepare_raw(data: Any, adapter, models: list[nn.Module], processor: Any) -> Any:
+    """Raw inputs of an ``(inputs, labels)`` pair (texts, images) through the adapter's ``prepare_data``."""
+    raw = data[0] if isinstance(data, tuple) and len(data) == 2 else None
+    first = raw[0] if isinstance(raw, list) and raw else raw
+    if isinstance(first, str) or type(first).__module__.startswith("PIL"):
+        inputs = adapter.prepare_data(data[0], models, processor, None)
+        if inputs is not data[0]:
+            return inputs, data[1]
+    return data
 
 
 __all__ = ["EvaluationReport", "EvaluationRow", "evaluate"]

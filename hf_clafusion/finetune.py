@@ -2,15 +2,17 @@
 
 The same code runs on one CPU, several CPU processes (gloo), one or many GPUs and several machines: start it
 with ``python script.py`` or ``accelerate launch script.py``; the device comes from the environment (e.g.
-``ACCELERATE_USE_CPU=1``), never from this module. Data are ``datasets`` splits (with the model's
-preprocessing applied through the dataset's transform), ``(inputs, labels)`` tensors, or a DataLoader.
+``ACCELERATE_USE_CPU=1``), never from this module. Data come in any labelled form of docs/data.md (read by
+:mod:`hf_clafusion.data`): ``datasets`` splits (preprocessing through the split's transform), ``(inputs, labels)``,
+a torch Dataset, or a DataLoader of pairs or labelled dicts.
 """
 
 from __future__ import annotations
 
 import json
 import math
-from collections.abc import Mapping, Sequence
+import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -18,13 +20,13 @@ from typing import Any
 import torch
 from torch import nn
 from torch.nn import functional as F
-from torch.utils.data import DataLoader, Dataset, TensorDataset
+from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
-from ._data import _is_dataset, move_to
 from .adapters import get_adapter
 from .config import FinetuneConfig
-from .errors import CalibrationDataError, ConfigError
+from .data import LabelledData, check_input_dtype, check_labels, labelled_dataset, move_to, split_batch
+from .errors import ClaFusionWarning, ConfigError, TrainingDivergedError
 
 
 STATE_FILE = "trainer_state.json"
@@ -32,10 +34,15 @@ STATE_FILE = "trainer_state.json"
 
 @dataclass
 class FinetuneResult:
-    """The finetuned model (the input model, trained in place) and one metrics record per epoch."""
+    """The finetuned model (the input model, trained in place) and one metrics record per epoch.
+
+    ``initial_evaluation`` is the evaluation of the model before training (with an ``eval_dataset``, when not
+    resuming), the reference of the accuracy-drop warning.
+    """
 
     model: nn.Module
     history: list[dict[str, Any]] = field(default_factory=list)
+    initial_evaluation: dict[str, float] | None = None
 
 
 def distillation_loss(
@@ -45,13 +52,18 @@ def distillation_loss(
     *,
     alpha: float,
     temperature: float,
+    scaling: str = "batchmean",
 ) -> torch.Tensor:
     """Knowledge-distillation loss ``alpha * T^2 * KL(p_teacher || p_student) + (1 - alpha) * CE(student, labels)``.
 
-    ``p = softmax(logits / T)``; with several teachers (an ensemble of parents) ``p_teacher`` is the mean of
-    their softmax outputs. The KL term is averaged over the batch (``reduction="batchmean"``). Note that the
-    official CLAFusion scripts use ``nn.KLDivLoss()`` with its default ``reduction="mean"``, which also divides
-    by the number of classes.
+    ``p = softmax(logits / T)``. Two scalings of the KL term:
+
+    - ``"batchmean"`` (default): summed over the ``C`` classes and averaged over the batch
+      (``F.kl_div(..., reduction="batchmean")``, the true KL divergence per sample); with several teachers (an
+      ensemble of parents) ``p_teacher`` is the mean of their softmax outputs.
+    - ``"official"``: the official CLAFusion scripts' ``nn.KLDivLoss()`` (``reduction="mean"``), which also
+      divides by ``C``, with the teachers' *logits* averaged before the softmax. The same ``T`` is then ``C``
+      times weaker, which is why their ``T = 20`` trains there but diverges with ``"batchmean"``.
 
     Args:
         student_logits (`Tensor` of shape `(B, C)`).
@@ -59,91 +71,30 @@ def distillation_loss(
         labels (`Tensor` of shape `(B,)`).
         alpha (`float`): weight of the distillation term, in [0, 1].
         temperature (`float`): softmax temperature ``T``.
+        scaling (`str`): ``"batchmean"`` or ``"official"``.
 
     Returns:
         A scalar tensor.
+
+    Reference:
+        Hinton, Vinyals & Dean, "Distilling the Knowledge in a Neural Network", 2015 (the ``T^2`` factor).
     """
     teachers = [teacher_logits] if isinstance(teacher_logits, torch.Tensor) else list(teacher_logits)
-    target = torch.stack([(t.float() / temperature).softmax(-1) for t in teachers]).mean(0)
     log_student = F.log_softmax(student_logits.float() / temperature, dim=-1)
-    kl = F.kl_div(log_student, target, reduction="batchmean")
+    if scaling == "official":
+        target = (torch.stack([t.float() for t in teachers]).mean(0) / temperature).softmax(-1)
+        kl = F.kl_div(log_student, target, reduction="sum") / target.numel()  # KLDivLoss(reduction="mean")
+    elif scaling == "batchmean":
+        target = torch.stack([(t.float() / temperature).softmax(-1) for t in teachers]).mean(0)
+        kl = F.kl_div(log_student, target, reduction="batchmean")
+    else:
+        raise ConfigError(
+            f"Invalid distillation `scaling`: {scaling!r}. Choose 'batchmean' or 'official'.", field="distill_scaling"
+        )
     return alpha * temperature**2 * kl + (1.0 - alpha) * F.cross_entropy(student_logits.float(), labels.long())
 
 
 # ------------------------------------------------------------------------------------------------- data
-
-
-class _ColumnDataset(Dataset):
-    """A ``datasets`` split as ``(inputs, label)`` items; the split's own transform does the preprocessing."""
-
-    def __init__(self, split: Any, input_column: str | None, label_column: str):
-        if label_column not in split.column_names:
-            raise CalibrationDataError(
-                f"The dataset has no label column {label_column!r} (columns: {split.column_names}). Set "
-                "`label_column` in FinetuneConfig."
-            )
-        self.split, self.input_column, self.label_column = split, input_column, label_column
-
-    def __len__(self) -> int:
-        return len(self.split)
-
-    def __getitem__(self, index: int):
-        return _split_row(self.split[int(index)], self.input_column, self.label_column)
-
-    def labels(self) -> torch.Tensor | None:
-        try:  # the raw column, without the split's transform
-            raw = self.split.select_columns([self.label_column]).with_format(None)
-            return torch.as_tensor(raw[:][self.label_column])
-        except Exception:
-            return None
-
-
-def _split_row(row: Mapping, input_column: str | None, label_column: str) -> tuple[Any, torch.Tensor]:
-    """``{inputs..., label}`` -> ``(inputs, label)``: one input column gives a tensor, several a dict."""
-    if label_column not in row:
-        raise CalibrationDataError(f"A batch has no label column {label_column!r} (keys: {sorted(row)}).")
-    names = [input_column] if input_column is not None else [k for k in row if k != label_column]
-    missing = [n for n in names if n not in row]
-    if missing or not names:
-        raise CalibrationDataError(
-            f"Input column(s) {missing or names} not found (keys: {sorted(row)}). Set `input_column` in FinetuneConfig."
-        )
-    values = {n: torch.as_tensor(row[n]) for n in names}
-    return (values[names[0]] if len(names) == 1 else values), torch.as_tensor(row[label_column])
-
-
-def _as_dataset(data: Any, config: FinetuneConfig, what: str) -> Dataset | DataLoader:
-    if isinstance(data, DataLoader):
-        return data
-    if _is_dataset(data):
-        dataset: Dataset = _ColumnDataset(data, config.input_column, config.label_column)
-        labels = dataset.labels()
-    elif isinstance(data, (tuple, list)) and len(data) == 2 and all(isinstance(t, torch.Tensor) for t in data):
-        inputs, labels = data
-        if inputs.shape[0] != labels.shape[0]:
-            raise CalibrationDataError(f"The {what} data has {inputs.shape[0]} inputs but {labels.shape[0]} labels.")
-        dataset = TensorDataset(inputs, labels)
-    elif isinstance(data, Dataset):
-        dataset, labels = data, None
-    else:
-        raise CalibrationDataError(
-            f"Unsupported {what} data of type {type(data).__name__}: pass a datasets split, (inputs, labels) "
-            "tensors, a torch Dataset of (inputs, label) items, or a DataLoader."
-        )
-    if len(dataset) == 0:
-        raise CalibrationDataError(f"The {what} data is empty: the split has no rows.")
-    if labels is not None and labels.numel() and int(labels.min()) < 0:
-        raise CalibrationDataError(f"The {what} labels must be >= 0, got {int(labels.min())}.")
-    dataset.max_label = None if labels is None else int(labels.max())  # type: ignore[attr-defined]
-    return dataset
-
-
-def _check_labels(labels: torch.Tensor, num_classes: int, what: str) -> None:
-    if labels.numel() and (int(labels.max()) >= num_classes or int(labels.min()) < 0):
-        raise CalibrationDataError(
-            f"The {what} labels lie in [{int(labels.min())}, {int(labels.max())}] but the model has {num_classes} "
-            f"outputs (classes 0-{num_classes - 1}). Check the label column or the model's classifier."
-        )
 
 
 def _loader(data: Dataset | DataLoader, batch_size: int, shuffle: bool) -> DataLoader:
@@ -176,38 +127,199 @@ def _scheduler(optimizer, config: FinetuneConfig, steps_per_epoch: int):
     return None
 
 
-def _batch(batch: Any, label_column: str) -> tuple[Any, torch.Tensor]:
-    """A DataLoader batch as ``(inputs, labels)``: pairs pass through, dict batches are split on the label column."""
-    if isinstance(batch, Mapping):
-        return _split_row(batch, None, label_column)
-    if isinstance(batch, (tuple, list)) and len(batch) == 2:
-        return batch[0], batch[1]
-    raise CalibrationDataError(
-        f"Training batches must be (inputs, labels) pairs or dicts with a {label_column!r} key, got {type(batch).__name__}."
+# ------------------------------------------------------------------------------------------------- pieces
+
+
+@dataclass
+class _Training:
+    """What the loop runs with, built once by :func:`_setup` (prepared by Accelerate)."""
+
+    accelerator: Any
+    model: nn.Module  # as prepared (possibly wrapped for distribution)
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    train_loader: DataLoader
+    eval_loader: DataLoader | None
+    teachers: list[nn.Module]
+    adapter: Any
+    num_classes: int
+    check_batches: bool  # labels not known up front: check each batch
+
+
+def _accelerator(config: FinetuneConfig):
+    """An ``accelerate.Accelerator`` for ``config`` (device and processes come from the environment)."""
+    from accelerate import Accelerator
+    from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, set_seed
+
+    set_seed(config.seed)
+    _check_process_state()
+    try:
+        return Accelerator(
+            gradient_accumulation_steps=config.gradient_accumulation_steps,
+            mixed_precision=config.mixed_precision,
+            log_with=list(config.log_with) or None,
+            project_config=ProjectConfiguration(project_dir=config.project_dir or config.checkpoint_dir or "."),
+            dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
+        )
+    except (ValueError, RuntimeError) as error:
+        raise ConfigError(f"Accelerate cannot run this configuration: {error}") from None
+
+
+def _setup(
+    model: nn.Module, train: LabelledData, evaluation: LabelledData | None, teachers: list, config: FinetuneConfig
+) -> _Training:
+    """Accelerator, loaders, label checks, optimiser and scheduler, all prepared by Accelerate."""
+    adapter = get_adapter(model)
+    accelerator = _accelerator(config)
+    train_loader = _loader(train.dataset, config.batch_size, shuffle=True)
+    eval_batch = config.eval_batch_size or config.batch_size
+    eval_loader = None if evaluation is None else _loader(evaluation.dataset, eval_batch, False)
+    num_classes = _num_classes(model, adapter, train_loader, config)
+    for data, what in ((train, "training"), (evaluation, "evaluation")):
+        if data is not None and data.max_label is not None:
+            check_labels(torch.tensor([0, data.max_label]), num_classes, what)
+    optimizer = _optimizer(model, config)
+    steps_per_epoch = math.ceil(len(train_loader) / config.gradient_accumulation_steps)
+    scheduler = _scheduler(optimizer, config, steps_per_epoch)
+    prepared = accelerator.prepare(model, optimizer, train_loader, *([scheduler] if scheduler else []))
+    model, optimizer, train_loader = prepared[:3]
+    if eval_loader is not None:
+        eval_loader = accelerator.prepare(eval_loader)
+    teachers = [t.to(accelerator.device).eval() for t in teachers]
+    if config.log_with:
+        accelerator.init_trackers("hf_clafusion", config={k: str(v) for k, v in config.to_dict().items()})
+    return _Training(
+        accelerator, model, optimizer, scheduler, train_loader, eval_loader, teachers, adapter, num_classes,
+        check_batches=train.max_label is None,
+    )  # fmt: skip
+
+
+def _forward(run: _Training, model: nn.Module, inputs: Any) -> torch.Tensor:
+    """Logits of ``model`` (the trained model or a teacher) on one batch of inputs."""
+    args, kwargs = run.adapter.model_inputs(run.accelerator.unwrap_model(model), inputs)
+    return run.adapter.logits(model(*args, **kwargs))
+
+
+def _loss(run: _Training, inputs: Any, labels: torch.Tensor, config: FinetuneConfig) -> torch.Tensor:
+    """Cross-entropy, or :func:`distillation_loss` against the teachers' logits."""
+    logits = _forward(run, run.model, inputs)
+    if not run.teachers:
+        return F.cross_entropy(logits.float(), labels.long())
+    with torch.no_grad():
+        teacher_logits = [_forward(run, t, inputs) for t in run.teachers]
+    return distillation_loss(
+        logits,
+        teacher_logits,
+        labels,
+        alpha=config.distill_alpha,
+        temperature=config.distill_temperature,
+        scaling=config.distill_scaling,
     )
 
 
-def _inputs(adapter, inputs: Any) -> tuple[tuple, dict]:
-    if isinstance(inputs, Mapping):
-        return adapter.model_inputs(dict(inputs))
-    return adapter.model_inputs(inputs)
+def _train_epoch(
+    run: _Training, config: FinetuneConfig, epoch: int, skip: int, global_step: int, history: list
+) -> tuple[float, int, int, bool]:
+    """One epoch (from batch ``skip`` on, when resuming): ``(train_loss, global_step, batches_done, stopped)``.
+
+    Checkpoints every ``config.checkpoint_steps`` optimiser steps; stops early at ``config.max_steps``.
+    """
+    accelerator, model, optimizer = run.accelerator, run.model, run.optimizer
+    model.train()
+    run.train_loader.set_epoch(epoch)
+    batches = accelerator.skip_first_batches(run.train_loader, skip) if skip else run.train_loader
+    loss_sum = torch.zeros((), device=accelerator.device)
+    seen = torch.zeros((), device=accelerator.device)
+    bar = tqdm(
+        batches,
+        desc=f"finetune epoch {epoch + 1}/{config.epochs}",
+        leave=False,
+        initial=skip,
+        total=len(run.train_loader),
+        disable=not (config.progress and accelerator.is_local_main_process),
+    )
+    batch_index = skip
+    stop = False
+    for batch in bar:
+        inputs, labels = split_batch(
+            batch, label_column=config.label_column, input_column=config.input_column, what="training"
+        )
+        batch_index += 1
+        if run.check_batches:
+            check_labels(labels, run.num_classes, "training")
+        with accelerator.accumulate(model):
+            loss = _loss(run, inputs, labels, config)
+            _stop_if_diverged(run, loss, config, epoch, global_step)
+            accelerator.backward(loss)
+            if config.grad_clip is not None and accelerator.sync_gradients:
+                accelerator.clip_grad_norm_(model.parameters(), config.grad_clip)
+            optimizer.step()
+            if run.scheduler is not None and accelerator.sync_gradients:
+                run.scheduler.step()
+            optimizer.zero_grad()
+        loss_sum += loss.detach().float() * labels.shape[0]
+        seen += labels.shape[0]
+        if accelerator.sync_gradients:
+            global_step += 1
+            if config.checkpoint_steps and global_step % config.checkpoint_steps == 0:
+                _save_checkpoint(accelerator, config, epoch, batch_index, global_step, history)
+            if config.max_steps is not None and global_step >= config.max_steps:
+                stop = True
+                break
+    totals = accelerator.reduce(torch.stack([loss_sum, seen]), reduction="sum")
+    return float(totals[0] / totals[1].clamp_min(1)), global_step, batch_index, stop
 
 
-# ------------------------------------------------------------------------------------------------- the loop
+def _stop_if_diverged(run: _Training, loss: torch.Tensor, config: FinetuneConfig, epoch: int, step: int) -> None:
+    """Raise :class:`TrainingDivergedError` on every process at once when any process's loss is not finite.
+
+    The processes agree through one all-reduce per batch, so no process is left waiting in a collective for
+    one that stopped.
+    """
+    bad = torch.tensor([0.0 if bool(torch.isfinite(loss.detach()).all()) else 1.0], device=run.accelerator.device)
+    if float(run.accelerator.reduce(bad, reduction="sum")[0]) == 0:
+        return
+    knobs = f"`lr` ({config.lr:g})"
+    if run.teachers:
+        knobs += f" or `distill_temperature` ({config.distill_temperature:g}, scaling {config.distill_scaling!r})"
+    raise TrainingDivergedError(
+        f"The training loss became non-finite ({float(loss.detach()):g} on this process) at optimiser step "
+        f"{step + 1}, epoch {epoch + 1}; training stopped on every process. Lower {knobs}, or set `grad_clip` "
+        "(e.g. 1.0)."
+    )
+
+
+def _warn_if_collapsed(initial: dict[str, float] | None, record: dict[str, Any], config: FinetuneConfig, run) -> None:
+    """Warn when evaluation accuracy fell below half of what the model had before training."""
+    if initial is None or "eval_accuracy" not in record or initial["eval_accuracy"] <= 0:
+        return
+    if record["eval_accuracy"] < 0.5 * initial["eval_accuracy"]:
+        knobs = f"`lr` ({config.lr:g})"
+        if run.teachers:
+            knobs += f" and `distill_temperature` ({config.distill_temperature:g})"
+        warnings.warn(
+            ClaFusionWarning(
+                f"Evaluation accuracy fell from {initial['eval_accuracy']:.4f} before training to "
+                f"{record['eval_accuracy']:.4f} after epoch {record['epoch']}: training is destroying the model. "
+                f"Lower {knobs}."
+            ),
+            stacklevel=3,
+        )
 
 
 @torch.no_grad()
-def _evaluate(model, loader, adapter, accelerator, label_column: str) -> dict[str, float]:
-    """Accuracy and loss over the whole split, gathered across processes without duplicated samples."""
-    model.eval()
+def _evaluate(run: _Training, config: FinetuneConfig) -> dict[str, float]:
+    """Accuracy and loss over the whole evaluation split, gathered across processes without duplicated samples."""
+    run.model.eval()
     correct = total = 0
     loss_sum = 0.0
-    for batch in loader:
-        inputs, labels = _batch(batch, label_column)
-        args, kwargs = _inputs(adapter, inputs)
-        logits = adapter.logits(model(*args, **kwargs)).float()
+    for batch in run.eval_loader:
+        inputs, labels = split_batch(
+            batch, label_column=config.label_column, input_column=config.input_column, what="evaluation"
+        )
+        logits = _forward(run, run.model, inputs).float()
         losses = F.cross_entropy(logits, labels.long(), reduction="none")
-        preds, labels, losses = accelerator.gather_for_metrics((logits.argmax(-1), labels, losses))
+        preds, labels, losses = run.accelerator.gather_for_metrics((logits.argmax(-1), labels, losses))
         correct += int((preds == labels).sum())
         total += labels.numel()
         loss_sum += float(losses.sum())
@@ -217,6 +329,9 @@ def _evaluate(model, loader, adapter, accelerator, label_column: str) -> dict[st
 def _latest_checkpoint(directory: Path) -> Path | None:
     candidates = [p for p in directory.glob("checkpoint-*") if (p / STATE_FILE).is_file()]
     return max(candidates, key=lambda p: json.loads((p / STATE_FILE).read_text())["global_step"], default=None)
+
+
+# ------------------------------------------------------------------------------------------------- the loop
 
 
 def finetune(
@@ -232,9 +347,11 @@ def finetune(
 
     Args:
         model: the (fused) model; trained in place.
-        train_dataset: a ``datasets`` split (inputs from ``config.input_column`` or the non-label columns,
-            labels from ``config.label_column``; apply preprocessing with ``split.set_transform``), ``(inputs,
-            labels)`` tensors, a torch ``Dataset`` of ``(inputs, label)`` items, or a DataLoader.
+        train_dataset: labelled data in any form of the table in docs/data.md: a ``datasets`` split (inputs
+            from ``config.input_column`` or the non-label columns, labels from ``config.label_column``; apply
+            preprocessing with ``split.set_transform``), ``(inputs, labels)`` (inputs a tensor or a dict of
+            tensors, labels a tensor or a list of ints), a torch ``Dataset`` of ``(inputs, label)`` items, or a
+            DataLoader (or list) of pairs or of dicts with a label key.
         eval_dataset: a held-out split in the same forms, evaluated after each epoch (use a validation split:
             nothing here selects on the test set).
         config: a :class:`FinetuneConfig`; ``overrides`` replace some of its fields.
@@ -247,8 +364,12 @@ def finetune(
         configured Accelerate trackers.
 
     Raises:
-        CalibrationDataError: empty split, missing label column, labels outside the model's classes.
+        DataError: empty split, missing label column, labels outside the model's classes, unsupported form.
         ConfigError: invalid configuration (unknown optimiser, unsupported mixed precision, ...).
+        TrainingDivergedError: the loss became NaN or infinite (every process stops at the same step).
+
+    Warns:
+        ClaFusionWarning: evaluation accuracy after an epoch fell below half of the accuracy before training.
 
     Example:
         ```py
@@ -258,138 +379,50 @@ def finetune(
         print(out.history[-1]["eval_accuracy"])
         ```
     """
-    from accelerate import Accelerator
-    from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, set_seed
-
     config = config or FinetuneConfig()
     if not isinstance(config, FinetuneConfig):
         raise ConfigError(f"`config` must be a FinetuneConfig, got {type(config).__name__}.")
     if overrides:
         config = config.replace(**overrides)
-    adapter = get_adapter(model)
-    train_data = _as_dataset(train_dataset, config, "training")
-    eval_data = None if eval_dataset is None else _as_dataset(eval_dataset, config, "evaluation")
+    columns = {"label_column": config.label_column, "input_column": config.input_column}
+    train = labelled_dataset(train_dataset, **columns, what="training")
+    evaluation = None if eval_dataset is None else labelled_dataset(eval_dataset, **columns, what="evaluation")
     teachers = [] if teacher is None else ([teacher] if isinstance(teacher, nn.Module) else list(teacher))
-
-    set_seed(config.seed)
-    _check_process_state()
-    try:
-        accelerator = Accelerator(
-            gradient_accumulation_steps=config.gradient_accumulation_steps,
-            mixed_precision=config.mixed_precision,
-            log_with=list(config.log_with) or None,
-            project_config=ProjectConfiguration(project_dir=config.project_dir or config.checkpoint_dir or "."),
-            dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
-        )
-    except (ValueError, RuntimeError) as error:
-        raise ConfigError(f"Accelerate cannot run this configuration: {error}") from None
-
-    train_loader = _loader(train_data, config.batch_size, shuffle=True)
-    eval_loader = None if eval_data is None else _loader(eval_data, config.eval_batch_size or config.batch_size, False)
-    num_classes = _num_classes(model, adapter, train_loader, config.label_column)
-    for data, what in ((train_data, "training"), (eval_data, "evaluation")):
-        if getattr(data, "max_label", None) is not None:
-            _check_labels(torch.tensor([0, data.max_label]), num_classes, what)
-    check_batches = getattr(train_data, "max_label", None) is None  # labels not known up front: check each batch
-
-    optimizer = _optimizer(model, config)
-    steps_per_epoch = math.ceil(len(train_loader) / config.gradient_accumulation_steps)
-    scheduler = _scheduler(optimizer, config, steps_per_epoch)
-    prepared = accelerator.prepare(model, optimizer, train_loader, *([scheduler] if scheduler else []))
-    model, optimizer, train_loader = prepared[:3]
-    if eval_loader is not None:
-        eval_loader = accelerator.prepare(eval_loader)
-    teachers = [t.to(accelerator.device).eval() for t in teachers]
-    if config.log_with:
-        accelerator.init_trackers("hf_clafusion", config={k: str(v) for k, v in config.to_dict().items()})
+    run = _setup(model, train, evaluation, teachers, config)
 
     state = {"epoch": 0, "batch_in_epoch": 0, "global_step": 0, "history": []}
     if config.resume_from is not None:
-        state = _resume(accelerator, config)
+        state = _resume(run.accelerator, config)
     history: list[dict[str, Any]] = state["history"]
     global_step = state["global_step"]
-
+    initial = None
+    if run.eval_loader is not None and config.resume_from is None:
+        initial = _evaluate(run, config)
     for epoch in range(state["epoch"], config.epochs):
-        model.train()
-        train_loader.set_epoch(epoch)
         skip = state["batch_in_epoch"] if epoch == state["epoch"] else 0
-        batches = accelerator.skip_first_batches(train_loader, skip) if skip else train_loader
-        loss_sum = torch.zeros((), device=accelerator.device)
-        seen = torch.zeros((), device=accelerator.device)
-        bar = tqdm(
-            batches,
-            desc=f"finetune epoch {epoch + 1}/{config.epochs}",
-            leave=False,
-            initial=skip,
-            total=len(train_loader),
-            disable=not (config.progress and accelerator.is_local_main_process),
-        )
-        batch_index = skip
-        stop = False
-        for batch in bar:
-            inputs, labels = _batch(batch, config.label_column)
-            batch_index += 1
-            if check_batches:
-                _check_labels(labels, num_classes, "training")
-            with accelerator.accumulate(model):
-                args, kwargs = _inputs(adapter, inputs)
-                logits = adapter.logits(model(*args, **kwargs))
-                if teachers:
-                    with torch.no_grad():
-                        teacher_logits = [adapter.logits(t(*args, **kwargs)) for t in teachers]
-                    loss = distillation_loss(
-                        logits,
-                        teacher_logits,
-                        labels,
-                        alpha=config.distill_alpha,
-                        temperature=config.distill_temperature,
-                    )
-                else:
-                    loss = F.cross_entropy(logits.float(), labels.long())
-                accelerator.backward(loss)
-                if config.grad_clip is not None and accelerator.sync_gradients:
-                    accelerator.clip_grad_norm_(model.parameters(), config.grad_clip)
-                optimizer.step()
-                if scheduler is not None and accelerator.sync_gradients:
-                    scheduler.step()
-                optimizer.zero_grad()
-            loss_sum += loss.detach().float() * labels.shape[0]
-            seen += labels.shape[0]
-            if accelerator.sync_gradients:
-                global_step += 1
-                if config.checkpoint_steps and global_step % config.checkpoint_steps == 0:
-                    _save_checkpoint(accelerator, config, epoch, batch_index, global_step, history)
-                if config.max_steps is not None and global_step >= config.max_steps:
-                    stop = True
-                    break
-        totals = accelerator.reduce(torch.stack([loss_sum, seen]), reduction="sum")
+        train_loss, global_step, batch_index, stop = _train_epoch(run, config, epoch, skip, global_step, history)
         record: dict[str, Any] = {
             "epoch": epoch + 1,
             "step": global_step,
-            "train_loss": float(totals[0] / totals[1].clamp_min(1)),
-            "lr": optimizer.param_groups[0]["lr"],
+            "train_loss": train_loss,
+            "lr": run.optimizer.param_groups[0]["lr"],
         }
-        if eval_loader is not None:
-            record.update(_evaluate(model, eval_loader, adapter, accelerator, config.label_column))
+        if run.eval_loader is not None:
+            record.update(_evaluate(run, config))
+            _warn_if_collapsed(initial, record, config, run)
         history.append(record)
         if config.log_with:
-            accelerator.log({k: v for k, v in record.items() if k != "epoch"}, step=global_step)
+            run.accelerator.log({k: v for k, v in record.items() if k != "epoch"}, step=global_step)
         if config.checkpoint_dir is not None:
-            finished = not stop or batch_index >= len(train_loader)
-            _save_checkpoint(
-                accelerator,
-                config,
-                epoch + 1 if finished else epoch,
-                0 if finished else batch_index,
-                global_step,
-                history,
-            )
+            finished = not stop or batch_index >= len(run.train_loader)
+            next_epoch, next_batch = (epoch + 1, 0) if finished else (epoch, batch_index)
+            _save_checkpoint(run.accelerator, config, next_epoch, next_batch, global_step, history)
         if stop:
             break
     if config.log_with:
-        accelerator.end_training()
-    accelerator.wait_for_everyone()
-    return FinetuneResult(accelerator.unwrap_model(model).eval(), history)
+        run.accelerator.end_training()
+    run.accelerator.wait_for_everyone()
+    return FinetuneResult(run.accelerator.unwrap_model(run.model).eval(), history, initial)
 
 
 def _check_process_state() -> None:
@@ -409,16 +442,23 @@ def _check_process_state() -> None:
         )
 
 
-def _num_classes(model: nn.Module, adapter, loader: DataLoader, label_column: str) -> int:
-    inputs, _ = _batch(next(iter(loader)), label_column)
+def _num_classes(model: nn.Module, adapter, loader: DataLoader, config: FinetuneConfig) -> int:
+    """The model's number of outputs, from one forward pass on the first training batch."""
+    inputs, _ = split_batch(
+        next(iter(loader)), label_column=config.label_column, input_column=config.input_column, what="training"
+    )
+    check_input_dtype(inputs, model, "training")
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
     with torch.no_grad():
-        args, kwargs = _inputs(adapter, move_to(inputs, device))
+        args, kwargs = adapter.model_inputs(model, move_to(inputs, device))
         num = int(adapter.logits(model(*args, **kwargs)).shape[-1])
     model.train(was_training)
     return num
+
+
+# ------------------------------------------------------------------------------------------------- checkpoints
 
 
 def _save_checkpoint(accelerator, config: FinetuneConfig, epoch: int, batch: int, step: int, history: list) -> None:

@@ -13,14 +13,14 @@ elsewhere, and a :class:`Stopwatch` records the seconds of each stage under a fi
 4. :func:`balance_depths` (``balancing``): identity layers into the shallower model
    (:func:`balance_identity`) or the deeper one's unmatched layers merged (:func:`balance_merge`);
 5. :func:`collect_group_statistics` (``activations_groups``): activation statistics of every alignment group
-   of the balanced models, one pass per model, for ``ground_metric="activations"``;
+   of the balanced models, one pass per model, for ``ground_metric="activations"`` or ``"correlation"``;
 6. :func:`transport_to_anchor` (``transport``): a transport plan per group, applied to every axis of the
    group (:mod:`hf_clafusion.core.transport`);
 7. :func:`average` then :func:`load_fused` (``averaging``): the weighted average with the anchor, produced
    tensor by tensor and only then loaded into a copy of the balanced anchor;
-8. :func:`repair_statistics` (``bn_reset``): the statistics step after averaging. Today it recomputes
-   BatchNorm statistics (``reset_bn_stats``); it is the seam for REPAIR-style corrections, and receives
-   everything those need.
+8. :func:`repair_statistics` (``bn_reset`` or ``repair``): the statistics step after averaging
+   (``FusionConfig.repair``: BatchNorm recomputation or REPAIR corrections folded into the weights,
+   :mod:`hf_clafusion.repair`).
 """
 
 from __future__ import annotations
@@ -28,6 +28,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import time
+import warnings
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -37,17 +38,20 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from . import core
-from ._data import CalibrationData, move_to, prepare_calibration
 from .adapters import get_adapter
-from .adapters.base import Adapter, UnmatchedBlocks, capture_outputs, reset_batchnorm_stats
+from .adapters.base import Adapter, UnmatchedBlocks, capture_outputs
 from .config import FusionConfig
+from .data import CalibrationData, check_input_dtype, move_to, prepare_calibration
 from .errors import (
     AlignmentError,
     CalibrationDataError,
+    ClaFusionError,
+    ClaFusionWarning,
     ConfigError,
     IncompatibleModelsError,
     InvalidWeightsError,
 )
+from .repair import RepairOutcome, repair_fused
 from .result import AlignmentPreview, FusionResult, PairAlignment, describe_parent
 from .spec import Group, NetworkSpec
 
@@ -115,8 +119,8 @@ def fuse(
         fused = load_fused(
             balanced.models[run.anchor], _bar(tensors, "averaging", run.config, unit="tensor", total=total)
         )
-    bn_reset = repair_statistics(fused, run, balanced, transported, clock=clock)
-    return _result(run, alignment, balanced, transported, fused, bn_reset, clock)
+    repaired = repair_statistics(fused, run, balanced, transported, clock=clock)
+    return _result(run, alignment, balanced, transported, fused, repaired, clock)
 
 
 def align(
@@ -195,6 +199,8 @@ class Prepared:
         calibration: the calibration data and its provenance.
         batches: the calibration batches on ``device``.
         segments: depth roles of each segment.
+        repair_batches: the batches statistics repair measures on (``config.repair_samples`` samples of the
+            same data; the calibration batches when that is None).
     """
 
     config: FusionConfig
@@ -208,6 +214,7 @@ class Prepared:
     calibration: CalibrationData
     batches: tuple[Any, ...]
     segments: tuple[SegmentRoles, ...]
+    repair_batches: tuple[Any, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -267,10 +274,13 @@ class Transported:
     Attributes:
         states: model index -> its aligned state dict (the anchor's own state dict for the anchor).
         plans: non-anchor model index -> anchor group name -> its ``(n_model, n_anchor)`` float plan on CPU.
+        solvers: non-anchor model index -> anchor group name -> the solver that computed its plan (``"heads"``
+            for head-structured plans; what ``solver="auto"`` chose otherwise).
     """
 
     states: dict[int, dict[str, torch.Tensor]]
     plans: dict[int, dict[str, torch.Tensor]]
+    solvers: dict[int, dict[str, str]] = field(default_factory=dict)
 
 
 # --------------------------------------------------------------------------------------------- stages
@@ -309,8 +319,8 @@ def prepare(
             _check_finite(model, i)
         prepared = tuple(adapter.prepare(m).to(device) for m in models)
         specs = tuple(adapter.spec(m) for m in prepared)
+        adapter.check_compatible(prepared)  # the family's own checks first: their messages are the specific ones
         _check_compatible(specs)
-        adapter.check_compatible(prepared)
         anchor = _anchor_index(config, specs)
         weights = tuple(config.weights or [1.0 / len(models)] * len(models))
         calibration = prepare_calibration(
@@ -319,6 +329,19 @@ def prepare(
             batch_size=config.batch_size,
             seed=config.seed,
         )
+        batches = tuple(move_to(b, device) for b in calibration.batches)
+        check_input_dtype(batches[0], prepared[0], "calibration")
+        repair_batches = batches
+        if config.repair_samples is not None and config.repair is not None:
+            repair_batches = tuple(
+                move_to(b, device)
+                for b in prepare_calibration(
+                    adapter.prepare_data(data, prepared, processor, config),
+                    num_samples=config.repair_samples,
+                    batch_size=config.batch_size,
+                    seed=config.seed,
+                ).batches
+            )
         return Prepared(
             config=config,
             adapter=adapter,
@@ -329,7 +352,8 @@ def prepare(
             anchor=anchor,
             weights=weights,
             calibration=calibration,
-            batches=tuple(move_to(b, device) for b in calibration.batches),
+            batches=batches,
+            repair_batches=repair_batches,
             segments=_segment_roles(specs, anchor, config.balancing),
         )
 
@@ -376,6 +400,7 @@ def align_segments(run: Prepared, activations: LayerActivations, *, clock: Stopw
             m, n = run.segments[s].depths[deep], run.segments[s].depths[shallow]
             cost = _segment_cost(run, activations, s, k, ref, deep, shallow)
             mapping = _segment_alignment(run, cost, m, n, s)
+            _warn_if_costs_tie(run.config, cost, m, n, s, k, ref)
             local[(s, k)] = mapping
             pair = by_pair.get((k, ref)) or by_pair.get((ref, k))
             if pair is None:  # reported as (aligned model, the anchor or the other model)
@@ -503,7 +528,7 @@ def collect_group_statistics(
         Non-anchor model index -> one :class:`~hf_clafusion.core.ActivationStats` (or ``None``) per group, in
         group order.
     """
-    if run.config.ground_metric != "activations":
+    if run.config.ground_metric not in ("activations", "correlation"):
         return {}
     others = [k for k in range(len(run.models)) if k != run.anchor]
     groups = {k: balanced.specs[k].groups for k in range(len(run.models))}
@@ -555,13 +580,15 @@ def transport_to_anchor(
 ) -> Transported:
     """Transport every non-anchor balanced model into the anchor's neuron basis, group by group.
 
-    Each group's plan comes from its activation statistics (``ground_metric="activations"``) or from the
+    Each group's plan comes from its activation statistics (``ground_metric="activations"`` or
+    ``"correlation"``) or from the
     distances between the groups' primary weights, and is applied to every axis of the group. The statistics
     are consumed: each entry of ``statistics`` is set to ``None`` once its plan is computed, to free the
     ``(n_model, n_anchor)`` matrices early.
     """
     anchor_state = balanced.models[run.anchor].state_dict()
     plans: dict[int, dict[str, torch.Tensor]] = {}
+    solvers: dict[int, dict[str, str]] = {}
     states: dict[int, dict[str, torch.Tensor]] = {run.anchor: anchor_state}
     with clock("transport"):
         for k in range(len(run.models)):
@@ -571,23 +598,28 @@ def transport_to_anchor(
             work = dict(balanced.models[k].state_dict())
             unmatched = balanced.unmatched.get(k, UnmatchedBlocks())
             groups_b, groups_a = balanced.specs[k].groups, balanced.specs[run.anchor].groups
-            plans[k] = {}
+            plans[k], solvers[k] = {}, {}
             for g, (group_b, group_a) in enumerate(
                 _bar(list(zip(groups_b, groups_a)), f"transport model {k}", run.config, unit="group")
             ):
                 if group_b.name in unmatched.groups:
                     continue  # inside an inserted block: replaced below in closed form
-                if run.config.ground_metric == "activations":
-                    cost = statistics[k][g].distances()
-                    statistics[k][g] = None  # free the (n_B, n_A) statistics as soon as they are used
+                if run.config.ground_metric in ("activations", "correlation"):
+                    stats, statistics[k][g] = statistics[k][g], None  # free the (n_B, n_A) statistics once used
+                    correlation = run.config.ground_metric == "correlation"
+                    cost = stats.correlation_distances() if correlation else stats.distances()
+                    del stats
                 else:
                     primary = group_b.axes[0].param
                     cost = core.weight_distances(work[primary], anchor_state[group_a.axes[0].param])
                 heads = _heads(run.config, group_b, group_a, k)
                 if heads > 1:
                     plan = core.head_plan(cost, heads, within=group_a.head_dims_free)
+                    solvers[k][group_a.name] = "heads"
                 else:
-                    plan = core.transport_plan(cost, solver=run.config.solver, reg=run.config.reg)
+                    solution = core.solve_transport(cost, solver=run.config.solver, reg=run.config.reg)
+                    plan = solution.plan
+                    solvers[k][group_a.name] = solution.solver
                 r_map, s_map = core.plan_maps(plan, run.config.plan_normalization)
                 found = {"out": core.permutation_of(r_map)}  # a hard plan is a permutation: tensors are gathered
                 found["in"] = (
@@ -612,7 +644,7 @@ def transport_to_anchor(
                 del cost, plan, r_map, s_map
             _closed_form_blocks(work, anchor_state, unmatched, run.config.unmatched)
             states[k] = work
-    return Transported(states=states, plans=plans)
+    return Transported(states=states, plans=plans, solvers=solvers)
 
 
 def _closed_form_blocks(
@@ -692,33 +724,53 @@ def load_fused(template: nn.Module, tensors: Iterable[tuple[str, torch.Tensor]])
 
 def repair_statistics(
     fused: nn.Module, run: Prepared, balanced: Balanced, transported: Transported, *, clock: Stopwatch
-) -> bool:
+) -> RepairOutcome:
     """The statistics step after averaging: correct the fused model's activation statistics, in place.
 
     Averaging aligned weights shrinks and shifts the activations of the fused model ("variance collapse").
-    Today this stage recomputes every BatchNorm's running statistics on the calibration batches when
-    ``config.reset_bn_stats`` is set. It is also the seam for REPAIR-style corrections (Jordan et al., 2023),
-    which match each fused group's activation statistics to the interpolated statistics of the parents and
-    fold the correction into the weights: everything such a correction needs is among the inputs, namely
-    the balanced parents and their specs (``balanced``), the plans and aligned states (``transported``), the
-    averaging weights, the anchor, the adapter, the config and the calibration batches (``run``).
+    ``config.repair`` chooses the correction (:mod:`hf_clafusion.repair`): ``"bn"`` recomputes every
+    BatchNorm's running statistics on the calibration data (BatchNorms that are identities in every parent
+    stay identities); ``"repair"`` (Jordan et al., "REPAIR", ICLR 2023) matches each repair point's per-channel
+    mean and standard deviation to the parents' (carried to the anchor's channels by the transport plans,
+    weighted by ``weights``) and folds the correction into the weights; ``"auto"`` resolves to the better of
+    the two for the model; ``None`` leaves the averaged model as it is.
 
     Returns:
-        Whether BatchNorm statistics were recomputed (``FusionResult.bn_reset``).
+        `RepairOutcome`: the resolved mode (recorded in the result's config) and whether BatchNorm statistics
+        were recomputed.
 
     Raises:
         CalibrationDataError: the fused model cannot run on the calibration batches.
+        UnsupportedArchitectureError: ``repair="repair"`` for a family without repair points.
     """
-    if not run.config.reset_bn_stats:
-        return False
-    with clock("bn_reset"):
-        try:
-            return reset_batchnorm_stats(fused, run.batches, run.adapter)
-        except (RuntimeError, TypeError, ValueError) as error:
-            raise CalibrationDataError(
-                f"The fused model cannot run on the calibration data to recompute BatchNorm statistics: "
-                f"{str(error).splitlines()[0]}. Pass inputs shaped as the models expect."
-            ) from error
+    if run.config.repair is None:
+        return RepairOutcome(mode=None, bn_reset=False)
+    start = time.perf_counter()
+    try:
+        outcome = repair_fused(
+            fused,
+            run.config.repair,
+            parents=balanced.models,
+            specs=balanced.specs,
+            anchor=run.anchor,
+            plans=transported.plans,
+            weights=run.weights,
+            adapter=run.adapter,
+            batches=run.repair_batches,
+            plan_normalization=run.config.plan_normalization,
+            closed_form={k: (run.models[k], blocks) for k, blocks in balanced.unmatched.items()},
+        )
+    except ClaFusionError:
+        raise
+    except (RuntimeError, TypeError, ValueError) as error:
+        raise CalibrationDataError(
+            f"The fused model cannot run on the calibration data to recompute BatchNorm statistics or repair its "
+            f"statistics (repair={run.config.repair!r}): {str(error).splitlines()[0]}. Pass inputs shaped as the "
+            "models expect."
+        ) from error
+    if outcome.mode is not None:
+        clock.timings["bn_reset" if outcome.mode == "bn" else "repair"] = time.perf_counter() - start
+    return outcome
 
 
 # --------------------------------------------------------------------------------------------- internals
@@ -740,20 +792,21 @@ def _result(
     balanced: Balanced,
     transported: Transported,
     fused: nn.Module,
-    bn_reset: bool,
+    repaired: RepairOutcome,
     clock: Stopwatch,
 ) -> FusionResult:
     return FusionResult(
         model=fused,
         pairs=alignment.pairs,
         transport_plans=transported.plans,
+        transport_solvers=transported.solvers,
         timings=dict(clock.timings),
         calibration=run.calibration.provenance,
-        config=run.config,
+        config=run.config.replace(repair=repaired.mode),  # the resolved mode, as saved in fusion_config.json
         adapter=run.adapter.name,
         anchor=run.anchor,
         parents=list(run.parents),
-        bn_reset=bn_reset,
+        bn_reset=repaired.bn_reset,
         identity_errors=balanced.identity_errors,
     )
 
@@ -811,7 +864,7 @@ def _segment_roles(specs: Sequence[NetworkSpec], anchor: int, balancing: str) ->
 
 
 def _forward(adapter: Adapter, model: nn.Module, batch: Any, index: int) -> None:
-    args, kwargs = adapter.model_inputs(batch)
+    args, kwargs = adapter.model_inputs(model, batch)
     try:
         model(*args, **kwargs)
     except (RuntimeError, TypeError, ValueError) as error:
@@ -893,6 +946,23 @@ def _segment_alignment(run: Prepared, cost: torch.Tensor, m: int, n: int, segmen
     if config.alignment == "random":
         return core.random_alignment(m, n, first_fixed=first, last_fixed=last, seed=config.seed + segment)
     return core.align_layers(cost, first_fixed=first, last_fixed=last)
+
+
+def _warn_if_costs_tie(config: FusionConfig, cost: torch.Tensor, m: int, n: int, s: int, k: int, ref: int) -> None:
+    """Warn when every layer cost of a segment that needs an alignment choice is the same: the choice is arbitrary."""
+    if m == n or config.alignment != "cla" or config.layer_cost in ("index", "neuron_count") or cost.numel() < 2:
+        return
+    spread = float(cost.max() - cost.min())
+    if spread <= 1e-6 * max(1.0, float(cost.abs().max())):
+        warnings.warn(
+            f"All layer costs of segment {s} (model {k} vs model {ref}) are equal ({float(cost.flatten()[0]):.4g} "
+            f"over a {m}x{n} matrix), so every alignment costs the same and the one chosen is arbitrary. Check that "
+            "the parents are trained (freshly initialised networks, e.g. timm ResNets whose last BatchNorm in each "
+            "block starts at zero, give the same activations after every block) and that the calibration data "
+            "varies; or choose layer_cost='index'.",
+            ClaFusionWarning,
+            stacklevel=4,
+        )
 
 
 def _template_for(segments: Sequence[SegmentRoles], k: int) -> int:

@@ -11,16 +11,16 @@ import inspect
 import json
 import os
 import shutil
-import socket
 import tempfile
 import time
 import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
-from urllib.parse import urlparse
 
 from .adapters import find_loader, list_adapters
 from .adapters.base import adapter_class
+from .adapters.files import check_weight_files
+from .download import ALLOW_PATTERNS, download_snapshot
 from .errors import ClaFusionWarning, LoadError, SaveError
 
 
@@ -31,50 +31,6 @@ if TYPE_CHECKING:
 
 FUSION_CONFIG_FILE = "fusion_config.json"
 PLOT_FILE = "alignment.png"
-
-#: Files fetched for a Hub model: configs, safetensors weights, the card, tokenizer / processor files.
-ALLOW_PATTERNS = ["*.json", "*.safetensors", "*.md", "*.txt", "*.model", "*.tiktoken"]
-
-
-def _hub_reachable(timeout: float = 3.0) -> bool:
-    endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co")
-    parsed = urlparse(endpoint)
-    port = parsed.port or (443 if parsed.scheme == "https" else 80)
-    try:
-        with socket.create_connection((parsed.hostname, port), timeout=timeout):
-            return True
-    except OSError:
-        return False
-
-
-def download_snapshot(repo_id: str) -> Path:
-    """The local folder of a Hub model (only :data:`ALLOW_PATTERNS` files), downloaded or from the local cache.
-
-    With ``HF_HUB_OFFLINE`` set, or when the Hub cannot be reached within 3 seconds, only the local cache is
-    looked in, so a missing model fails at once instead of after network timeouts.
-
-    Raises:
-        LoadError: ``repo_id`` is not a valid Hub id, or the model is neither downloadable nor in the cache.
-    """
-    from huggingface_hub import snapshot_download
-    from huggingface_hub.utils import HFValidationError, validate_repo_id
-
-    try:
-        validate_repo_id(repo_id)
-    except HFValidationError:
-        raise LoadError(
-            f"{repo_id!r} is neither an existing folder nor a valid Hub id ('namespace/name'). Check the path."
-        ) from None
-    offline = os.environ.get("HF_HUB_OFFLINE", "0").upper() in ("1", "ON", "YES", "TRUE") or not _hub_reachable()
-    try:
-        path = snapshot_download(repo_id, local_files_only=offline, allow_patterns=ALLOW_PATTERNS)
-    except Exception as error:  # huggingface_hub raises several types for the same situation
-        where = "the local cache (the Hub is unreachable or HF_HUB_OFFLINE is set)" if offline else "the Hub"
-        raise LoadError(
-            f"Could not get {repo_id!r} from {where}: {type(error).__name__}. Download it where the Hub is reachable "
-            "and pass the local folder path instead."
-        ) from error
-    return Path(path)
 
 
 def folder_license(folder: str | Path) -> str | None:
@@ -90,7 +46,13 @@ def folder_license(folder: str | Path) -> str | None:
         return None
 
 
-def _check_target(target: Path, overwrite: bool) -> None:
+def check_target(target: str | Path, overwrite: bool = False) -> None:
+    """Refuse a save target that is a file, or a non-empty folder without ``overwrite`` (checked before any work).
+
+    Raises:
+        SaveError: the target cannot be written.
+    """
+    target = Path(target).expanduser()
     if target.exists() and not target.is_dir():
         raise SaveError(f"Cannot save into {str(target)!r}: it exists and is not a folder. Choose another path.")
     if target.is_dir() and any(target.iterdir()) and not overwrite:
@@ -100,14 +62,35 @@ def _check_target(target: Path, overwrite: bool) -> None:
         )
 
 
+def _current_umask() -> int:
+    mask = os.umask(0o022)  # the only portable way to read it is to set it; restored at once
+    os.umask(mask)
+    return mask
+
+
+def _apply_umask(folder: Path) -> None:
+    """Give a folder written through ``tempfile`` (mode 0700, files possibly 0600) the modes the user's umask
+    gives ordinary files and folders, as ``save_pretrained`` does: 0755 / 0644 under the usual umask 022."""
+    mask = _current_umask()
+    folder.chmod(0o777 & ~mask)
+    for path in folder.rglob("*"):
+        if path.is_symlink():
+            continue
+        path.chmod((0o777 if path.is_dir() else 0o666) & ~mask)
+
+
 def atomic_directory_write(target: str | Path, write, *, overwrite: bool = False) -> Path:
-    """Run ``write(tmp_dir)`` in a temporary sibling of ``target`` and rename it into place when it succeeds."""
+    """Run ``write(tmp_dir)`` in a temporary sibling of ``target`` and rename it into place when it succeeds.
+
+    The folder and its files get the modes of the user's umask (not the 0700 of a temporary folder).
+    """
     target = Path(target).expanduser().resolve()
-    _check_target(target, overwrite)
+    check_target(target, overwrite)
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
     try:
         write(tmp)
+        _apply_umask(tmp)
         if target.exists():
             old = target.with_name(f".{target.name}.old-{os.getpid()}-{time.time_ns()}")
             target.rename(old)
@@ -172,6 +155,8 @@ def build_model_card(
     import yaml
     from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
+    from .result import best_epoch
+
     name = model_name or "Fused model (CLAFusion)"
     base_models = [p["name_or_path"] for p in result.parents if _is_hub_id(p.get("name_or_path"))]
     eval_results = None
@@ -222,7 +207,74 @@ def build_model_card(
         load_path=load_path,
         evaluation=result.evaluation,
         finetune=result.finetune_history,
+        finetune_best=best_epoch(result.finetune_history),
     )
+
+
+#: Files whose presence shows that a folder holds a tokenizer / an image processor.
+TOKENIZER_FILES = ("tokenizer_config.json", "tokenizer.json", "vocab.txt", "vocab.json", "tokenizer.model")
+IMAGE_PROCESSOR_FILES = ("preprocessor_config.json",)
+
+
+def _local_folder(source: str) -> Path | None:
+    folder = Path(source).expanduser()
+    if folder.is_dir():
+        return folder
+    if not _is_hub_id(source):
+        return None
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(source, local_files_only=True, allow_patterns=ALLOW_PATTERNS))
+    except Exception:  # not in the local cache
+        return None
+
+
+def find_processor(model: nn.Module, sources: list[str]) -> Any:
+    """The tokenizer (text models) or image processor (vision models) saved in the first of ``sources`` (folders,
+    or Hub ids in the local cache) that holds one, or None.
+
+    Only a folder that holds the processor's own files is read: ``AutoTokenizer`` would otherwise build a
+    useless tokenizer from a model's ``config.json`` alone.
+    """
+    vision = getattr(model, "main_input_name", "input_ids") == "pixel_values"
+    names = IMAGE_PROCESSOR_FILES if vision else TOKENIZER_FILES
+    for source in sources:
+        folder = _local_folder(source) if source else None
+        if folder is None or not any((folder / name).is_file() for name in names):
+            continue
+        import transformers
+
+        auto = transformers.AutoImageProcessor if vision else transformers.AutoTokenizer
+        try:
+            return auto.from_pretrained(folder, local_files_only=True, trust_remote_code=False)
+        except Exception:  # files there but unreadable: try the next source
+            continue
+    return None
+
+
+def resolve_processor(model: nn.Module, family: str, processor: Any, sources: list[str]) -> Any:
+    """The processor to save beside ``model``: ``processor`` itself; none for ``False`` or a family without one;
+    for ``None`` (a transformers text or vision model) the one :func:`find_processor` finds in ``sources``.
+
+    Raises:
+        SaveError: a transformers model's tokenizer / image processor was asked for but none was found.
+    """
+    if processor is False:
+        return None
+    if processor is not None or family.split(".")[0] != "transformers":
+        return processor
+    found = find_processor(model, sources)
+    if found is None:
+        vision = getattr(model, "main_input_name", "input_ids") == "pixel_values"
+        kind, auto = ("image processor", "AutoImageProcessor") if vision else ("tokenizer", "AutoTokenizer")
+        looked = ", ".join(repr(s) for s in sources if s) or "none: the parents were built in memory"
+        raise SaveError(
+            f"This {type(model).__name__} needs its {kind} saved beside it, and none was found where its parents "
+            f"came from (looked in: {looked}). Pass processor={auto}.from_pretrained(...) to save it, or "
+            "processor=False (--no-processor on the command line) to save the model without one."
+        )
+    return found
 
 
 def save_fusion_result(
@@ -238,9 +290,14 @@ def save_fusion_result(
     max_shard_size: int | str | None = None,
 ) -> Path:
     """Implementation of :meth:`FusionResult.save_pretrained` (``load_path``: what the card tells users to load;
-    ``processor``: a tokenizer / image processor saved beside the model with its own ``save_pretrained``;
+    ``processor``: a tokenizer / image processor saved beside the model with its own ``save_pretrained``; None
+    finds the anchor parent's (then another parent's) for a transformers model, False saves none;
     ``max_shard_size``: see :func:`save_weights`)."""
+    check_target(Path(save_directory).expanduser(), overwrite)
     adapter = adapter_class(result.adapter)()
+    order = [result.anchor] + [i for i in range(len(result.parents)) if i != result.anchor]
+    sources = [result.parents[i].get("name_or_path") for i in order if i < len(result.parents)]
+    processor = resolve_processor(result.model, result.adapter, processor, sources)
     card = build_model_card(
         result, license=license, datasets=datasets, model_name=model_name, load_path=load_path or str(save_directory)
     )
@@ -285,14 +342,37 @@ def save_weights(adapter: Any, model: nn.Module, directory: Path, *, max_shard_s
     save_torch_state_dict(state, directory, max_shard_size=max_shard_size, metadata={"format": "pt"})
 
 
-def save_model(model: nn.Module, save_directory: str | Path, *, overwrite: bool = False) -> Path:
-    """Save any supported model (a parent, a finetuned model) in its family's format, atomically."""
+def save_model(
+    model: nn.Module,
+    save_directory: str | Path,
+    *,
+    overwrite: bool = False,
+    processor: Any = None,
+    sources: list[str] | None = None,
+) -> Path:
+    """Save any supported model (a parent, a finetuned model) in its family's format, atomically.
+
+    Args:
+        model: the model.
+        save_directory: the folder to create.
+        overwrite: replace an existing non-empty folder.
+        processor: a tokenizer / image processor saved beside it; None finds the one in ``sources`` (default: the
+            model's ``name_or_path``) for a transformers model, and fails when there is none; False saves none.
+        sources: folders or Hub ids to look for the processor in.
+    """
     from .adapters import get_adapter
 
+    check_target(Path(save_directory).expanduser(), overwrite)
     adapter = get_adapter(model)
-    return atomic_directory_write(
-        save_directory, lambda tmp: adapter.save(adapter.prepare(model), tmp), overwrite=overwrite
-    )
+    name = getattr(getattr(model, "config", None), "_name_or_path", None) or None
+    processor = resolve_processor(model, adapter.name, processor, sources if sources is not None else [name])
+
+    def write(tmp: Path) -> None:
+        adapter.save(adapter.prepare(model), tmp)
+        if processor is not None:
+            processor.save_pretrained(tmp)
+
+    return atomic_directory_write(save_directory, write, overwrite=overwrite)
 
 
 def load_pretrained(path: str | Path, *, allow_pickle: bool = False) -> nn.Module:
@@ -306,12 +386,14 @@ def load_pretrained(path: str | Path, *, allow_pickle: bool = False) -> nn.Modul
 
     Raises:
         LoadError: the folder does not exist, was not written by hf_clafusion or a supported library, holds only
-            pickle weights, or is a Hub id that cannot be downloaded. (Adapters may still raise its parent class
+            pickle weights or a damaged (truncated) ``*.safetensors`` file, or is a Hub id that cannot be
+            downloaded. (Adapters may still raise its parent class
             :class:`SaveError` for a folder they recognise but cannot read.)
     """
     folder = Path(path).expanduser()
     if not folder.is_dir():
         folder = download_snapshot(str(path))
+    check_weight_files(folder)
     if (folder / FUSION_CONFIG_FILE).is_file():
         name = json.loads((folder / FUSION_CONFIG_FILE).read_text()).get("adapter")
         if name is not None:
@@ -432,12 +514,15 @@ __all__ = [
     "ALLOW_PATTERNS",
     "atomic_directory_write",
     "build_model_card",
+    "check_target",
     "download_snapshot",
+    "find_processor",
     "folder_license",
     "fusion_record",
     "load_fusion_result",
     "load_pretrained",
     "push_folder_to_hub",
+    "resolve_processor",
     "save_fusion_result",
     "save_model",
 ]

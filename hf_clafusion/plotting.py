@@ -23,6 +23,9 @@ def plot_alignment(
     row_labels: Sequence[str] | None = None,
     column_labels: Sequence[str] | None = None,
     titles: Sequence[str] | None = None,
+    row_starts: Sequence[int] | None = None,
+    column_starts: Sequence[int] | None = None,
+    colorbar_label: str = "layer cost (lower: more similar)",
     path: str | Path | None = None,
 ) -> Figure:
     """One heatmap per cost matrix, with its alignment circled, so each alignment reads as a monotone staircase.
@@ -33,6 +36,10 @@ def plot_alignment(
         row_labels: per panel, the y-axis label (default ``"deeper model layer"``).
         column_labels: per panel, the x-axis label (default ``"shallower model layer"``).
         titles: per panel, the title (default ``"cost and alignment"``).
+        row_starts: per panel, the number of the first row's layer (default 0): ticks read ``start + i``, so
+            a panel of one segment can be numbered over the whole network, as the model card's table is.
+        column_starts: the same for the columns.
+        colorbar_label: the label of every panel's colour bar.
         path: when given, the figure is saved there as PNG (matplotlib's non-interactive Agg canvas; no display
             needed).
 
@@ -51,6 +58,8 @@ def plot_alignment(
     row_labels = row_labels if row_labels is not None else ["deeper model layer"] * count
     column_labels = column_labels if column_labels is not None else ["shallower model layer"] * count
     titles = titles if titles is not None else ["cost and alignment"] * count
+    row_starts = row_starts if row_starts is not None else [0] * count
+    column_starts = column_starts if column_starts is not None else [0] * count
     fig = Figure(figsize=(3.6 * max(count, 1), 3.4), layout="constrained")
     if not count:
         ax = fig.add_subplot(1, 1, 1)
@@ -64,10 +73,10 @@ def plot_alignment(
         ax.plot(range(len(alignment)), alignment, "-", color="red", lw=1)
         ax.set_xlabel(column_labels[i])
         ax.set_ylabel(row_labels[i])
-        ax.set_xticks(range(cost.shape[1]))
-        ax.set_yticks(range(cost.shape[0]))
+        ax.set_xticks(range(cost.shape[1]), [str(column_starts[i] + j) for j in range(cost.shape[1])])
+        ax.set_yticks(range(cost.shape[0]), [str(row_starts[i] + j) for j in range(cost.shape[0])])
         ax.set_title(titles[i], fontsize=9)
-        fig.colorbar(image, ax=ax, shrink=0.8)
+        fig.colorbar(image, ax=ax, shrink=0.8).set_label(colorbar_label, fontsize=8)
     if path is not None:
         fig.savefig(str(path), dpi=110)
     return fig

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -62,6 +63,12 @@ def describe_parent(model: nn.Module, index: int) -> dict[str, Any]:
     }
 
 
+def best_epoch(history: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """The finetuning record with the highest ``eval_accuracy`` (the earliest among ties), or None without any."""
+    evaluated = [r for r in history if "eval_accuracy" in r]
+    return max(evaluated, key=lambda r: r["eval_accuracy"]) if evaluated else None
+
+
 class _AlignmentMixin:
     pairs: list[PairAlignment]
 
@@ -91,11 +98,13 @@ class _AlignmentMixin:
         """Heatmaps of the layer cost matrices with the chosen alignment drawn on them; saved when ``path`` is given.
 
         One panel per (pair, segment) with at least one layer to align: rows are the deeper model's layers of the
-        segment, columns the shallower model's.
+        segment, columns the shallower model's. Layers are numbered over the whole network (0-indexed hidden
+        layers), as in :attr:`layer_alignment`, :meth:`summary` and the model card; the colour bar gives the layer
+        cost (``config.layer_cost``; lower means more similar).
         """
         from .plotting import plot_alignment
 
-        costs, alignments, row_labels, column_labels, titles = [], [], [], [], []
+        costs, alignments, row_labels, column_labels, titles, row_starts, column_starts = [], [], [], [], [], [], []
         for pair in self.pairs:
             for s in range(len(pair.alignment)):
                 if pair.costs[s].numel() == 0:
@@ -104,11 +113,22 @@ class _AlignmentMixin:
                 shallow = pair.reference if deep == pair.model else pair.model
                 costs.append(pair.costs[s].detach().cpu().double().numpy())
                 alignments.append(pair.local(s))
+                row_starts.append(pair.offsets[s] if s < len(pair.offsets) else 0)
+                column_starts.append(sum(len(pair.alignment[t]) for t in range(s)))  # one entry per shallow layer
                 row_labels.append(f"model {deep} layer")
-                column_labels.append(f"model {shallow} layer (segment {s})")
+                column_labels.append(f"model {shallow} layer")
                 titles.append(f"segment {s}: cost and alignment")
+        layer_cost = getattr(getattr(self, "config", None), "layer_cost", "layer cost")
         return plot_alignment(
-            costs, alignments, row_labels=row_labels, column_labels=column_labels, titles=titles, path=path
+            costs,
+            alignments,
+            row_labels=row_labels,
+            column_labels=column_labels,
+            titles=titles,
+            row_starts=row_starts,
+            column_starts=column_starts,
+            colorbar_label=f"{layer_cost} cost (lower: more similar)",
+            path=path,
         )
 
 
@@ -129,6 +149,9 @@ class FusionResult(_AlignmentMixin):
         model: the fused model, same family and class as the parents.
         pairs: the cross-layer alignments (see :attr:`layer_alignment`, :attr:`layer_alignments`).
         transport_plans: per non-anchor model index, the plan ``(n_model, n_anchor)`` of every alignment group.
+        transport_solvers: per non-anchor model index, the solver that computed each group's plan (``"emd"``,
+            ``"permutation"``, ``"sinkhorn"``, or ``"heads"`` for head-structured plans); with ``solver="auto"``
+            this is the exact solver it chose.
         timings: seconds per pipeline stage.
         calibration: where the calibration samples came from (source, size, indices, seed).
         config: the :class:`FusionConfig` used.
@@ -156,6 +179,7 @@ class FusionResult(_AlignmentMixin):
     parents: list[dict[str, Any]]
     bn_reset: bool = False
     identity_errors: dict[str, float] = field(default_factory=dict)
+    transport_solvers: dict[int, dict[str, str]] = field(default_factory=dict)
     evaluation: list[dict[str, Any]] = field(default_factory=list)
     evaluation_dataset: str | None = None
     evaluation_task: str = "image-classification"
@@ -220,6 +244,7 @@ class FusionResult(_AlignmentMixin):
             ],
             "calibration": self.calibration,
             "timings": self.timings,
+            "transport_solvers": {str(k): dict(v) for k, v in self.transport_solvers.items()},
             "bn_reset": self.bn_reset,
             "identity_errors": dict(self.identity_errors),
             "evaluation": self.evaluation,
@@ -253,6 +278,7 @@ class FusionResult(_AlignmentMixin):
             pairs=pairs,
             transport_plans={},
             timings=record.get("timings", {}),
+            transport_solvers={int(k): dict(v) for k, v in record.get("transport_solvers", {}).items()},
             calibration=record.get("calibration", {}),
             config=FusionConfig.from_dict(record["config"]),
             adapter=record["adapter"],
@@ -279,6 +305,10 @@ class FusionResult(_AlignmentMixin):
             f"  layer cost {cfg.layer_cost}, alignment {cfg.alignment}, balancing {cfg.balancing}, solver {cfg.solver}, "
             f"ground metric {cfg.ground_metric}, {self.calibration.get('num_samples')} calibration samples"
         )
+        ran = Counter(name for groups in self.transport_solvers.values() for name in groups.values())
+        if ran:
+            counts = ", ".join(f"{name} ({n} group{'s' if n > 1 else ''})" for name, n in sorted(ran.items()))
+            lines.append(f"  transport: {cfg.solver} -> {counts}")
         for pair in self.pairs:
             for s, (deep, mapping) in enumerate(zip(pair.deeper, pair.alignment)):
                 shallow = pair.reference if deep == pair.model else pair.model
@@ -287,6 +317,16 @@ class FusionResult(_AlignmentMixin):
             lines.append("  BatchNorm statistics recomputed on the calibration data")
         for where, error in self.identity_errors.items():
             lines.append(f"  approximate identity block ({where}): relative error {error:.2%} on the calibration data")
+        if self.finetune_history:
+            lines.append(f"  finetuned for {len(self.finetune_history)} epoch(s); saved weights: after the last one")
+            for record in self.finetune_history:
+                line = f"    epoch {record.get('epoch')}: train loss {record.get('train_loss', float('nan')):.4f}"
+                if "eval_accuracy" in record:
+                    line += f", eval accuracy {100 * record['eval_accuracy']:.2f}%"
+                lines.append(line)
+            best = best_epoch(self.finetune_history)
+            if best is not None:
+                lines.append(f"    best eval accuracy {100 * best['eval_accuracy']:.2f}% at epoch {best.get('epoch')}")
         total = sum(self.timings.values())
         stages = ", ".join(f"{k} {v:.3f}s" for k, v in self.timings.items())
         lines.append(f"  time {total:.3f}s ({stages})")
@@ -315,8 +355,11 @@ class FusionResult(_AlignmentMixin):
             license: the card's license (default: the parents' license when they all agree).
             datasets: data set ids for the card's metadata.
             model_name: the card's title and ``model-index`` name.
-            processor: the anchor's tokenizer / image processor, saved beside the model (``save_pretrained``) so
-                ``AutoTokenizer.from_pretrained(save_directory)`` works.
+            processor: the tokenizer / image processor saved beside the model (``save_pretrained``) so
+                ``AutoTokenizer.from_pretrained(save_directory)`` works. ``None`` (the default) uses the anchor
+                parent's (or another parent's) for a transformers text or vision model, found in the folder or
+                Hub cache it was loaded from, and raises :class:`~hf_clafusion.SaveError` when there is none;
+                ``False`` saves the model without one.
             max_shard_size: split the weights into safetensors shards of at most this size (bytes, or e.g.
                 ``"2GB"``) with a ``model.safetensors.index.json``, as ``transformers``' ``save_pretrained`` does;
                 ``None`` writes one file.
@@ -377,4 +420,4 @@ class FusionResult(_AlignmentMixin):
             )
 
 
-__all__ = ["AlignmentPreview", "FusionResult", "PairAlignment"]
+__all__ = ["AlignmentPreview", "FusionResult", "PairAlignment", "best_epoch"]

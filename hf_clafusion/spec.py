@@ -69,6 +69,32 @@ class Group:
 
 
 @dataclass(frozen=True)
+class RepairPoint:
+    """A place where statistics repair corrects the fused model's per-channel statistics.
+
+    The corrected activation is ``capture``'s output: a Linear/Conv pre-activation (after its BatchNorm, when
+    one follows) or a residual branch output (before the addition). The correction ``y -> scale * y + shift`` is
+    folded into ``weight`` (scaled along ``axis``) and ``bias`` (scaled, then shifted); without a bias the
+    correction is scale-only. A model whose output there is exactly 0 (a residual branch of an inserted identity
+    block) gives no target.
+
+    Attributes:
+        capture: module whose output is corrected (a capture as in :class:`Group`, without channel slice).
+        group: name of the alignment group of the corrected channels (its plan carries each parent's
+            per-channel statistics to the anchor's channels).
+        weight: state-dict key of the parameter scaled along ``axis`` (Linear/Conv weight, norm weight).
+        bias: state-dict key of the parameter shifted, or None (scale-only correction).
+        axis: the axis of ``weight`` that holds the output channels (0; 1 for a transposed ``Conv1D``).
+    """
+
+    capture: str
+    group: str
+    weight: str
+    bias: str | None
+    axis: int = 0
+
+
+@dataclass(frozen=True)
 class LayerSpec:
     """One hidden layer (or block) that cross-layer alignment can match.
 
@@ -112,6 +138,8 @@ class NetworkSpec:
         output_size: number of outputs (classes); the output axis is never aligned.
         input_size: number of input features / channels the first layer reads (None if not applicable).
         description: a JSON-serialisable architecture description the adapter can rebuild the model from.
+        repair_points: where ``repair="repair"`` corrects statistics, in forward order; empty when the adapter
+            does not support REPAIR for this model.
     """
 
     family: str
@@ -120,6 +148,7 @@ class NetworkSpec:
     output_size: int
     input_size: int | None = None
     description: dict = field(default_factory=dict, compare=False)
+    repair_points: tuple[RepairPoint, ...] = ()
 
     @property
     def depth(self) -> int:
@@ -131,4 +160,4 @@ class NetworkSpec:
         return tuple(s.depth for s in self.segments)
 
 
-__all__ = ["AxisRef", "Group", "LayerSpec", "NetworkSpec", "SegmentSpec"]
+__all__ = ["AxisRef", "Group", "LayerSpec", "NetworkSpec", "RepairPoint", "SegmentSpec"]

@@ -36,5 +36,37 @@ def main(out: Path) -> None:
     state.destroy_process_group()
 
 
+def diverge(out: Path) -> None:
+    """Rank 1's loss becomes NaN at its third batch: both ranks must stop there with TrainingDivergedError."""
+    import re
+
+    from hf_clafusion import TrainingDivergedError
+
+    finetune_module = sys.modules["hf_clafusion.finetune"]  # the package's `finetune` attribute is the function
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(192, 8, generator=g)
+    y = (x[:, 0] > 0).long()
+    real_loss, calls = finetune_module._loss, []
+
+    def poisoned(run, inputs, labels, config):
+        loss = real_loss(run, inputs, labels, config)
+        calls.append(1)
+        return loss * float("nan") if run.accelerator.process_index == 1 and len(calls) == 3 else loss
+
+    finetune_module._loss = poisoned
+    try:
+        finetune(mlp(8, [16], 2), (x, y), config=FinetuneConfig(epochs=1, batch_size=24, progress=False))
+        error, step = None, None
+    except TrainingDivergedError as caught:
+        error, step = type(caught).__name__, int(re.search(r"optimiser step (\d+)", str(caught)).group(1))
+    state = PartialState()
+    (out / f"rank{state.process_index}.json").write_text(json.dumps({"error": error, "step": step}))
+    state.destroy_process_group()
+
+
 if __name__ == "__main__":
-    main(Path(sys.argv[1]))
+    if sys.argv[2:] == ["diverge"]:
+        diverge(Path(sys.argv[1]))
+    else:
+        main(Path(sys.argv[1]))

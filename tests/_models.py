@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from hf_clafusion.adapters import get_adapter
-from hf_clafusion.core import apply_plan
+from hf_clafusion.core import apply_plan, expand_head_plan
 
 
 def mlp(in_features: int, hidden: list[int], out_features: int, *, bias: bool = True, seed: int = 0) -> nn.Sequential:
@@ -69,27 +69,50 @@ def randomize_bn(model: nn.Module, seed: int = 0) -> None:
             m.bias.data.copy_(0.1 * torch.randn(n, generator=g))
 
 
-def _permutation_matrix(perm: torch.Tensor) -> torch.Tensor:
+def permutation_matrix(perm: torch.Tensor) -> torch.Tensor:
+    """The ``(n, n)`` transport plan of a permutation: new neuron ``j`` is old neuron ``perm[j]``."""
     n = perm.numel()
     matrix = torch.zeros(n, n, dtype=torch.float64)
-    matrix[perm, torch.arange(n)] = 1.0  # new neuron j = old neuron perm[j]
+    matrix[perm, torch.arange(n)] = 1.0
     return matrix
 
 
+def group_permutation(group, generator: torch.Generator) -> torch.Tensor:
+    """A random permutation of a spec group's neurons that keeps the function: attention heads move whole, and
+    dimensions inside a head move only where the group allows it (``head_dims_free``; not under rotary
+    embeddings)."""
+    if group.heads <= 1:
+        return torch.randperm(group.width, generator=generator)
+    dim = group.width // group.heads
+    heads = torch.randperm(group.heads, generator=generator)
+    return torch.cat(
+        [
+            h * dim + (torch.randperm(dim, generator=generator) if group.head_dims_free else torch.arange(dim))
+            for h in heads.tolist()
+        ]
+    )
+
+
 def permuted_copy(model: nn.Module, seed: int = 0) -> nn.Module:
-    """The same function with every hidden neuron group randomly permuted (through the adapter's spec)."""
+    """The same function with every alignment group of the adapter's spec randomly permuted (any family).
+
+    The spec lists, per group, every parameter axis that indexes the group's neurons (``inner``/``outer`` for
+    fused or flattened axes, ``repeat`` for grouped-query attention, where the plan is expanded per query head);
+    permuting all of them with one permutation leaves the function unchanged. The result is the adapter's
+    prepared copy, in eval mode.
+    """
     adapter = get_adapter(model)
     prepared = adapter.prepare(model)
-    spec = adapter.spec(prepared)
     state = {k: v.clone() for k, v in prepared.state_dict().items()}
     g = torch.Generator().manual_seed(seed)
-    for group in spec.groups:
-        matrix = _permutation_matrix(torch.randperm(group.width, generator=g))
+    for group in adapter.spec(prepared).groups:
+        matrix = permutation_matrix(group_permutation(group, g))
         for axis in group.axes:
-            state[axis.param] = apply_plan(state[axis.param], axis.axis, matrix, inner=axis.inner)
+            plan = expand_head_plan(matrix, group.heads, axis.repeat) if axis.repeat > 1 else matrix
+            state[axis.param] = apply_plan(state[axis.param], axis.axis, plan, inner=axis.inner, outer=axis.outer)
     out = copy.deepcopy(prepared)
     out.load_state_dict(state)
-    return out
+    return out.eval()
 
 
 def widened_mlp(model: nn.Sequential, sources: list[list[int]]) -> nn.Sequential:

@@ -175,3 +175,66 @@ def test_the_result_plot_has_one_panel_per_segment_with_layers(result):
     pair = result.pairs[0]
     assert len(panels) == sum(c.numel() > 0 for c in pair.costs)
     assert list(panels[0].lines[0].get_ydata()) == pair.local(0)
+
+
+def test_the_plot_numbers_layers_over_the_network_as_the_card_does():
+    """Two segments (a pooling layer between them): the second panel's ticks continue the network-wide numbering
+    that the card's table and ``layer_alignment`` use, and every colour bar says what it measures."""
+    from ._models import cnn
+
+    deep = cnn([8, 8, 8, "M", 8, 8, 8, "M"], 3, size=8)
+    shallow = cnn([8, 8, "M", 8, 8, "M"], 3, size=8, seed=1)
+    res = fuse([deep, shallow], torch.randn(48, 1, 8, 8), FusionConfig(progress=False))
+    pair = res.pairs[0]
+    assert len(pair.alignment) >= 2 and pair.offsets[1] > 0
+    figure = res.plot_alignment()
+    panels = [ax for ax in figure.axes if ax.images]
+    second = panels[1]
+    rows = [int(t.get_text()) for t in second.get_yticklabels()]
+    columns = [int(t.get_text()) for t in second.get_xticklabels()]
+    assert rows[0] == pair.offsets[1] and columns[0] == len(pair.alignment[0])
+    # the circled matches, read through the tick labels, are the card's (network-wide) indices
+    matched = [rows[int(y)] for y in second.lines[0].get_ydata()]
+    assert matched == pair.alignment[1]
+    assert (
+        f"| {pair.model} | {pair.reference} | 1 | {pair.deeper[1]} | {pair.alignment[1]} |"
+        in build_model_card(res).text
+    )
+    bars = [ax for ax in figure.axes if not ax.images]
+    assert bars and all("cka cost" in ax.get_ylabel() for ax in bars)
+
+
+def test_the_card_says_which_epoch_the_weights_are_from_and_the_best_one(result):
+    history = [
+        {"epoch": 1, "train_loss": 0.9, "eval_accuracy": 0.5},
+        {"epoch": 2, "train_loss": 0.7, "eval_accuracy": 0.8},
+        {"epoch": 3, "train_loss": 0.6, "eval_accuracy": 0.75},
+    ]
+    result.record_finetune(FinetuneResult(result.model, history))
+    text = " ".join(build_model_card(result).text.split())
+    assert "The saved weights are those after the last epoch (epoch 3)." in text
+    assert "The best evaluation accuracy, 80.00 %, was reached at epoch 2; those weights were not kept." in text
+    summary = result.summary()
+    assert "best eval accuracy 80.00% at epoch 2" in summary and "epoch 3: train loss 0.6000" in summary
+
+
+def test_tied_layer_costs_warn_that_the_alignment_is_arbitrary():
+    """Freshly initialised timm ResNets: the last BatchNorm of every block starts at zero, so every block of a stage
+    outputs the same activations, every layer cost ties, and the alignment is arbitrary."""
+    timm = pytest.importorskip("timm")
+
+    def fresh(layers, seed):
+        torch.manual_seed(seed)
+        return timm.create_model(
+            "resnet18", pretrained=False, num_classes=3, layers=layers, channels=(8, 8, 8, 8), in_chans=1
+        ).eval()
+
+    x = torch.randn(32, 1, 16, 16)
+    with pytest.warns(ClaFusionWarning, match=r"All layer costs of segment \d .* are equal .*arbitrary.*BatchNorm"):
+        fuse([fresh([3, 1, 1, 1], 0), fresh([1, 1, 1, 1], 1)], x, FusionConfig(progress=False))
+
+
+def test_trained_layer_costs_do_not_warn(recwarn):
+    models = [mlp(8, [16, 16, 16], 3), mlp(8, [12, 12], 3, seed=1)]
+    fuse(models, torch.randn(64, 8), FusionConfig(progress=False))
+    assert not [w for w in recwarn if "layer costs" in str(w.message)]

@@ -11,7 +11,7 @@ import yaml
 from huggingface_hub import ModelCard
 from safetensors.torch import save_file
 
-from hf_clafusion import load_pretrained, save_model
+from hf_clafusion import ClaFusionError, load_pretrained, save_model
 from hf_clafusion.cli import build_parser, main
 from hf_clafusion.config import FinetuneConfig, FusionConfig, describe_choices
 
@@ -28,7 +28,7 @@ def parents(tmp_path):
     return deep, shallow, tmp_path / "data.safetensors"
 
 
-@pytest.mark.parametrize("command", ["fuse", "finetune", "push", "inspect", "demo"])
+@pytest.mark.parametrize("command", ["fuse", "finetune", "evaluate", "push", "inspect", "demo"])
 def test_every_subcommand_has_help(command, capsys):
     with pytest.raises(SystemExit) as info:
         main([command, "--help"])
@@ -191,10 +191,18 @@ def test_missing_parent_path_is_a_one_line_failure(parents, tmp_path, capsys):
     assert err.count("\n") == 1
 
 
-def test_debug_shows_the_traceback(parents, tmp_path):
+def test_debug_reraises_the_library_error_that_is_otherwise_a_one_line_message(parents, tmp_path, capsys):
     _, shallow, data = parents
-    with pytest.raises(Exception, match="neither an existing folder"):
-        main(["--debug", "fuse", str(tmp_path / "nope") + "/", str(shallow), "--data", str(data), "--output", "x"])
+    argv = ["fuse", str(tmp_path / "nope") + "/", str(shallow), "--data", str(data), "--output", str(tmp_path / "x")]
+    assert main(argv) == 1  # without --debug: an exit code and one line, no traceback
+    err = capsys.readouterr().err
+    assert err.startswith("hf-clafusion: error: ") and err.count("\n") == 1 and "Traceback" not in err
+    assert "neither an existing folder" in err
+    with pytest.raises(ClaFusionError, match="neither an existing folder") as info:
+        main(["--debug", *argv])
+    # the original exception, raised from inside the library (its traceback reaches the raising frame)
+    assert "hf_clafusion" in str(info.traceback[-1].path) and "cli.py" not in str(info.traceback[-1].path)
+    assert not (tmp_path / "x").exists()
 
 
 def test_push_needs_an_existing_folder(tmp_path, capsys):
@@ -202,12 +210,211 @@ def test_push_needs_an_existing_folder(tmp_path, capsys):
     assert "No such folder" in capsys.readouterr().err
 
 
-def test_usage_error_exit_code_2(capsys):
+def test_usage_errors_exit_with_code_2(capsys):
     with pytest.raises(SystemExit) as info:
         main(["fuse"])
     assert info.value.code == 2
 
 
-def test_parser_is_the_documented_one():
+def test_parser_has_the_documented_subcommands():
     parser = build_parser()
-    assert {"fuse", "finetune", "push", "inspect", "demo"} <= set(parser._subparsers._group_actions[0].choices)
+    assert {"fuse", "finetune", "evaluate", "push", "inspect", "demo"} <= set(
+        parser._subparsers._group_actions[0].choices
+    )
+
+
+# ------------------------------------------------------------------------- what a new user meets: errors, data, text
+
+
+def one_line_error(capsys) -> str:
+    err = capsys.readouterr().err
+    assert err.startswith("hf-clafusion: error: ") and err.count("\n") == 1 and "Traceback" not in err, err
+    return err
+
+
+def test_an_existing_output_folder_is_refused_before_the_fusion_runs(parents, tmp_path, capsys):
+    deep, shallow, _ = parents
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    # the data file does not exist: had the fusion started, that would be the error
+    missing = str(tmp_path / "missing.safetensors")
+    assert main(["fuse", str(deep), str(shallow), "--data", missing, "--output", str(out), "--quiet"]) == 1
+    assert "already exists and is not empty" in one_line_error(capsys)
+    assert (out / "keep.txt").read_text() == "mine"
+
+
+def test_finetuning_on_raw_text_without_a_tokenizer_is_one_line(parents, tmp_path, capsys):
+    from datasets import Dataset
+
+    deep, _, _ = parents
+    Dataset.from_dict({"text": ["hello world"] * 8, "label": [0] * 8}).save_to_disk(str(tmp_path / "text"))
+    code = main(["finetune", str(deep), "--data", str(tmp_path / "text"), "--output", str(tmp_path / "o"), "--quiet"])
+    assert code == 1
+    assert "'text' holds raw text, and no tokenizer was found" in one_line_error(capsys)
+    assert not (tmp_path / "o").exists()
+
+
+def test_a_missing_optional_package_is_one_line_with_the_install_hint(monkeypatch, tmp_path, capsys):
+    timm = pytest.importorskip("timm")
+    model = timm.create_model("resnet18", pretrained=False, num_classes=3, layers=[1, 1, 1, 1], channels=(8,) * 4)
+    folder = save_model(model, tmp_path / "resnet")
+    monkeypatch.setitem(__import__("sys").modules, "timm", None)  # as if the timm extra were not installed
+    data = tmp_path / "data.safetensors"
+    save_file({"inputs": torch.randn(4, 3, 16, 16), "labels": torch.zeros(4, dtype=torch.long)}, str(data))
+    assert main(["evaluate", str(folder), "--data", str(data)]) == 1
+    err = one_line_error(capsys)
+    assert "timm" in err and "pip install -e '.[timm]'" in err
+
+
+def test_any_other_exception_is_one_line_and_debug_shows_it(tmp_path, capsys):
+    from hf_clafusion.cli import error_line
+
+    line = error_line(TypeError("new(): invalid data type 'str'\nmore"))
+    assert "\n" not in line and line.startswith("unexpected TypeError: new(): invalid data type 'str' more.")
+    assert "--debug" in line
+
+
+def test_eval_split_reads_split_keys_of_a_safetensors_file(parents, tmp_path, capsys):
+    deep, _, _ = parents
+    x = torch.randn(100, 8)
+    y = (x[:, 0] > 0).long()
+    data = tmp_path / "splits.safetensors"
+    save_file(
+        {"train/inputs": x[:80], "train/labels": y[:80], "validation/inputs": x[80:], "validation/labels": y[80:]},
+        str(data),
+    )
+    out = tmp_path / "tuned"
+    args = ["finetune", str(deep), "--data", str(data), "--eval-split", "validation", "--set", "epochs=2"]
+    assert main([*args, "--output", str(out), "--quiet"]) == 0
+    records = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith("{")]
+    assert [r["eval_samples"] for r in records] == [20, 20]
+    # a plain file has no such split: the error says how to give one
+    _, _, plain = parents
+    args = ["finetune", str(deep), "--data", str(plain), "--eval-split", "validation", "--output", str(tmp_path / "x")]
+    assert main(args) == 2
+    err = one_line_error(capsys)
+    assert "'validation/inputs'" in err and "--eval-fraction" in err
+
+
+def test_eval_fraction_holds_out_part_of_a_safetensors_file(parents, tmp_path, capsys):
+    deep, _, data = parents  # 120 rows
+    out = tmp_path / "tuned"
+    args = ["finetune", str(deep), "--data", str(data), "--eval-fraction", "0.25", "--set", "epochs=1"]
+    assert main([*args, "--output", str(out), "--quiet"]) == 0
+    records = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith("{")]
+    assert records[0]["eval_samples"] == 30
+
+
+def test_evaluate_prints_the_accuracy_table(parents, tmp_path, capsys):
+    deep, shallow, data = parents
+    assert main(["evaluate", str(deep), str(shallow), "--data", str(data)]) == 0
+    out = capsys.readouterr().out
+    from safetensors.torch import load_file
+
+    from hf_clafusion import evaluate
+
+    tensors = load_file(str(data))
+    models = [load_pretrained(deep), load_pretrained(shallow)]
+    expected = evaluate(models, (tensors["inputs"], tensors["labels"]), names=[str(deep), str(shallow)])
+    assert out.strip() == str(expected).strip()
+    assert "ensemble" in out
+
+
+def test_inspect_shows_the_finetuning_history(parents, tmp_path, capsys):
+    deep, shallow, data = parents
+    fused, tuned = tmp_path / "fused", tmp_path / "tuned"
+    assert main(["fuse", str(deep), str(shallow), "--data", str(data), "--output", str(fused), "--quiet"]) == 0
+    args = ["finetune", str(fused), "--data", str(data), "--eval-fraction", "0.2", "--set", "epochs=2"]
+    assert main([*args, "--output", str(tuned), "--quiet"]) == 0
+    capsys.readouterr()
+    assert main(["inspect", str(tuned)]) == 0
+    out = capsys.readouterr().out
+    assert "finetuned for 2 epoch(s); saved weights: after the last one" in out
+    assert "epoch 1: train loss" in out and "epoch 2: train loss" in out and "best eval accuracy" in out
+
+
+def test_inspect_shows_the_recorded_evaluation(parents, tmp_path, capsys):
+    from hf_clafusion import evaluate
+    from hf_clafusion.hub import load_fusion_result
+
+    deep, shallow, data = parents
+    fused = tmp_path / "fused"
+    assert main(["fuse", str(deep), str(shallow), "--data", str(data), "--output", str(fused), "--quiet"]) == 0
+    result = load_fusion_result(fused)
+    x, y = torch.randn(30, 8), torch.randint(0, 3, (30,))
+    result.record_evaluation(evaluate([result.model], (x, y), names=["fused"]), dataset="toy")
+    result.save_pretrained(tmp_path / "evaluated")
+    capsys.readouterr()
+    assert main(["inspect", str(tmp_path / "evaluated")]) == 0
+    out = capsys.readouterr().out
+    row = result.evaluation[0]
+    assert "recorded evaluation on toy:" in out
+    assert f"  fused: accuracy {100 * row['accuracy']:.2f}%, loss {row['loss']:.4f}  (this model)" in out
+
+
+def _bert_folder(folder: Path, layers: int, seed: int) -> Path:
+    transformers = pytest.importorskip("transformers")
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    vocab = {"[PAD]": 0, "[UNK]": 1, "[CLS]": 2, "[SEP]": 3, "hello": 4, "world": 5, "good": 6, "bad": 7}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer = transformers.PreTrainedTokenizerFast(
+        tokenizer_object=tok, unk_token="[UNK]", pad_token="[PAD]", cls_token="[CLS]", sep_token="[SEP]"
+    )
+    torch.manual_seed(seed)
+    config = transformers.BertConfig(
+        vocab_size=len(vocab),
+        hidden_size=16,
+        num_hidden_layers=layers,
+        num_attention_heads=2,
+        intermediate_size=32,
+        num_labels=2,
+        max_position_embeddings=32,
+    )
+    transformers.BertForSequenceClassification(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def test_fuse_keeps_the_anchor_tokenizer_and_finetune_tokenizes_raw_text(tmp_path, capsys):
+    """The tokenizer round trip: fused with the CLI, AutoTokenizer reads the parent's tokenizer back from the output;
+    finetune and evaluate then tokenize a raw-text dataset with it."""
+    transformers = pytest.importorskip("transformers")
+    from datasets import Dataset
+
+    deep, shallow = _bert_folder(tmp_path / "deep", 3, 0), _bert_folder(tmp_path / "shallow", 2, 1)
+    ids = torch.randint(4, 8, (24, 6), generator=torch.Generator().manual_seed(0))
+    save_file({"input_ids": ids}, str(tmp_path / "calib.safetensors"))
+    out = tmp_path / "fused"
+    args = ["fuse", str(deep), str(shallow), "--data", str(tmp_path / "calib.safetensors")]
+    assert main([*args, "--output", str(out), "--quiet"]) == 0
+    parent = transformers.AutoTokenizer.from_pretrained(deep)
+    fused = transformers.AutoTokenizer.from_pretrained(out)
+    assert fused("hello world")["input_ids"] == parent("hello world")["input_ids"] == [4, 5]
+
+    texts = ["hello world good", "bad world", "good good hello", "bad bad world"] * 6
+    labels = [int("good" in t) for t in texts]
+    Dataset.from_dict({"text": texts, "label": labels}).save_to_disk(str(tmp_path / "text"))
+    tuned = tmp_path / "tuned"
+    args = ["finetune", str(out), "--data", str(tmp_path / "text"), "--eval-fraction", "0.25", "--max-length", "8"]
+    assert main([*args, "--set", "epochs=1", "--output", str(tuned), "--quiet"]) == 0
+    assert transformers.AutoTokenizer.from_pretrained(tuned)("hello world")["input_ids"] == [4, 5]
+    capsys.readouterr()
+    assert main(["evaluate", str(tuned), "--data", str(tmp_path / "text"), "--split", "train"]) == 0
+    assert str(tuned) in capsys.readouterr().out
+
+
+def test_no_processor_saves_a_transformers_model_without_a_tokenizer(tmp_path, capsys):
+    deep, shallow = _bert_folder(tmp_path / "deep", 3, 0), _bert_folder(tmp_path / "shallow", 2, 1)
+    for folder in (deep, shallow):
+        for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+            (folder / name).unlink(missing_ok=True)
+    ids = torch.randint(4, 8, (24, 6), generator=torch.Generator().manual_seed(0))
+    save_file({"input_ids": ids}, str(tmp_path / "calib.safetensors"))
+    args = ["fuse", str(deep), str(shallow), "--data", str(tmp_path / "calib.safetensors"), "--quiet"]
+    assert main([*args, "--output", str(tmp_path / "a")]) == 1
+    assert "needs its tokenizer" in one_line_error(capsys) and not (tmp_path / "a").exists()
+    assert main([*args, "--output", str(tmp_path / "b"), "--no-processor"]) == 0
+    assert (tmp_path / "b" / "model.safetensors").is_file()

@@ -1,16 +1,17 @@
+import re
 import subprocess
 import sys
 
 import pytest
 import torch
 
-from hf_clafusion import CalibrationDataError, FinetuneConfig, finetune
+from hf_clafusion import DataError, FinetuneConfig, finetune
 from hf_clafusion.cli import main
 
 from ._models import mlp
 
 
-def test_help_and_version(capsys):
+def test_help_lists_the_subcommands_and_version_prints_the_version(capsys):
     with pytest.raises(SystemExit) as info:
         main(["--help"])
     assert info.value.code == 0
@@ -32,6 +33,9 @@ def test_quick_demo_runs_end_to_end(tmp_path, capsys):
     for row in ("deep parent", "shallow parent", "ensemble", "CLAFusion + finetune", "chain mapping"):
         assert row in out
     for name in ("mlp", "cnn"):
+        assert re.search(
+            rf"^{name}: one-shot CLAFusion is \d+\.\d\d points (above|below) the chain-mapping", out, re.M
+        )
         assert (tmp_path / name / "model.safetensors").exists()
         assert (tmp_path / name / "alignment.png").exists()
 
@@ -55,11 +59,11 @@ def test_finetune_lowers_the_training_loss():
 
 
 def test_finetune_rejects_bad_data():
-    with pytest.raises(CalibrationDataError, match="training data is empty"):
+    with pytest.raises(DataError, match="training data is empty"):
         finetune(
             mlp(8, [4], 3),
             (torch.empty(0, 8), torch.empty(0, dtype=torch.long)),
             config=FinetuneConfig(progress=False),
         )
-    with pytest.raises(CalibrationDataError, match="Unsupported training data of type str"):
+    with pytest.raises(DataError, match="Unsupported training data of type str"):
         finetune(mlp(8, [4], 3), "data.csv")

@@ -276,3 +276,191 @@ def test_capture_points_read_inputs_outputs_and_channel_slices():
     with pytest.raises(KeyError, match="Malformed capture"):
         with capture_outputs(model, ["0[1:]"]):
             pass
+
+
+# --------------------------------------------------------------------------- exact solver choice ("auto")
+
+
+def _structured_cost(n_b: int, n_a: int, seed: int = 0) -> np.ndarray:
+    """Distances between neuron embeddings where B's neurons are noisy copies of some of A's (a unique optimum)."""
+    rng = np.random.default_rng(seed)
+    xa = rng.normal(size=(n_a, 8))
+    xb = xa[rng.permutation(n_a)[:n_b]] + 0.5 * rng.normal(size=(n_b, 8))
+    return np.sqrt(((xb[:, None] - xa[None]) ** 2).sum(-1))
+
+
+def _emd(cost: np.ndarray) -> np.ndarray:
+    import ot
+
+    n_b, n_a = cost.shape
+    return ot.emd(np.full(n_b, 1 / n_b), np.full(n_a, 1 / n_a), cost, numItermax=1_000_000)
+
+
+def test_auto_gives_exactly_emds_plan_for_equal_widths_by_a_linear_assignment():
+    from hf_clafusion.core import solve_transport
+
+    cost = _structured_cost(24, 24)
+    solution = solve_transport(cost, solver="auto")
+    assert solution.solver == "permutation"
+    assert np.array_equal(solution.plan, _emd(cost))
+    on_torch = solve_transport(torch.from_numpy(cost), solver="auto")
+    assert isinstance(on_torch.plan, torch.Tensor) and np.array_equal(on_torch.plan.numpy(), _emd(cost))
+
+
+@pytest.mark.parametrize("shape", [(12, 20), (20, 12), (16, 48)])
+def test_auto_reaches_emds_objective_for_unequal_widths(shape):
+    from hf_clafusion.core import solve_transport
+
+    cost = _structured_cost(*shape, seed=1) if shape[0] <= shape[1] else _structured_cost(*shape[::-1], seed=1).T
+    solution = solve_transport(cost, solver="auto")
+    assert solution.solver == "emd"
+    assert float((solution.plan * cost).sum()) == pytest.approx(float((_emd(cost) * cost).sum()), abs=1e-9)
+    assert np.allclose(solution.plan.sum(1), 1 / shape[0]) and np.allclose(solution.plan.sum(0), 1 / shape[1])
+
+
+def test_explicit_solvers_report_themselves_and_unknown_ones_list_the_choices():
+    from hf_clafusion.core import solve_transport
+
+    cost = torch.rand(5, 5, dtype=torch.float64)
+    assert [solve_transport(cost, solver=s).solver for s in ("emd", "permutation", "sinkhorn")] == [
+        "emd",
+        "permutation",
+        "sinkhorn",
+    ]
+    with pytest.raises(ConfigError, match="Unknown solver 'lap'. Choose one of: 'auto', 'emd'"):
+        transport_plan(cost, solver="lap")
+
+
+def test_fuse_with_auto_reports_the_solver_per_group_in_the_summary():
+    from hf_clafusion import FusionConfig, fuse
+
+    from ._models import mlp, permuted_copy
+
+    model = mlp(8, [12, 10], 3, seed=5)
+    x = torch.randn(120, 8)
+    result = fuse([model, permuted_copy(model, seed=6)], x, FusionConfig(progress=False, solver="auto"))
+    assert result.transport_solvers == {1: {"layer.0": "permutation", "layer.2": "permutation"}}
+    assert "transport: auto -> permutation (2 groups)" in result.summary()
+    assert torch.allclose(result.model(x), model(x), atol=1e-4)
+
+
+# --------------------------------------------------------------------------- float32 products, float64 sums
+
+
+def _group_activations(model, x):
+    """Each alignment group's captured activations ``(samples, width)``, as fusion collects them."""
+    from hf_clafusion.adapters import get_adapter
+    from hf_clafusion.adapters.base import capture_outputs
+
+    adapter = get_adapter(model)
+    prepared = adapter.prepare(model).eval()
+    names = [c for g in adapter.spec(prepared).groups for c in g.captures]
+    with torch.no_grad(), capture_outputs(prepared, names) as out:
+        prepared(x)
+    return [adapter.features(out[n], x) for n in names]
+
+
+@pytest.mark.parametrize("case", ["mlp", "cnn_bn", "cnn"])
+def test_float32_products_give_the_same_costs_and_plans_as_float64(case):
+    from ._models import cnn, mlp, permuted_copy
+
+    if case == "mlp":
+        model, x = mlp(12, [32, 24, 16], 5, seed=0), torch.randn(200, 12)
+    else:
+        model, x = cnn([6, 6, "M", 8, "M"], hidden_fc=[16], bn=case == "cnn_bn", seed=2), torch.rand(64, 1, 8, 8)
+    other = permuted_copy(model, seed=5)
+    for acts_b, acts_a in zip(_group_activations(other, x), _group_activations(model, x), strict=True):
+        single, double = ActivationStats(), ActivationStats(torch.float64)
+        for start in range(0, acts_a.shape[0], 50):
+            single.update(acts_b[start : start + 50], acts_a[start : start + 50])
+            double.update(acts_b[start : start + 50], acts_a[start : start + 50])
+        for metric in ("distances", "correlation_distances"):
+            c32, c64 = getattr(single, metric)(), getattr(double, metric)()
+            assert c32.dtype == torch.float64
+            # squared costs agree to float32 precision of the scale (square roots magnify errors near 0)
+            assert torch.allclose(c32.square(), c64.square(), atol=1e-6 * float(c64.max()) ** 2)
+            for solver in ("emd", "auto"):
+                assert torch.equal(transport_plan(c32, solver=solver), transport_plan(c64, solver=solver))
+
+
+def test_float32_statistics_resolve_a_near_tie_that_the_uncentred_float32_formula_gets_wrong():
+    """Neurons 0 and 1 of A differ by 1e-3 of their std on top of a mean of 100: the right match is a near tie."""
+    g = torch.Generator().manual_seed(0)
+    samples = 2000
+    base = torch.randn(samples, 6, dtype=torch.float64, generator=g)
+    base[:, 1] = base[:, 0] + 1e-3 * torch.randn(samples, dtype=torch.float64, generator=g)
+    acts_a = (100.0 + base).float()
+    perm = [1, 0, 3, 2, 5, 4]
+    acts_b = (100.0 + base[:, perm] + 3e-4 * torch.randn(samples, 6, dtype=torch.float64, generator=g)).float()
+    single, double = ActivationStats(), ActivationStats(torch.float64)
+    for start in range(0, samples, 250):
+        single.update(acts_b[start : start + 250], acts_a[start : start + 250])
+        double.update(acts_b[start : start + 250], acts_a[start : start + 250])
+    c32, c64 = single.distances(), double.distances()
+    assert torch.allclose(c32.square(), c64.square(), atol=1e-6 * float(c64.max()) ** 2)
+    expected = transport_plan(c64, solver="emd")
+    assert expected.argmax(1).tolist() == perm
+    assert torch.equal(transport_plan(c32, solver="emd"), expected)
+    assert torch.equal(transport_plan(c32, solver="auto"), expected)
+    # the uncentred float32 form ||a||^2 + ||b||^2 - 2<a, b> loses the difference to cancellation
+    b, a = acts_b, acts_a
+    naive = (b.square().sum(0)[:, None] + a.square().sum(0)[None, :] - 2 * b.T @ a).clamp_min(0).double()
+    assert not torch.equal(transport_plan(naive, solver="emd"), expected)
+
+
+# --------------------------------------------------------------------------- correlation cost
+
+
+def test_correlation_cost_is_the_distance_between_z_scored_activations():
+    a = torch.randn(400, 6, dtype=torch.float64)
+    b = a @ torch.randn(6, 4, dtype=torch.float64) + torch.randn(400, 4, dtype=torch.float64)
+    stats = ActivationStats(torch.float64)
+    stats.update(b[:150], a[:150])
+    stats.update(b[150:], a[150:])
+    z = lambda t: (t - t.mean(0)) / t.std(0, unbiased=False)  # noqa: E731
+    assert torch.allclose(stats.correlation_distances(), torch.cdist(z(b).T, z(a).T) / 400**0.5, atol=1e-9)
+    rho = torch.corrcoef(torch.cat([b, a], 1).T)[:4, 4:]
+    assert torch.allclose(stats.correlations(), rho, atol=1e-9)
+
+
+def test_correlation_cost_is_invariant_to_per_neuron_positive_scaling_and_shift():
+    a = torch.randn(300, 8)
+    b = a[:, torch.randperm(8)] + 0.3 * torch.randn(300, 8)
+    scale, shift = torch.rand(8) * 5 + 0.1, torch.randn(8) * 10
+    plain, moved = ActivationStats(), ActivationStats()
+    plain.update(b, a)
+    moved.update(b * scale + shift, a)
+    assert torch.allclose(moved.correlation_distances(), plain.correlation_distances(), atol=1e-5)
+    assert not torch.allclose(moved.distances(), plain.distances(), atol=1e-1)  # the RMS distance is not
+    assert torch.equal(
+        transport_plan(moved.correlation_distances(), solver="auto"),
+        transport_plan(plain.correlation_distances(), solver="auto"),
+    )
+
+
+def test_a_constant_neuron_z_scores_to_zero_also_when_it_carries_only_rounding_noise():
+    a = torch.randn(50, 3)
+    a[:, 2] = 0.1
+    ulp = float(torch.tensor(1000.0).nextafter(torch.tensor(2000.0))) - 1000.0
+    rounding = 1000.0 + ulp * torch.randint(0, 2, (50,)).float()  # constant up to float32 resolution
+    b = torch.stack([a[:, 0], a[:, 1], rounding], 1)
+    stats = ActivationStats()
+    stats.update(b[:20], a[:20])
+    stats.update(b[20:], a[20:])
+    assert [m.tolist() for m in stats.live()] == [[True, True, False], [True, True, False]]
+    cost = stats.correlation_distances()
+    assert float(cost[2, 2]) == 0.0 and float(cost[0, 2]) == 1.0 and float(cost[2, 0]) == 1.0
+    assert float(cost[0, 0]) == pytest.approx(0.0, abs=1e-3)
+
+
+def test_fuse_with_correlation_costs_returns_the_original_for_a_permuted_copy():
+    from hf_clafusion import FusionConfig, fuse
+
+    from ._models import cnn, permuted_copy
+
+    model = cnn([6, 6, "M", 8, "M"], hidden_fc=[16], bn=True, seed=2).eval()
+    x = torch.rand(64, 1, 8, 8)
+    config = FusionConfig(progress=False, repair=None, ground_metric="correlation")
+    result = fuse([model, permuted_copy(model, seed=5)], x, config)
+    assert "ground metric correlation" in result.summary()
+    assert torch.allclose(result.model(x), model(x), atol=1e-4)

@@ -34,24 +34,24 @@ def _fuse(models, data=X, **overrides):
     return fuse(models, data, FusionConfig(progress=False), **overrides)
 
 
-def test_different_output_sizes():
+def test_different_output_sizes_are_refused():
     with pytest.raises(IncompatibleModelsError, match=r"different output sizes: \[3, 5\].*same number of outputs"):
         _fuse([mlp(8, [16], 3), mlp(8, [16], 5)])
 
 
-def test_different_input_sizes():
+def test_different_input_sizes_are_refused():
     with pytest.raises(IncompatibleModelsError, match=r"inputs of different sizes: \[8, 6\]"):
         _fuse([mlp(8, [16], 3), mlp(6, [16], 3)])
 
 
-def test_unsupported_layer_type():
+def test_unsupported_layer_types_are_refused():
     model = nn.Sequential(nn.Linear(8, 16), nn.GELU(), nn.Linear(16, 3))
     with pytest.raises(UnsupportedArchitectureError, match=r"'GELU'.*Supported: Linear") as info:
         _fuse([model, mlp(8, [16], 3)])
     assert info.value.layer_type == "GELU"
 
 
-def test_unsupported_model_class():
+def test_unsupported_model_classes_are_refused():
     class Net(nn.Module):
         def forward(self, x):
             return x
@@ -60,7 +60,7 @@ def test_unsupported_model_class():
         _fuse([Net(), Net()])
 
 
-def test_non_finite_weights():
+def test_non_finite_weights_are_refused():
     bad = mlp(8, [16], 3)
     bad[0].weight.data[0, 0] = float("nan")
     with pytest.raises(InvalidWeightsError, match=r"Model 1 has non-finite values in '0.weight' \(1 of 128"):
@@ -194,7 +194,7 @@ def test_the_choice_lists_come_from_the_literal_aliases():
     assert field_choices(FusionConfig)["layer_cost"] == FusionConfig.LAYER_COSTS
     assert field_choices(FinetuneConfig)["mixed_precision"] == typing.get_args(config_module.MixedPrecision)
     assert describe_choices(FusionConfig)["anchor"] == "'deepest', 'shallowest' or a model index >= 0"
-    assert set(field_choices(FinetuneConfig)) == {"optimizer", "scheduler", "mixed_precision"}
+    assert set(field_choices(FinetuneConfig)) == {"optimizer", "scheduler", "mixed_precision", "distill_scaling"}
 
 
 def test_models_built_from_different_layer_types_are_refused():

@@ -10,7 +10,7 @@ import pytest
 import torch
 from torch.nn import functional as F
 
-from hf_clafusion import CalibrationDataError, ConfigError, FinetuneConfig, finetune
+from hf_clafusion import ConfigError, DataError, FinetuneConfig, finetune
 from hf_clafusion.finetune import distillation_loss
 
 from ._models import cpu_launch_command, mlp
@@ -41,6 +41,57 @@ def test_distillation_loss_matches_its_formula():
     ensemble = distillation_loss(student, [teacher, teacher * 0], labels, alpha=1.0, temperature=t)
     p2 = ((teacher / t).softmax(-1) + (teacher * 0 / t).softmax(-1)) / 2
     assert float(ensemble) == pytest.approx(float(t * t * (p2 * (p2.log() - q.log())).sum(-1).mean()), rel=1e-5)
+
+
+def test_the_official_distillation_scaling_divides_by_the_classes_and_averages_teacher_logits():
+    student = torch.tensor([[2.0, 0.5, -1.0], [0.1, 0.2, 0.3]])
+    teachers = [torch.tensor([[1.0, 1.5, -0.5], [2.0, -1.0, 0.0]]), torch.tensor([[0.0, 3.0, 1.0], [-1.0, 0.5, 2.0]])]
+    labels = torch.tensor([0, 2])
+    t, alpha = 20.0, 0.5
+    p = ((teachers[0] + teachers[1]) / 2 / t).softmax(-1)  # the mean of the logits, then the softmax
+    q = (student / t).softmax(-1)
+    kl = (p * (p.log() - q.log())).sum() / p.numel()  # nn.KLDivLoss(reduction="mean"): over batch AND classes
+    expected = alpha * t * t * kl + (1 - alpha) * F.cross_entropy(student, labels)
+    got = distillation_loss(student, teachers, labels, alpha=alpha, temperature=t, scaling="official")
+    assert float(got) == pytest.approx(float(expected))
+    assert FinetuneConfig.official_distillation().distill_scaling == "official"
+    assert FinetuneConfig.official_distillation().distill_temperature == 20.0
+
+
+def test_distillation_with_the_default_config_does_not_destroy_a_trained_model():
+    x, y = _data(384)
+    teacher = mlp(8, [32], 3, seed=1)
+    finetune(teacher, (x, y), config=CONFIG.replace(epochs=10))
+    student = mlp(8, [16, 16], 3, seed=2)
+    finetune(student, (x, y), config=CONFIG.replace(epochs=10))
+    tx, ty = _data(256, seed=5)
+    before = float((student(tx).argmax(-1) == ty).float().mean())
+    out = finetune(student, (x, y), (tx, ty), FinetuneConfig(epochs=2, batch_size=32, progress=False), teacher=teacher)
+    assert out.initial_evaluation["eval_accuracy"] == pytest.approx(before)
+    assert out.history[-1]["eval_accuracy"] > before - 0.05  # the default T = 2 trains stably with SGD lr 0.01
+
+
+def test_a_non_finite_loss_stops_training_with_a_clear_error():
+    from hf_clafusion import TrainingDivergedError
+
+    x, y = _data()
+    with pytest.raises(
+        TrainingDivergedError, match=r"non-finite .* at optimiser step \d+, epoch 1.*Lower `lr` \(1e\+12\)"
+    ):
+        finetune(mlp(8, [16], 3), (x, y), config=CONFIG.replace(lr=1e12, momentum=0.0, weight_decay=0.0))
+    finetune(mlp(8, [16], 3), (x, y), config=CONFIG)  # the guard stays silent on a normal run
+
+
+def test_an_accuracy_collapse_after_an_epoch_is_warned_about():
+    from hf_clafusion import ClaFusionWarning
+
+    x, y = _data(384)
+    model = mlp(8, [32], 3, seed=1)
+    finetune(model, (x, y), config=CONFIG.replace(epochs=10))
+    tx, ty = _data(256, seed=5)
+    flipped = (y + 1) % 3  # training on wrong labels destroys the accuracy on the right ones
+    with pytest.warns(ClaFusionWarning, match=r"Evaluation accuracy fell from 0\.\d+ .* after epoch \d.*Lower `lr`"):
+        finetune(model, (x, flipped), (tx, ty), config=CONFIG.replace(epochs=3))
 
 
 def test_a_few_steps_lower_the_training_loss():
@@ -122,11 +173,11 @@ def test_bad_input_is_refused_clearly():
     from datasets import Dataset
 
     x, y = _data(32)
-    with pytest.raises(CalibrationDataError, match="no label column 'label'.*columns: \\['x', 'y'\\]"):
-        finetune(mlp(8, [4], 3), Dataset.from_dict({"x": x.tolist(), "y": y.tolist()}), config=CONFIG)
-    with pytest.raises(CalibrationDataError, match=r"labels lie in \[0, 7\] but the model has 3 outputs"):
+    with pytest.raises(DataError, match="no label column 'label'.*columns: \\['x', 'z'\\].*label_column="):
+        finetune(mlp(8, [4], 3), Dataset.from_dict({"x": x.tolist(), "z": y.tolist()}), config=CONFIG)
+    with pytest.raises(DataError, match=r"training labels lie in \[0, 7\] but the model has 3 outputs"):
         finetune(mlp(8, [4], 3), (x, torch.full((32,), 7)), config=CONFIG)
-    with pytest.raises(CalibrationDataError, match="training data is empty"):
+    with pytest.raises(DataError, match="training data is empty"):
         finetune(mlp(8, [4], 3), Dataset.from_dict({"x": [], "label": []}), config=CONFIG)
     with pytest.raises(ConfigError, match="`optimizer`: 'lion'"):
         FinetuneConfig.from_dict({"optimizer": "lion"})
@@ -149,6 +200,18 @@ def test_two_cpu_processes_stay_in_sync(tmp_path):
     assert reports[0]["weights"] == reports[1]["weights"]  # gradients were synchronised
     assert reports[0]["eval_samples"] == reports[1]["eval_samples"] == 101  # gathered once, no duplicates
     assert reports[0]["steps"] == 4  # 192 samples / (2 processes x 24) per step
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="gloo CPU processes")
+def test_a_diverging_run_stops_every_process_at_the_same_step(tmp_path):
+    """One process's loss becomes NaN: both processes raise TrainingDivergedError at that step (no deadlock)."""
+    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(SCRIPT.parents[1])}
+    command = cpu_launch_command(str(SCRIPT), str(tmp_path), "diverge", port=29519)
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    reports = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert [r["error"] for r in reports] == ["TrainingDivergedError"] * 2
+    assert reports[0]["step"] == reports[1]["step"] == 3  # rank 1 poisoned step 3; rank 0 stopped there too
 
 
 @pytest.mark.parametrize(

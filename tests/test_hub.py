@@ -359,3 +359,90 @@ def test_folder_license_reads_the_card_metadata(tmp_path):
     assert folder_license(tmp_path) is None
     (tmp_path / "README.md").write_text("---\nlicense: mit\n---\n# A model\n")
     assert folder_license(tmp_path) == "mit"
+
+
+# ------------------------------------------------------------------------------- damaged files, file modes, processors
+
+
+def _saved_folder(family: str, tmp_path: Path) -> Path:
+    """A tiny model of ``family`` saved in its own format."""
+    folder = tmp_path / family
+    if family == "torch":
+        return save_model(mlp(8, [16], 3), folder)
+    if family == "timm":
+        timm = pytest.importorskip("timm")
+        model = timm.create_model("resnet18", pretrained=False, num_classes=3, layers=[1, 1, 1, 1], channels=(8,) * 4)
+        return save_model(model, folder)
+    transformers = pytest.importorskip("transformers")
+    config = transformers.BertConfig(
+        vocab_size=32, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32, num_labels=3
+    )
+    transformers.BertForSequenceClassification(config).save_pretrained(folder)
+    return folder
+
+
+def _truncate(path: Path) -> None:
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+
+
+@pytest.mark.parametrize("family", ["torch", "timm", "transformers"])
+def test_a_truncated_weights_file_is_a_load_error_naming_the_file(family, tmp_path):
+    folder = _saved_folder(family, tmp_path)
+    weights = folder / "model.safetensors"
+    _truncate(weights)
+    message = rf"{weights.name}.*is damaged .*Download it again, or save the model again"
+    with pytest.raises(LoadError, match=message):
+        load_pretrained(folder)
+    # the family's own load path says the same, not a raw SafetensorError
+    adapter = {"torch": "torch.sequential"}.get(family, family)
+    from hf_clafusion.adapters.base import adapter_class
+
+    with pytest.raises(LoadError, match=message):
+        adapter_class(adapter).load(folder)
+
+
+def test_a_weights_file_cut_inside_its_header_is_a_load_error(tmp_path):
+    folder = _saved_folder("torch", tmp_path)
+    (folder / "model.safetensors").write_bytes((folder / "model.safetensors").read_bytes()[:20])
+    with pytest.raises(LoadError, match="header needs .* bytes but the file holds 20"):
+        load_pretrained(folder)
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o027])
+def test_saved_folders_and_files_follow_the_umask(umask, result, tmp_path):
+    old = os.umask(umask)
+    try:
+        folder = result.save_pretrained(tmp_path / "fused")
+        plain = save_model(mlp(8, [16], 3), tmp_path / "plain")
+    finally:
+        os.umask(old)
+    for root in (folder, plain):
+        assert root.stat().st_mode & 0o777 == 0o777 & ~umask
+        files = [p for p in root.rglob("*") if p.is_file()]
+        assert files and {p.stat().st_mode & 0o777 for p in files} == {0o666 & ~umask}
+
+
+def test_a_transformers_model_is_not_saved_without_its_tokenizer_unless_asked(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    config = transformers.BertConfig(
+        vocab_size=32, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32, num_labels=3
+    )
+    model = transformers.BertForSequenceClassification(config)
+    with pytest.raises(SaveError, match="needs its tokenizer .*processor=False"):
+        save_model(model, tmp_path / "m")
+    assert not (tmp_path / "m").exists()
+    folder = save_model(model, tmp_path / "m", processor=False)
+    assert (folder / "config.json").is_file() and not (folder / "tokenizer_config.json").exists()
+
+
+def test_a_saved_timm_model_does_not_claim_the_pretrained_tag(tmp_path):
+    timm = pytest.importorskip("timm")
+    model = timm.create_model("resnet18.a1_in1k", pretrained=False, num_classes=3, layers=[1, 1, 1, 1])
+    assert model.pretrained_cfg["tag"] == "a1_in1k"
+    folder = save_model(model, tmp_path / "m")
+    import json
+
+    saved = json.loads((folder / "config.json").read_text())
+    assert saved["pretrained_cfg"].get("tag") is None  # a fused / finetuned model was not trained with that recipe
+    assert load_pretrained(folder)(torch.randn(1, 3, 32, 32)).shape == (1, 3)

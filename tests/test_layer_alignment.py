@@ -109,7 +109,7 @@ def test_non_finite_costs_raise():
         align_layers(cost)
 
 
-def test_baselines():
+def test_chain_and_random_baselines_give_admissible_alignments():
     assert chain_alignment(5, 3) == [0, 1, 2]
     for seed in range(20):
         result = random_alignment(8, 4, first_fixed=1, last_fixed=1, seed=seed)

@@ -39,7 +39,7 @@ def _run_stages(models, data, config):
 def test_the_stages_called_by_hand_give_the_model_fuse_gives(balancing):
     deep, shallow = mlp(8, [16, 14, 12, 16], 3, seed=1), mlp(8, [12, 10], 3, seed=2)
     x = torch.randn(64, 8)
-    config = FusionConfig(balancing=balancing, reset_bn_stats=False, progress=False)
+    config = FusionConfig(balancing=balancing, repair=None, progress=False)
     _, alignment, _, transported, fused, clock = _run_stages([deep, shallow], x, config)
     result = fuse([deep, shallow], x, config)
     assert [p.alignment for p in alignment.pairs] == [p.alignment for p in result.pairs]
@@ -81,11 +81,12 @@ def test_average_refuses_models_with_different_parameter_names_before_yielding_a
 def test_repair_statistics_recomputes_batchnorm_statistics_only_when_asked(reset):
     deep, shallow = cnn([6, 6, 6, "M"], 4, seed=1), cnn([5, 5, "M"], 4, seed=2)
     x = torch.randn(32, 1, 8, 8)
-    config = FusionConfig(reset_bn_stats=reset, batch_size=32, progress=False)
+    config = FusionConfig(repair="bn" if reset else None, batch_size=32, progress=False)
     run, _, balanced, transported, fused, clock = _run_stages([deep, shallow], x, config)
     averaged = fused.state_dict()
     averaged = {name: t.clone() for name, t in averaged.items()}
-    assert repair_statistics(fused, run, balanced, transported, clock=clock) is reset
+    outcome = repair_statistics(fused, run, balanced, transported, clock=clock)
+    assert outcome.bn_reset is reset and outcome.mode == ("bn" if reset else None)
     assert ("bn_reset" in clock.timings) is reset
     first_bn = fused[1]
     if reset:

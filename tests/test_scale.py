@@ -166,6 +166,55 @@ def test_a_sharded_save_of_a_sequential_and_a_timm_model_round_trips_through_loa
         assert max_rel_error(load_pretrained(tmp_path / "timm")(batch), fused.model(batch)) < 1e-6
 
 
+@pytest.mark.parametrize("family", ["gpt2", "bert"])
+def test_repair_of_a_closed_form_fusion_takes_unmatched_blocks_from_the_anchor_and_the_rest_from_both_parents(family):
+    """``repair="repair"`` with blocks only in the deeper model (3 vs 1): at repair points inside those blocks the
+    fused statistics become the anchor's; at the matched block they become the weighted mean of the anchor's and
+    the shallow parent's own (measured at its own depth, never through the placeholder blocks, which on post-LN
+    models are not identities), carried by the transport plans."""
+    from hf_clafusion import core
+    from hf_clafusion.repair import measure
+
+    deep, shallow = make(family, 3), make(family, 1, seed=1)
+    batch = inputs(family, n=16)
+    plain = fuse([deep, shallow], batch, EXACT)
+    result = fuse([deep, shallow], batch, EXACT, repair="repair")
+    assert result.config.repair == "repair" and plain.config.repair is None
+    assert result.layer_alignment == plain.layer_alignment
+    ((matched,),) = result.layer_alignment
+    adapter = get_adapter(deep)
+    anchor, own = adapter.prepare(deep), adapter.prepare(shallow)
+    layers = _layers(deep)
+    points = adapter.spec(anchor).repair_points
+
+    def block(point):
+        return int(point.capture[len(layers) + 1 :].split(".", 1)[0])
+
+    inside = [p for p in points if block(p) != matched]
+    assert len(inside) == 6  # three points in each of the two unmatched blocks
+    captures = [p.capture for p in inside]
+    targets = measure(anchor, captures, [batch], adapter)
+    before = measure(plain.model, captures, [batch], adapter)
+    after = measure(result.model, captures, [batch], adapter)
+    assert any(not torch.allclose(b.std, t.std, rtol=1e-2) for b, t in zip(before, targets))
+    for capture, a, t in zip(captures, after, targets):
+        assert torch.allclose(a.mean, t.mean, atol=1e-4), capture
+        assert torch.allclose(a.std, t.std, rtol=1e-3, atol=1e-5), capture
+
+    ours = [p for p in points if block(p) == matched]
+    mine = [p.capture.replace(f"{layers}.{matched}.", f"{layers}.0.") for p in ours]
+    anchor_stats = measure(anchor, [p.capture for p in ours], [batch], adapter)
+    shallow_stats = measure(own, mine, [batch], adapter)
+    after = measure(result.model, [p.capture for p in ours], [batch], adapter)
+    for point, a, x, y in zip(ours, after, anchor_stats, shallow_stats):
+        plan = result.transport_plans[1][point.group].double()
+        r_map = core.plan_maps(plan, result.config.plan_normalization)[0]
+        carried = [core.carry_statistics(v, r_map) for v in (y.mean, y.std)]
+        mean, std = core.repair_targets([x.mean, carried[0]], [x.std, carried[1]], [0.5, 0.5])
+        assert torch.allclose(a.mean.double(), mean.double(), atol=1e-4), point.capture
+        assert torch.allclose(a.std.double(), std.double(), rtol=1e-3, atol=1e-5), point.capture
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_the_cuda_path_fuses_to_the_cpu_result():
     deep, shallow = make("llama", 4), make("llama", 2, seed=1)

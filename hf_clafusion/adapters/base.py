@@ -35,7 +35,8 @@ class UnmatchedBlocks:
         writers: the subset of ``params`` that write the residual stream (zero in an identity block).
         captures: balanced-model capture -> the capture in the model *before* balancing that observes the same
             activations (an inserted block's output is its input stream), so statistics need no forward pass
-            through inserted blocks.
+            through inserted blocks: every group capture outside ``groups``, and every repair point capture
+            outside inserted blocks (``repair="repair"`` reads those).
     """
 
     groups: frozenset[str] = frozenset()
@@ -52,6 +53,9 @@ class Adapter(ABC):
     """
 
     name: ClassVar[str]
+    #: Whether ``FusionConfig(repair="auto")`` considers REPAIR for this family (its spec has repair points and
+    #: the correction was measured to help). ``repair="repair"`` runs it either way.
+    auto_repair: ClassVar[bool] = True
 
     @classmethod
     @abstractmethod
@@ -111,16 +115,24 @@ class Adapter(ABC):
         """
         return None
 
-    def prepare_data(self, data: Any, models: Sequence[nn.Module], processor: Any = None, config: Any = None) -> Any:
-        """Turn calibration data as users have it (raw images, raw text) into model inputs.
+    # -- I/O: how data reaches the model. Everything is read from the arguments; nothing is kept on ``self``.
 
-        ``processor`` is a tokenizer / image processor / transform given by the user, ``config`` the
-        :class:`~hf_clafusion.FusionConfig` (``input_column``, ``max_length``). The default returns ``data``.
+    def prepare_data(self, data: Any, models: Sequence[nn.Module], processor: Any = None, config: Any = None) -> Any:
+        """Turn data as users have it (raw images, raw text) into model inputs, before the data layer.
+
+        Called with the models' own data (``hf_clafusion.data`` then reads the result: docs/data.md lists the
+        forms). ``processor`` is a tokenizer / image processor / transform given by the user, ``config`` the
+        :class:`~hf_clafusion.FusionConfig` (``input_column``, ``max_length``, ``num_samples``, ``seed``) or None.
+        The default returns ``data`` unchanged.
         """
         return data
 
     def features(self, output: torch.Tensor, batch: Any) -> torch.Tensor:
-        """A captured activation as ``(samples, channels)`` for neuron transport (positions/tokens are samples)."""
+        """A captured activation as ``(samples, channels)`` for neuron transport (positions/tokens are samples).
+
+        ``batch`` is the batch the model ran on (a tensor or a dict, e.g. with an ``attention_mask`` that tells
+        padding apart).
+        """
         from ..core import channels_as_features
 
         return channels_as_features(output)
@@ -160,14 +172,24 @@ class Adapter(ABC):
     def load(cls, directory: Path, *, allow_pickle: bool = False) -> nn.Module:
         """Load a model written by :meth:`save`; pickle checkpoints only with ``allow_pickle=True``."""
 
-    def model_inputs(self, batch: Any) -> tuple[tuple, dict]:
-        """Positional and keyword arguments to call the model on one calibration batch."""
+    def model_inputs(self, model: nn.Module, batch: Any) -> tuple[tuple, dict]:
+        """Positional and keyword arguments to call ``model`` on one batch of inputs (no labels).
+
+        Args:
+            model: the model that will run (what it takes is read from it, never remembered from an earlier
+                call; a DDP wrapper is looked through).
+            batch: a tensor ``(B, ...)`` or a dict of tensors, as the data layer gives it (docs/data.md).
+
+        Returns:
+            ``(args, kwargs)`` for ``model(*args, **kwargs)``. Default: a dict is passed as keyword arguments,
+            anything else as the single positional argument.
+        """
         if isinstance(batch, dict):
             return (), dict(batch)
         return (batch,), {}
 
     def logits(self, output: Any) -> torch.Tensor:
-        """The logits tensor from a model output."""
+        """The logits tensor ``(B, C)`` (or ``(B, T, C)``) from a model output."""
         if isinstance(output, torch.Tensor):
             return output
         if hasattr(output, "logits"):
@@ -326,7 +348,9 @@ def capture_outputs(model: nn.Module, names: Sequence[str]) -> Iterator[dict[str
 
     Each name is a capture (see :class:`~hf_clafusion.spec.Group`): a module's output (the first tensor of a
     tuple output), ``"module:input"`` for its first positional input, optionally with a ``"[a:b]"`` channel
-    slice. The dictionary maps each capture to its latest value (detached). Hooks are always removed.
+    slice. The dictionary maps each capture to its latest value (detached). Values are copies taken inside the
+    hook, so an in-place operation after the hooked module (``nn.ReLU(inplace=True)``, ``x += shortcut``) cannot
+    change what was captured. Hooks are always removed.
     """
     modules = dict(model.named_modules())
     parsed = {name: parse_capture(name) for name in dict.fromkeys(names)}
@@ -339,13 +363,13 @@ def capture_outputs(model: nn.Module, names: Sequence[str]) -> Iterator[dict[str
         if kind == "input":
 
             def pre_hook(_module, inputs, _name=name, _channels=channels):
-                store[_name] = _slice_channels(_first_tensor(inputs), _channels)
+                store[_name] = _slice_channels(_first_tensor(inputs), _channels).clone()
 
             handles.append(modules[module].register_forward_pre_hook(pre_hook))
         else:
 
             def hook(_module, _inputs, output, _name=name, _channels=channels):
-                store[_name] = _slice_channels(_first_tensor(output), _channels)
+                store[_name] = _slice_channels(_first_tensor(output), _channels).clone()
 
             handles.append(modules[module].register_forward_hook(hook))
     try:
@@ -356,12 +380,16 @@ def capture_outputs(model: nn.Module, names: Sequence[str]) -> Iterator[dict[str
 
 
 @torch.no_grad()
-def reset_batchnorm_stats(model: nn.Module, batches: Sequence[Any], adapter: Adapter) -> bool:
+def reset_batchnorm_stats(
+    model: nn.Module, batches: Sequence[Any], adapter: Adapter, keep: Sequence[nn.Module] = ()
+) -> bool:
     """Recompute every BatchNorm's running statistics on ``batches`` (cumulative average, no momentum).
 
-    Only the BatchNorm modules are put in train mode (dropout stays off). Returns whether the model has any.
+    Only the BatchNorm modules are put in train mode (dropout stays off); those in ``keep`` stay as they are.
+    Returns whether any BatchNorm was recomputed.
     """
-    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    kept = {id(m) for m in keep}
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and id(m) not in kept]
     if not norms:
         return False
     saved = [(m, m.momentum, m.training) for m in norms]
@@ -373,7 +401,7 @@ def reset_batchnorm_stats(model: nn.Module, batches: Sequence[Any], adapter: Ada
         m.train()
     try:
         for batch in batches:
-            args, kwargs = adapter.model_inputs(batch)
+            args, kwargs = adapter.model_inputs(model, batch)
             model(*args, **kwargs)
     finally:
         for m, momentum, training in saved:

@@ -1,8 +1,13 @@
-"""Adapter for timm models: ResNet (BasicBlock, Bottleneck), ViT / DeiT (pre-LN) and ConvNeXt.
+"""Adapter for timm models: ResNet (BasicBlock, Bottleneck), ViT / DeiT (pre-LN), ConvNeXt and stock VGGs.
+
+A family is *data*: one :class:`Family` entry in :data:`FAMILIES` holds what the adapter needs to know about it
+(how to build its spec, where its blocks live, which tensors make a block an identity, where timm records its
+depth); the adapter looks the entry up once per call and never branches on the family name.
 
 The blocks are found from timm's own structure (``model.layer1..4``, ``model.blocks``,
-``model.stages[s].blocks``) and captured with the generic forward-hook helper. One segment per ResNet /
-ConvNeXt stage, one segment for a ViT. Alignment groups (``docs/timm.md``, ``fusion_math.md`` §5.3-5.5):
+``model.stages[s].blocks``, VGG ``features`` cut at its max-pools) and captured with the generic forward-hook
+helper. One segment per ResNet / ConvNeXt stage and per VGG chunk, one segment for a ViT. Alignment groups
+(``docs/timm.md``, ``fusion_math.md`` §5.3-5.5):
 
 * ResNet: one residual group per stage (every block's last conv + BN, the downsample branch, the readers of the
   stream; the stem joins stage 1 when ``layer1.0`` has no downsample), one inner group per conv-BN pair inside a
@@ -12,20 +17,22 @@ ConvNeXt stage, one segment for a ViT. Alignment groups (``docs/timm.md``, ``fus
   group (heads move whole; the fused ``[q|k|v]`` rows follow one head plan) and one MLP hidden group.
 * ConvNeXt: one residual group per stage (stem or downsample conv, depthwise convs, norms, layer-scale gammas,
   ``fc2``, readers), one MLP hidden group per block.
+* VGG: one group per convolution and per hidden classifier layer.
 
 Identity blocks are exact: ResNet: a block whose last BatchNorm has weight and bias zero (the stream is
 post-ReLU, so ``relu(x + 0) = x``); ViT: ``attn.proj`` and ``mlp.fc2`` zeroed; ConvNeXt: ``gamma = 0`` (or
-``fc2`` zeroed). Fused models are ordinary timm models whose ``_model_args`` record the new depth, so
-:meth:`TimmAdapter.save` writes timm's own format and ``timm.create_model("local-dir:" + folder,
-pretrained=True)`` rebuilds them.
+``fc2`` zeroed); VGG: a 3x3 identity convolution (with an identity BatchNorm). Fused models are ordinary timm
+models whose ``_model_args`` record the new depth, so :meth:`TimmAdapter.save` writes timm's own format and
+``timm.create_model("local-dir:" + folder, pretrained=True)`` rebuilds them.
 """
 
 from __future__ import annotations
 
 import copy
+import importlib
 import json
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -33,16 +40,19 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..download import download_snapshot
 from ..errors import (
     AlignmentError,
     CalibrationDataError,
     ClaFusionWarning,
     IncompatibleModelsError,
+    LoadError,
     SaveError,
     UnsupportedArchitectureError,
 )
-from ..spec import AxisRef, Group, LayerSpec, NetworkSpec, SegmentSpec
+from ..spec import AxisRef, Group, LayerSpec, NetworkSpec, RepairPoint, SegmentSpec
 from .base import Adapter, register_adapter
+from .files import check_weight_files
 
 
 SUPPORTED = (
@@ -53,38 +63,16 @@ SUPPORTED = (
 )
 #: Keys of timm's data config that must agree between parents for raw-image calibration.
 DATA_KEYS = ("input_size", "interpolation", "mean", "std", "crop_pct", "crop_mode")
+#: Files fetched for a ``hf-hub:`` parent: timm's config.json and safetensors weights (never pickles).
+HUB_PATTERNS = ["*.json", "*.safetensors", "*.md"]
 
 
 def _timm():
     try:
         import timm
     except ImportError:  # pragma: no cover - exercised only without timm
-        raise ImportError("The timm adapter needs timm: pip install hf_clafusion[timm]") from None
+        raise ImportError("The timm adapter needs timm: pip install -e '.[timm]' from the checkout.") from None
     return timm
-
-
-def _family(model: nn.Module) -> str:
-    """``"resnet"``, ``"vit"`` or ``"convnext"``; raises for other timm models."""
-    _timm()
-    from timm.models.convnext import ConvNeXt
-    from timm.models.resnet import ResNet
-    from timm.models.vision_transformer import VisionTransformer
-
-    if isinstance(model, ResNet):
-        return "resnet"
-    if isinstance(model, VisionTransformer):
-        return "vit"
-    if isinstance(model, ConvNeXt):
-        return "convnext"
-    from timm.models.vgg import VGG
-
-    if isinstance(model, VGG):
-        return "vgg"
-    raise UnsupportedArchitectureError(
-        f"Unsupported timm model class {type(model).__name__!r}. The timm adapter fuses: {', '.join(SUPPORTED)}.",
-        layer_type=type(model).__name__,
-        supported=SUPPORTED,
-    )
 
 
 def _unsupported(what: str, where: str, fix: str = "") -> UnsupportedArchitectureError:
@@ -110,6 +98,13 @@ def _writer_axes(name: str, module: nn.Module) -> list[AxisRef]:
     if getattr(module, "bias", None) is not None:
         axes.append(AxisRef(f"{name}.bias", 0, "out"))
     return axes
+
+
+def _norm_repair(name: str, module: nn.Module, group: str) -> list[RepairPoint]:
+    """A repair point at an affine norm's output (corrections folded into its weight and bias)."""
+    if getattr(module, "weight", None) is None or getattr(module, "bias", None) is None:
+        return []
+    return [RepairPoint(name, group, f"{name}.weight", f"{name}.bias")]
 
 
 def _out_channels(module: nn.Module) -> int:
@@ -142,6 +137,15 @@ def _is_identity(module: nn.Module | None) -> bool:
     return module is None or isinstance(module, nn.Identity)
 
 
+def _is_batchnorm(module: nn.Module) -> bool:
+    return isinstance(module, nn.modules.batchnorm._BatchNorm)
+
+
+def _weight_and_bias(module: nn.Module) -> list[torch.Tensor]:
+    """The weight and (when present) bias of a layer: what an identity block zeroes in its residual writers."""
+    return [module.weight] + ([module.bias] if getattr(module, "bias", None) is not None else [])
+
+
 # --------------------------------------------------------------------------------------------- ResNet
 
 
@@ -170,15 +174,16 @@ def _resnet_downsample(name: str, block: nn.Module) -> tuple[str, str] | None:
     if ds is None or isinstance(ds, nn.Identity):
         return None
     convs = [(n, m) for n, m in ds.named_children() if isinstance(m, nn.Conv2d)]
-    norms = [(n, m) for n, m in ds.named_children() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    norms = [(n, m) for n, m in ds.named_children() if _is_batchnorm(m)]
     if len(convs) != 1 or len(norms) != 1:
         raise _unsupported("downsample branch", f"{name}.downsample", "Expected one convolution and one BatchNorm.")
     _check_conv(f"{name}.downsample.{convs[0][0]}", convs[0][1])
     return f"{name}.downsample.{convs[0][0]}", f"{name}.downsample.{norms[0][0]}"
 
 
-def _resnet_spec(model: nn.Module) -> tuple[list[SegmentSpec], list[Group]]:
+def _resnet_spec(model: nn.Module) -> tuple[list[SegmentSpec], list[Group], list[RepairPoint]]:
     groups: list[Group] = []
+    points: list[RepairPoint] = []  # every BatchNorm output: conv pre-activations and residual branch outputs
     modules = dict(model.named_modules())
     # stem: a single conv, or a deep stem Sequential(conv, bn, act, conv, bn, act, conv); then bn1
     if isinstance(model.conv1, nn.Conv2d):
@@ -190,11 +195,13 @@ def _resnet_spec(model: nn.Module) -> tuple[list[SegmentSpec], list[Group]]:
     for i, c in enumerate(convs[:-1]):  # deep-stem inner groups
         stem_children = list(model.conv1.named_children())
         idx = [n for n, _ in stem_children].index(c.split(".")[1])
-        norm = next(n for n, m in stem_children[idx + 1 :] if isinstance(m, nn.modules.batchnorm._BatchNorm))
+        norm = next(n for n, m in stem_children[idx + 1 :] if _is_batchnorm(m))
         axes = _writer_axes(c, modules[c]) + _norm_axes(f"conv1.{norm}", modules[f"conv1.{norm}"])
         axes.append(AxisRef(f"{convs[i + 1]}.weight", 1, "in"))
         groups.append(Group(f"stem.{i}", modules[c].out_channels, tuple(axes), capture=f"{convs[i + 1]}:input"))
+        points += _norm_repair(f"conv1.{norm}", modules[f"conv1.{norm}"], f"stem.{i}")
     stream = _Stream("stem", modules[convs[-1]].out_channels, captures=["maxpool"])
+    points += _norm_repair("bn1", model.bn1, "stem")
     stream.axes += _writer_axes(convs[-1], modules[convs[-1]]) + _norm_axes("bn1", model.bn1)
     segments = []
     for stage in _resnet_stages(model):
@@ -211,6 +218,7 @@ def _resnet_spec(model: nn.Module) -> tuple[list[SegmentSpec], list[Group]]:
                 groups.append(stream.group())
                 stream = _Stream(f"{stage}.residual", modules[ds[0]].out_channels)
                 stream.axes += _writer_axes(ds[0], modules[ds[0]]) + _norm_axes(ds[1], modules[ds[1]])
+                points += _norm_repair(ds[1], modules[ds[1]], stream.name)
             pairs = [("conv1", "bn1", "conv2")] + ([("conv2", "bn2", "conv3")] if kind == "bottleneck" else [])
             for conv, norm, nxt in pairs:
                 axes = _writer_axes(f"{name}.{conv}", getattr(block, conv)) + _norm_axes(
@@ -220,9 +228,11 @@ def _resnet_spec(model: nn.Module) -> tuple[list[SegmentSpec], list[Group]]:
                 groups.append(
                     Group(f"{name}.{conv}", getattr(block, conv).out_channels, tuple(axes), f"{name}.{nxt}:input")
                 )
+                points += _norm_repair(f"{name}.{norm}", getattr(block, norm), f"{name}.{conv}")
             last_conv, last_norm = ("conv3", "bn3") if kind == "bottleneck" else ("conv2", "bn2")
             stream.axes += _writer_axes(f"{name}.{last_conv}", getattr(block, last_conv))
             stream.axes += _norm_axes(f"{name}.{last_norm}", getattr(block, last_norm))
+            points += _norm_repair(f"{name}.{last_norm}", getattr(block, last_norm), stream.name)
             stream.captures.append(name)
             layers.append(LayerSpec(name, name, getattr(block, last_conv).out_channels))
         segments.append(SegmentSpec(stage, tuple(layers), first_pinned=True))
@@ -231,14 +241,13 @@ def _resnet_spec(model: nn.Module) -> tuple[list[SegmentSpec], list[Group]]:
         raise _unsupported(f"classifier {type(fc).__name__}", "fc", "Expected one nn.Linear classifier.")
     stream.axes.append(AxisRef("fc.weight", 1, "in"))
     groups.append(stream.group())
-    return segments, groups
+    return segments, groups, points
 
 
-def _zero_resnet_block(block: nn.Module) -> None:
+def _resnet_writers(block: nn.Module) -> list[torch.Tensor]:
+    """The last BatchNorm's weight and bias: zeroed, the block adds nothing to its (post-ReLU) input."""
     norm = block.bn3 if hasattr(block, "bn3") else block.bn2
-    with torch.no_grad():
-        norm.weight.zero_()
-        norm.bias.zero_()
+    return [norm.weight, norm.bias]
 
 
 def _plain_resnet_block(model: nn.Module, stage: nn.Sequential) -> nn.Module:
@@ -253,6 +262,29 @@ def _plain_resnet_block(model: nn.Module, stage: nn.Sequential) -> nn.Module:
     else:
         planes = out
     return type(first)(out, planes, **kwargs)
+
+
+def _resnet_reference(model: nn.Module, container: str) -> nn.Module:
+    """A non-downsampling block of the stage: block 1, or a fresh one when the stage has only block 0."""
+    stage = model.get_submodule(container)
+    return stage[1] if len(stage) > 1 else _plain_resnet_block(model, stage)
+
+
+def _resnet_in_chans(model: nn.Module) -> int:
+    conv = model.conv1 if isinstance(model.conv1, nn.Conv2d) else next(iter(model.conv1))
+    return conv.in_channels
+
+
+def _resnet_layout(model: nn.Module) -> dict[str, Any]:
+    stages = _resnet_stages(model)
+    return {
+        "number of stages": len(stages),
+        "block type": sorted({type(b).__name__ for st in stages for b in getattr(model, st)}),
+        "stem": "deep" if not isinstance(model.conv1, nn.Conv2d) else "single conv",
+        "downsample in layer1.0": getattr(model, stages[0])[0].downsample is not None,
+        "stem pooling": type(model.maxpool).__name__,
+        "global pooling": getattr(model.global_pool, "pool_type", None),
+    }
 
 
 # --------------------------------------------------------------------------------------------- ViT / DeiT
@@ -280,7 +312,7 @@ def _vit_check_block(name: str, block: nn.Module) -> None:
             raise _unsupported(f"layer scale {type(getattr(block, ls)).__name__}", f"{name}.{ls}")
 
 
-def _vit_spec(model: nn.Module) -> tuple[list[SegmentSpec], list[Group]]:
+def _vit_spec(model: nn.Module) -> tuple[list[SegmentSpec], list[Group], list[RepairPoint]]:
     if getattr(model, "attn_pool", None) is not None:
         raise _unsupported("attention-pooling head (global_pool='map')", "attn_pool", "Use 'token' or 'avg' pooling.")
     if not _is_identity(getattr(model, "pre_logits", None)):
@@ -339,21 +371,31 @@ def _vit_spec(model: nn.Module) -> tuple[list[SegmentSpec], list[Group]]:
             raise _unsupported(f"classifier {type(module).__name__}", head)
         res.axes.append(AxisRef(f"{head}.weight", 1, "in"))
     groups.insert(0, res.group())
-    return [SegmentSpec("blocks", tuple(layers))], groups
+    return [SegmentSpec("blocks", tuple(layers))], groups, []  # no repair points yet
 
 
-def _zero_vit_block(block: nn.Module) -> None:
-    with torch.no_grad():
-        for linear in (block.attn.proj, block.mlp.fc2):
-            linear.weight.zero_()
-            if linear.bias is not None:
-                linear.bias.zero_()
+def _vit_writers(block: nn.Module) -> list[torch.Tensor]:
+    return _weight_and_bias(block.attn.proj) + _weight_and_bias(block.mlp.fc2)
+
+
+def _vit_layout(model: nn.Module) -> dict[str, Any]:
+    attn = model.blocks[0].attn if len(model.blocks) else None
+    return {
+        "number of heads": None if attn is None else attn.num_heads,
+        "head size": None if attn is None else attn.head_dim,
+        "patch embedding": (tuple(model.patch_embed.patch_size), tuple(model.patch_embed.img_size or ())),
+        "prefix tokens": model.num_prefix_tokens,
+        "position embedding": None if model.pos_embed is None else tuple(model.pos_embed.shape[:2]),
+        "global pooling": model.global_pool,
+        "layer scale": sorted({type(b.ls1).__name__ for b in model.blocks}),
+        "distillation head": getattr(model, "head_dist", None) is not None,
+    }
 
 
 # --------------------------------------------------------------------------------------------- ConvNeXt
 
 
-def _convnext_spec(model: nn.Module, channels_last: set[int]) -> tuple[list[SegmentSpec], list[Group]]:
+def _convnext_spec(model: nn.Module) -> tuple[list[SegmentSpec], list[Group], list[RepairPoint]]:
     from timm.layers import LayerNorm2d
     from timm.models.convnext import ConvNeXtBlock
 
@@ -395,8 +437,6 @@ def _convnext_spec(model: nn.Module, channels_last: set[int]) -> tuple[list[Segm
             stream.captures.append(name)
             fc1 = block.mlp.fc1
             hidden = _out_channels(fc1)
-            if not block.use_conv_mlp:
-                channels_last.add(hidden)
             axes = _writer_axes(f"{name}.mlp.fc1", fc1) + [AxisRef(f"{name}.mlp.fc2.weight", 1, "in")]
             groups.append(Group(f"{name}.mlp", hidden, tuple(axes), capture=f"{name}.mlp.fc2:input"))
             layers.append(LayerSpec(name, name, stream.width))
@@ -410,17 +450,20 @@ def _convnext_spec(model: nn.Module, channels_last: set[int]) -> tuple[list[Segm
         stream.axes += _norm_axes("head.norm", head.norm)
     stream.axes.append(AxisRef("head.fc.weight", 1, "in"))
     groups.append(stream.group())
-    return segments, groups
+    return segments, groups, []  # no repair points yet
 
 
-def _zero_convnext_block(block: nn.Module) -> None:
-    with torch.no_grad():
-        if block.gamma is not None:
-            block.gamma.zero_()
-        else:
-            block.mlp.fc2.weight.zero_()
-            if block.mlp.fc2.bias is not None:
-                block.mlp.fc2.bias.zero_()
+def _convnext_writers(block: nn.Module) -> list[torch.Tensor]:
+    return [block.gamma] if block.gamma is not None else _weight_and_bias(block.mlp.fc2)
+
+
+def _convnext_layout(model: nn.Module) -> dict[str, Any]:
+    return {
+        "number of stages": len(model.stages),
+        "MLP layout (conv_mlp)": sorted({b.use_conv_mlp for st in model.stages for b in st.blocks}),
+        "layer scale": sorted({b.gamma is not None for st in model.stages for b in st.blocks}),
+        "head norm position": (type(model.norm_pre).__name__, type(model.head.norm).__name__),
+    }
 
 
 # --------------------------------------------------------------------------------------------- VGG
@@ -440,7 +483,7 @@ def _vgg_chunks(model: nn.Module) -> list[list[tuple[int, int | None, int]]]:
         if not isinstance(layer, nn.Conv2d):
             raise _unsupported(f"layer {type(layer).__name__}", f"features.{i}")
         _check_conv(f"features.{i}", layer)
-        norm = i + 1 if isinstance(layers[i + 1], nn.modules.batchnorm._BatchNorm) else None
+        norm = i + 1 if _is_batchnorm(layers[i + 1]) else None
         act = (norm or i) + 1
         if not isinstance(layers[act], nn.ReLU):
             raise _unsupported(f"activation {type(layers[act]).__name__}", f"features.{act}", "VGGs need ReLU.")
@@ -470,7 +513,7 @@ def _vgg_name(model: nn.Module, depths: Sequence[int] | None = None) -> str:
     )
 
 
-def _vgg_spec(model: nn.Module) -> tuple[list[SegmentSpec], list[Group]]:
+def _vgg_spec(model: nn.Module) -> tuple[list[SegmentSpec], list[Group], list[RepairPoint]]:
     _vgg_name(model)
     chunks = _vgg_chunks(model)
     layers = list(model.features)
@@ -498,7 +541,7 @@ def _vgg_spec(model: nn.Module) -> tuple[list[SegmentSpec], list[Group]]:
         )
         for s, chunk in enumerate(chunks)
     ]
-    return segments, groups
+    return segments, groups, []  # no repair points yet
 
 
 def _vgg_rebuild(model: nn.Module, layouts: Sequence[Sequence[int | None]]) -> nn.Module:
@@ -544,36 +587,200 @@ def _vgg_rebuild(model: nn.Module, layouts: Sequence[Sequence[int | None]]) -> n
     return new.eval()
 
 
-# --------------------------------------------------------------------------------------------- containers
+def _vgg_layout(model: nn.Module) -> dict[str, Any]:
+    chunks = _vgg_chunks(model)
+    return {
+        "BatchNorm": chunks[0][0][1] is not None,
+        "chunk widths": [model.features[c[0][0]].out_channels for c in chunks],
+        "head width": model.pre_logits.fc1.out_channels,
+    }
 
 
-def _containers(model: nn.Module, family: str) -> list[str]:
-    """Module names of the ``nn.Sequential`` holding each segment's blocks."""
-    if family == "resnet":
-        return _resnet_stages(model)
-    if family == "vit":
-        return ["blocks"]
-    return [f"stages.{s}.blocks" for s in range(len(model.stages))]
+# --------------------------------------------------------------------------------------------- the families
 
 
-def _set_depths(model: nn.Module, family: str, depths: list[int]) -> None:
-    """Record the new depth where timm rebuilds the architecture from (``_model_args``) and in feature info."""
-    args = getattr(model, "_model_args", None)
-    if family == "resnet":
-        key, value = "layers", list(depths)
-    elif family == "vit":
-        key, value = "depth", depths[0]
-        info = getattr(model, "feature_info", None)
-        if isinstance(info, list) and info:
-            model.feature_info = [{**info[0], "module": f"blocks.{i}"} for i in range(depths[0])]
-    else:
-        key, value = "depths", list(depths)
+def _first_block(model: nn.Module, container: str) -> nn.Module:
+    return model.get_submodule(container)[0]
+
+
+@dataclass(frozen=True)
+class Family:
+    """What the timm adapter knows about one model family. Functions take the (prepared) timm model.
+
+    Attributes:
+        name: short name (``"resnet"``), recorded in the spec's description.
+        model_class: ``"module:Class"`` of the timm model class; its instances belong to the family.
+        spec: the segments and alignment groups of a model (refuses unsupported layers).
+        in_chans: number of input channels the model reads.
+        layout: what must agree between parents besides depths and widths (``{what: value}``).
+        containers: module names of the ``nn.Sequential`` holding each segment's blocks; None for families
+            balanced by rebuilding the whole model (``rebuild``).
+        identity_writers: the tensors of a block that, zeroed, make it an exact identity block.
+        reference_block: ``(model, container)`` -> a block shaped like an identity block inserted there (used
+            when the template has no block of the same shapes at that position).
+        first_pinned: a segment's first block changes width or resolution, so it has no identity and is never
+            dropped.
+        depth_arg: key of timm's ``_model_args`` holding the depths (a list per segment, or one int with
+            ``scalar_depth``).
+        scalar_depth: the family has one segment and timm records its depth as one int.
+        block_feature_info: ``feature_info`` names one entry per block with this pattern (``"blocks.{i}"``);
+            None when it names stages, which depth balancing leaves unchanged.
+        rebuild: ``(model, layouts)`` -> the balanced model, for families that are not balanced block by block.
+        no_merge: why ``balancing='merge'`` is refused for this family; None when it is supported.
+    """
+
+    name: str
+    model_class: str
+    spec: Callable[[nn.Module], tuple[list[SegmentSpec], list[Group], list[RepairPoint]]]
+    in_chans: Callable[[nn.Module], int]
+    layout: Callable[[nn.Module], dict[str, Any]]
+    containers: Callable[[nn.Module], list[str]] | None = None
+    identity_writers: Callable[[nn.Module], list[torch.Tensor]] | None = None
+    reference_block: Callable[[nn.Module, str], nn.Module] = _first_block
+    first_pinned: bool = True
+    depth_arg: str | None = None
+    scalar_depth: bool = False
+    block_feature_info: str | None = None
+    rebuild: Callable[[nn.Module, Sequence[Sequence[int | None]]], nn.Module] | None = None
+    no_merge: str | None = None
+
+
+#: Family name -> description, in the order models are matched. Adding a family is one entry.
+FAMILIES: dict[str, Family] = {
+    "resnet": Family(
+        name="resnet",
+        model_class="timm.models.resnet:ResNet",
+        spec=_resnet_spec,
+        in_chans=_resnet_in_chans,
+        layout=_resnet_layout,
+        containers=_resnet_stages,
+        identity_writers=_resnet_writers,
+        reference_block=_resnet_reference,
+        depth_arg="layers",
+    ),
+    "vit": Family(
+        name="vit",
+        model_class="timm.models.vision_transformer:VisionTransformer",
+        spec=_vit_spec,
+        in_chans=lambda model: model.patch_embed.proj.in_channels,
+        layout=_vit_layout,
+        containers=lambda model: ["blocks"],
+        identity_writers=_vit_writers,
+        first_pinned=False,
+        depth_arg="depth",
+        scalar_depth=True,
+        block_feature_info="blocks.{i}",
+    ),
+    "convnext": Family(
+        name="convnext",
+        model_class="timm.models.convnext:ConvNeXt",
+        spec=_convnext_spec,
+        in_chans=lambda model: model.stem[0].in_channels,
+        layout=_convnext_layout,
+        containers=lambda model: [f"stages.{s}.blocks" for s in range(len(model.stages))],
+        identity_writers=_convnext_writers,
+        depth_arg="depths",
+    ),
+    "vgg": Family(
+        name="vgg",
+        model_class="timm.models.vgg:VGG",
+        spec=_vgg_spec,
+        in_chans=lambda model: model.features[0].in_channels,
+        layout=_vgg_layout,
+        rebuild=_vgg_rebuild,
+        no_merge="balancing='merge' is not supported for VGGs (timm rebuilds only the stock depths). Use "
+        "balancing='identity'.",
+    ),
+}
+
+
+def _family(model: nn.Module) -> Family:
+    """The family of a timm model; raises for timm models of other classes."""
+    _timm()
+    for family in FAMILIES.values():
+        module, _, cls = family.model_class.partition(":")
+        if isinstance(model, getattr(importlib.import_module(module), cls)):
+            return family
+    raise UnsupportedArchitectureError(
+        f"Unsupported timm model class {type(model).__name__!r}. The timm adapter fuses: {', '.join(SUPPORTED)}.",
+        layer_type=type(model).__name__,
+        supported=SUPPORTED,
+    )
+
+
+# --------------------------------------------------------------------------------------------- depth balancing
+
+
+def _identity_block(family: Family, model: nn.Module, container: str, candidate: nn.Module | None) -> nn.Module:
+    """An exact identity block for ``container``: a copy of the template's ``candidate`` block when its shapes
+    fit (its inner weights are meaningful), else of the family's reference block, with the residual writers
+    zeroed."""
+    reference = family.reference_block(model, container)
+    block = copy.deepcopy(
+        candidate if candidate is not None and _shapes(candidate) == _shapes(reference) else reference
+    )
+    with torch.no_grad():
+        for tensor in family.identity_writers(block):
+            tensor.zero_()
+    return block.eval()
+
+
+def _with_blocks(family: Family, model: nn.Module, blocks: Sequence[Sequence[nn.Module]]) -> nn.Module:
+    """A copy of ``model`` whose segment ``s`` holds ``blocks[s]``, with the new depths recorded where timm
+    rebuilds the architecture from (``_model_args``) and in ``feature_info``."""
+    new = copy.deepcopy(model)
+    for name, segment in zip(family.containers(model), blocks):
+        _replace(new, name, nn.Sequential(*segment))
+    depths = [len(segment) for segment in blocks]
+    args = getattr(new, "_model_args", None)
     if isinstance(args, dict):
-        args[key] = value
+        args[family.depth_arg] = depths[0] if family.scalar_depth else depths
+    info = getattr(new, "feature_info", None)
+    if family.block_feature_info is not None and isinstance(info, list) and info:
+        new.feature_info = [{**info[0], "module": family.block_feature_info.format(i=i)} for i in range(depths[0])]
+    return new.eval()
+
+
+def _replace(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, child, module)
 
 
 def _shapes(module: nn.Module) -> dict[str, tuple[int, ...]]:
     return {k: tuple(v.shape) for k, v in module.state_dict().items()}
+
+
+# --------------------------------------------------------------------------------------------- activations
+
+
+def _input_size(batch: Any) -> tuple[int, int] | None:
+    """``(H, W)`` of the image batch (a tensor, or a dict of model inputs), or None."""
+    values = batch.values() if isinstance(batch, dict) else [batch]
+    for value in values:
+        if isinstance(value, torch.Tensor) and value.ndim == 4:
+            return value.shape[-2], value.shape[-1]
+    return None
+
+
+def _is_grid(h: int, w: int, size: tuple[int, int] | None) -> bool:
+    """Whether ``(h, w)`` is the image's spatial grid at some power-of-two stride (floor or ceil rounding);
+    with the image size unknown, whether the grid is square."""
+    if size is None:
+        return h == w
+    height, width = size
+    stride = 1
+    while stride <= max(height, width):
+        if (h, w) in ((height // stride, width // stride), (-(-height // stride), -(-width // stride))):
+            return True
+        stride *= 2
+    return False
+
+
+def _channels_last(output: torch.Tensor, size: tuple[int, int] | None) -> bool:
+    """Whether a 4-D activation is ``(N, H, W, C)`` (ConvNeXt Linear-MLP hidden units) rather than ``(N, C, H, W)``:
+    read from its shape alone, so no earlier call has to have seen the model. Ambiguous shapes (``C`` equal to
+    the grid) count as channels-first."""
+    return _is_grid(output.shape[1], output.shape[2], size) and not _is_grid(output.shape[2], output.shape[3], size)
 
 
 # --------------------------------------------------------------------------------------------- the adapter
@@ -581,59 +788,39 @@ def _shapes(module: nn.Module) -> dict[str, tuple[int, ...]]:
 
 @register_adapter("timm")
 class TimmAdapter(Adapter):
-    """timm ResNet (BasicBlock / Bottleneck), ViT / DeiT and ConvNeXt models."""
+    """timm ResNet (BasicBlock / Bottleneck), ViT / DeiT, ConvNeXt and stock VGG models (see :data:`FAMILIES`).
 
-    def __init__(self) -> None:
-        super().__init__()
-        self._channels_last: set[int] = set()  # hidden widths captured channels-last (ConvNeXt Linear MLPs)
-        self._channels_first: set[int] = set()
-        self._first: tuple[str, str] | None = None  # (family, class) of the first prepared model
+    Stateless: every method reads what it needs from the models it is given.
+    """
 
     @classmethod
     def matches(cls, model: nn.Module) -> bool:
         return type(model).__module__.startswith("timm.")
 
     def prepare(self, model: nn.Module) -> nn.Module:
-        family = _family(model)
-        if self._first is not None and self._first[0] != family:
-            raise IncompatibleModelsError(
-                f"The models belong to different timm families: {self._first[1]} and {type(model).__name__}. "
-                "Fuse models of one architecture family (ResNet with ResNet, ViT with ViT, ConvNeXt with ConvNeXt)."
-            )
-        self._first = self._first or (family, type(model).__name__)
         out = copy.deepcopy(model).eval()
-        self.spec(out)  # refuse unsupported layers early
+        self.spec(out)  # refuse unsupported models and layers early
         return out
 
     def spec(self, model: nn.Module) -> NetworkSpec:
         family = _family(model)
-        if family == "resnet":
-            segments, groups = _resnet_spec(model)
-        elif family == "vit":
-            segments, groups = _vit_spec(model)
-        elif family == "vgg":
-            segments, groups = _vgg_spec(model)
-        else:
-            segments, groups = _convnext_spec(model, self._channels_last)
-            self._channels_first.update(g.width for g in groups if not g.name.endswith(".mlp"))
+        segments, groups, points = family.spec(model)
         return NetworkSpec(
             family=self.name,
             segments=tuple(segments),
             groups=tuple(groups),
             output_size=model.num_classes,
-            input_size=_in_chans(model, family),
-            description={"family": family, "class": type(model).__name__, "depths": [s.depth for s in segments]},
+            input_size=family.in_chans(model),
+            description={"family": family.name, "class": type(model).__name__, "depths": [s.depth for s in segments]},
+            repair_points=tuple(points),
         )
 
     # -- activations
     def features(self, output: torch.Tensor, batch: Any) -> torch.Tensor:
         if output.ndim == 3:  # ViT tokens: (N, L, D) -> every token is a sample
             return output.reshape(-1, output.shape[-1])
-        if (
-            output.ndim == 4
-            and output.shape[-1] in self._channels_last
-            and (output.shape[1] not in self._channels_first or output.shape[-2] != output.shape[-1])
-        ):  # ConvNeXt Linear-MLP hidden units are channels-last (N, H, W, hidden); stream maps are (N, C, H, W)
+        if output.ndim == 4 and _channels_last(output, _input_size(batch)):
+            # ConvNeXt Linear-MLP hidden units are channels-last (N, H, W, hidden); stream maps are (N, C, H, W)
             return output.reshape(-1, output.shape[-1])
         return super().features(output, batch)
 
@@ -641,12 +828,12 @@ class TimmAdapter(Adapter):
     def check_compatible(self, models: Sequence[nn.Module]) -> None:
         families = [_family(m) for m in models]
         classes = [type(m).__name__ for m in models]
-        if len(set(families)) > 1:
+        if len({f.name for f in families}) > 1:
             raise IncompatibleModelsError(
                 f"The models belong to different timm families: {classes}. Fuse models of one architecture family "
                 "(ResNet with ResNet, ViT with ViT, ConvNeXt with ConvNeXt)."
             )
-        layouts = [_layout(m, families[0]) for m in models]
+        layouts = [families[0].layout(m) for m in models]
         for key in layouts[0]:
             values = [layout[key] for layout in layouts]
             if any(v != values[0] for v in values):
@@ -672,12 +859,12 @@ class TimmAdapter(Adapter):
                     "calibration images yourself and pass tensors, or pass `processor=` (a transform) to use one."
                 )
             processor = create_transform(**configs[0], is_training=False)
-        channels = _in_chans(models[0], _family(models[0]))
+        channels = _family(models[0]).in_chans(models[0])
         mode = "L" if channels == 1 else "RGB"
         if config is not None and len(images) > config.num_samples:
-            from .._data import _subset
+            from ..data import subset_indices
 
-            images = [images[i] for i in _subset(len(images), config.num_samples, config.seed)]
+            images = [images[i] for i in subset_indices(len(images), config.num_samples, config.seed)]
         try:
             return torch.stack([processor(img.convert(mode) if hasattr(img, "convert") else img) for img in images])
         except (TypeError, ValueError, RuntimeError) as error:
@@ -687,74 +874,55 @@ class TimmAdapter(Adapter):
 
     # -- depth balancing
     def insert_identity(self, model, layouts, template, *, batches=None):
+        """The balanced copy and its identity errors: ``(model, {})``, since every timm identity block is exact."""
         family = _family(model)
-        if family == "vgg":
-            return _vgg_rebuild(model, layouts), {}  # every identity is exact
-        names = _containers(model, family)
-        t_names = _containers(template, family)
+        if family.rebuild is not None:
+            return family.rebuild(model, layouts), {}
+        names = family.containers(model)
+        t_names = family.containers(template)
         if len(layouts) != len(names):
             raise AlignmentError(f"Got {len(layouts)} segment layouts for a model with {len(names)} segments.")
-        new = copy.deepcopy(model)
-        depths = []
+        blocks = []
         for s, (name, layout) in enumerate(zip(names, layouts)):
-            own = list(model.get_submodule(name))
-            if family != "vit" and layout and layout[0] is None:
+            if family.first_pinned and layout and layout[0] is None:
                 raise AlignmentError(
                     f"Segment {s} ({name}) would get an identity block at position 0, where the stage's first block "
                     "changes resolution and width; no identity exists there. Keep first_fixed >= 1 (the default) so "
                     "each stage's first block stays matched."
                 )
+            own = list(model.get_submodule(name))
             template_blocks = list(template.get_submodule(t_names[s]))
-            blocks = []
-            for p, choice in enumerate(layout):
-                if choice is not None:
-                    blocks.append(copy.deepcopy(own[choice]))
-                    continue
-                blocks.append(self._identity_block(model, family, name, own, template_blocks, p))
-            _replace(new, name, nn.Sequential(*blocks))
-            depths.append(len(blocks))
-        _set_depths(new, family, depths)
-        return new.eval(), {}  # every identity is exact
-
-    def _identity_block(self, model, family, name, own, template_blocks, position) -> nn.Module:
-        reference = own[1] if family == "resnet" and len(own) > 1 else own[0]
-        if family == "resnet" and len(own) == 1:
-            reference = _plain_resnet_block(model, model.get_submodule(name))
-        candidate = template_blocks[position] if position < len(template_blocks) else None
-        if candidate is not None and _shapes(candidate) == _shapes(reference):
-            block = copy.deepcopy(candidate)  # the template's inner weights: meaningful, and exact as identity
-        else:
-            block = copy.deepcopy(reference)
-        {"resnet": _zero_resnet_block, "vit": _zero_vit_block, "convnext": _zero_convnext_block}[family](block)
-        return block.eval()
+            blocks.append(
+                [
+                    copy.deepcopy(own[choice])
+                    if choice is not None
+                    else _identity_block(family, model, name, template_blocks[p] if p < len(template_blocks) else None)
+                    for p, choice in enumerate(layout)
+                ]
+            )
+        return _with_blocks(family, model, blocks), {}
 
     def merge_layers(self, model, keep, preactivations, relu_approx):
         """Experimental depth reduction: drop the blocks that cross-layer alignment left unmatched (not exact)."""
         family = _family(model)
-        if family == "vgg":
-            raise UnsupportedArchitectureError(
-                "balancing='merge' is not supported for VGGs (timm rebuilds only the stock depths). Use "
-                "balancing='identity'."
-            )
+        if family.no_merge is not None:
+            raise UnsupportedArchitectureError(family.no_merge)
         warnings.warn(
             "balancing='merge' on timm models drops the residual blocks left unmatched by the alignment. This is "
             "experimental: residual blocks have no exact merge, so the fused model needs finetuning.",
             ClaFusionWarning,
             stacklevel=3,
         )
-        new = copy.deepcopy(model)
-        depths = []
-        for s, (name, kept) in enumerate(zip(_containers(model, family), keep)):
-            if family != "vit" and 0 not in kept:
+        blocks = []
+        for s, (name, kept) in enumerate(zip(family.containers(model), keep)):
+            if family.first_pinned and 0 not in kept:
                 raise AlignmentError(
                     f"Segment {s} ({name}) would drop its first block, which changes resolution and width. Keep "
                     "first_fixed >= 1 (the default)."
                 )
-            blocks = list(model.get_submodule(name))
-            _replace(new, name, nn.Sequential(*[copy.deepcopy(blocks[i]) for i in kept]))
-            depths.append(len(kept))
-        _set_depths(new, family, depths)
-        return new.eval()
+            own = list(model.get_submodule(name))
+            blocks.append([copy.deepcopy(own[i]) for i in kept])
+        return _with_blocks(family, model, blocks)
 
     # -- saving and loading in timm's own format
     def save(self, model: nn.Module, directory: Path) -> None:
@@ -769,7 +937,7 @@ class TimmAdapter(Adapter):
                 "timm.create_model(name, num_classes=..., layers=/depth=/depths=...) instead of the class constructor."
             )
         try:
-            save_for_hf(model, str(directory), safe_serialization=True)
+            save_for_hf(model, str(directory), safe_serialization=True, model_config={"pretrained_cfg": {"tag": None}})
         except (ValueError, TypeError) as error:
             raise SaveError(f"timm could not write the model's config.json: {error}") from error
 
@@ -789,17 +957,12 @@ class TimmAdapter(Adapter):
         timm = _timm()
         directory = Path(directory)
         if not cls.can_load(directory):
-            raise SaveError(f"{str(directory)!r} has no timm config.json (with an 'architecture' key).")
+            raise LoadError(f"{str(directory)!r} has no timm config.json (with an 'architecture' key).")
         if (directory / "model.safetensors.index.json").is_file() and not (directory / "model.safetensors").is_file():
+            check_weight_files(directory)
             return cls._load_shards(timm, directory)
-        if not (directory / "model.safetensors").is_file():
-            if (directory / "pytorch_model.bin").is_file() and not allow_pickle:
-                raise SaveError(
-                    f"{str(directory / 'pytorch_model.bin')!r} is a pickle checkpoint; only safetensors are loaded by "
-                    "default. Pass allow_pickle=True if you trust its source."
-                )
-            if not (directory / "pytorch_model.bin").is_file():
-                raise SaveError(f"No model.safetensors in {str(directory)!r}.")
+        _refuse_pickle(directory, allow_pickle)
+        check_weight_files(directory)
         try:
             model = timm.create_model(f"local-dir:{directory}", pretrained=True)
         except (RuntimeError, OSError, ValueError, KeyError) as error:
@@ -822,10 +985,7 @@ class TimmAdapter(Adapter):
     def load_reference(cls, reference: str) -> nn.Module | None:
         """``"hf-hub:<repo id>"`` (downloaded, failing fast offline) or ``"local-dir:<folder>"``."""
         if reference.startswith("hf-hub:"):
-            from ..api import _download
-
-            repo_id = reference[len("hf-hub:") :].split("@")[0]
-            return cls.load(_download(repo_id))
+            return cls.load(download_snapshot(reference[len("hf-hub:") :].split("@")[0], HUB_PATTERNS))
         if reference.startswith("local-dir:"):
             folder = Path(reference[len("local-dir:") :]).expanduser()
             if not folder.is_dir():
@@ -834,59 +994,21 @@ class TimmAdapter(Adapter):
         return None
 
 
-def _replace(model: nn.Module, name: str, module: nn.Module) -> None:
-    parent, _, child = name.rpartition(".")
-    setattr(model.get_submodule(parent) if parent else model, child, module)
+# --------------------------------------------------------------------------------------------- loading
 
 
-def _in_chans(model: nn.Module, family: str) -> int:
-    if family == "vit":
-        return model.patch_embed.proj.in_channels
-    if family == "convnext":
-        return model.stem[0].in_channels
-    if family == "vgg":
-        return model.features[0].in_channels
-    conv = model.conv1 if isinstance(model.conv1, nn.Conv2d) else next(iter(model.conv1))
-    return conv.in_channels
-
-
-def _layout(model: nn.Module, family: str) -> dict[str, Any]:
-    """What must agree between parents of one family (beyond depths and widths)."""
-    if family == "resnet":
-        stages = _resnet_stages(model)
-        return {
-            "number of stages": len(stages),
-            "block type": sorted({type(b).__name__ for st in stages for b in getattr(model, st)}),
-            "stem": "deep" if not isinstance(model.conv1, nn.Conv2d) else "single conv",
-            "downsample in layer1.0": getattr(model, stages[0])[0].downsample is not None,
-            "stem pooling": type(model.maxpool).__name__,
-            "global pooling": getattr(model.global_pool, "pool_type", None),
-        }
-    if family == "vgg":
-        chunks = _vgg_chunks(model)
-        return {
-            "BatchNorm": chunks[0][0][1] is not None,
-            "chunk widths": [model.features[c[0][0]].out_channels for c in chunks],
-            "head width": model.pre_logits.fc1.out_channels,
-        }
-    if family == "vit":
-        attn = model.blocks[0].attn if len(model.blocks) else None
-        return {
-            "number of heads": None if attn is None else attn.num_heads,
-            "head size": None if attn is None else attn.head_dim,
-            "patch embedding": (tuple(model.patch_embed.patch_size), tuple(model.patch_embed.img_size or ())),
-            "prefix tokens": model.num_prefix_tokens,
-            "position embedding": None if model.pos_embed is None else tuple(model.pos_embed.shape[:2]),
-            "global pooling": model.global_pool,
-            "layer scale": sorted({type(b.ls1).__name__ for b in model.blocks}),
-            "distillation head": getattr(model, "head_dist", None) is not None,
-        }
-    return {
-        "number of stages": len(model.stages),
-        "MLP layout (conv_mlp)": sorted({b.use_conv_mlp for st in model.stages for b in st.blocks}),
-        "layer scale": sorted({b.gamma is not None for st in model.stages for b in st.blocks}),
-        "head norm position": (type(model.norm_pre).__name__, type(model.head.norm).__name__),
-    }
+def _refuse_pickle(directory: Path, allow_pickle: bool) -> None:
+    """Refuse (``LoadError``) a folder without ``model.safetensors``, unless it holds an opted-in pickle."""
+    if (directory / "model.safetensors").is_file():
+        return
+    pickle = directory / "pytorch_model.bin"
+    if not pickle.is_file():
+        raise LoadError(f"No model.safetensors in {str(directory)!r}.")
+    if not allow_pickle:
+        raise LoadError(
+            f"{str(pickle)!r} is a pickle checkpoint; only safetensors are loaded by default. Pass allow_pickle=True "
+            "if you trust its source."
+        )
 
 
 def _raw_images(data: Any, column: str | None) -> list | None:

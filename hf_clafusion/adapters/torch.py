@@ -16,6 +16,7 @@ import json
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -29,9 +30,10 @@ from ..core import (
     relu_diagonal,
     signed_identity_weight,
 )
-from ..errors import AlignmentError, CalibrationDataError, SaveError, UnsupportedArchitectureError
-from ..spec import AxisRef, Group, LayerSpec, NetworkSpec, SegmentSpec
+from ..errors import AlignmentError, DataError, SaveError, UnsupportedArchitectureError
+from ..spec import AxisRef, Group, LayerSpec, NetworkSpec, RepairPoint, SegmentSpec
 from .base import Adapter, register_adapter
+from .files import check_safetensors
 
 
 FORMAT = "hf_clafusion.sequential"
@@ -209,6 +211,16 @@ def _has_relu(unit: _Unit, layers: Sequence[nn.Module]) -> bool:
     return any(isinstance(layers[i], nn.ReLU) for i in unit.followers)
 
 
+def _repair_point(unit: _Unit, layers: Sequence[nn.Module], group: str) -> RepairPoint | None:
+    """The unit's pre-activation: its BatchNorm's output (folded into the affine BatchNorm) or its weight layer's."""
+    norms = [i for i in unit.followers if isinstance(layers[i], nn.modules.batchnorm._BatchNorm)]
+    if norms:
+        i = norms[-1]
+        return RepairPoint(str(i), group, f"{i}.weight", f"{i}.bias") if layers[i].affine else None
+    bias = f"{unit.index}.bias" if layers[unit.index].bias is not None else None
+    return RepairPoint(str(unit.index), group, f"{unit.index}.weight", bias)
+
+
 @register_adapter("torch.sequential")
 class SequentialAdapter(Adapter):
     """Plain ``nn.Sequential`` MLPs and VGG-style CNNs."""
@@ -222,12 +234,12 @@ class SequentialAdapter(Adapter):
         _layout(layers)
         return nn.Sequential(*layers).eval()
 
-    def model_inputs(self, batch):
+    def model_inputs(self, model: nn.Module, batch: Any) -> tuple[tuple, dict]:
         """A Sequential takes one tensor; a dict batch with exactly one tensor (e.g. ``pixel_values``) is unwrapped."""
         if isinstance(batch, dict):
             tensors = [v for v in batch.values() if isinstance(v, torch.Tensor)]
             if len(tensors) != 1:
-                raise CalibrationDataError(
+                raise DataError(
                     f"A Sequential model takes one input tensor, but the batch has keys {sorted(batch)}. Pass the "
                     "input tensor itself (or a dataset with one input column)."
                 )
@@ -250,7 +262,7 @@ class SequentialAdapter(Adapter):
         layout = _layout(layers)
         segments = [seg.units for seg in layout.segments]
         units = [u for seg in segments for u in seg] + [layout.classifier]
-        groups = []
+        groups, repair_points = [], []
         for pos, unit in enumerate(units[:-1]):
             weight, nxt = layers[unit.index], layers[units[pos + 1].index]
             width = _out_width(weight)
@@ -271,6 +283,9 @@ class SequentialAdapter(Adapter):
                 )
             axes.append(AxisRef(f"{units[pos + 1].index}.weight", 1, "in", inner=reads // width))
             groups.append(Group(f"layer.{unit.index}", width, tuple(axes), capture=str(unit.index)))
+            point = _repair_point(unit, layers, f"layer.{unit.index}")
+            if point is not None:
+                repair_points.append(point)
         seg_specs = tuple(
             SegmentSpec(
                 f"segment.{s}",
@@ -285,6 +300,7 @@ class SequentialAdapter(Adapter):
             output_size=_out_width(layers[units[-1].index]),
             input_size=_in_width(layers[units[0].index]),
             description=self.description(model),
+            repair_points=tuple(repair_points),
         )
 
     def insert_identity(self, model, layouts, template, *, batches=None):
@@ -449,11 +465,13 @@ SHARD_INDEX_FILE = "model.safetensors.index.json"
 def load_weights(directory: Path, *, allow_pickle: bool = False) -> dict[str, torch.Tensor]:
     """The state dict of a saved folder: ``model.safetensors``, or an opted-in pickle read with ``weights_only``."""
     if (directory / WEIGHTS_FILE).is_file():
+        check_safetensors(directory / WEIGHTS_FILE)
         return load_file(str(directory / WEIGHTS_FILE))
     if (directory / SHARD_INDEX_FILE).is_file():  # sharded: save_pretrained(max_shard_size=...)
         shards = json.loads((directory / SHARD_INDEX_FILE).read_text())["weight_map"].values()
         state: dict[str, torch.Tensor] = {}
         for shard in sorted(set(shards)):
+            check_safetensors(directory / shard)
             state.update(load_file(str(directory / shard)))
         return state
     pickles = [directory / name for name in PICKLE_FILES if (directory / name).is_file()]

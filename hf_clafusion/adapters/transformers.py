@@ -29,6 +29,7 @@ block at that position with its residual-writing projections zeroed: exact for p
 from __future__ import annotations
 
 import copy
+import functools
 import inspect
 import json
 import re
@@ -47,8 +48,9 @@ from ..errors import (
     SaveError,
     UnsupportedArchitectureError,
 )
-from ..spec import AxisRef, Group, LayerSpec, NetworkSpec, SegmentSpec
+from ..spec import AxisRef, Group, LayerSpec, NetworkSpec, RepairPoint, SegmentSpec
 from .base import Adapter, UnmatchedBlocks, capture_outputs, register_adapter
+from .files import check_weight_files
 
 
 # --------------------------------------------------------------------------------------------- the registry
@@ -349,6 +351,17 @@ def _vocab_difference(a: Any, b: Any) -> str | None:
     return None
 
 
+def _main_input(model: nn.Module) -> str:
+    """The name of the model's main input (``input_ids`` for text, ``pixel_values`` for images)."""
+    return getattr(model, "main_input_name", None) or "input_ids"
+
+
+@functools.cache
+def _forward_parameters(cls: type) -> frozenset[str]:
+    """Names of the keyword arguments of ``cls.forward`` (a property of the class, so cached per class)."""
+    return frozenset(inspect.signature(cls.forward).parameters)
+
+
 # --------------------------------------------------------------------------------------------- the adapter
 
 
@@ -356,10 +369,9 @@ def _vocab_difference(a: Any, b: Any) -> str | None:
 class TransformersAdapter(Adapter):
     """Hugging Face ``PreTrainedModel``s of the families in :data:`FAMILIES`."""
 
-    def __init__(self) -> None:
-        super().__init__()
-        self._main_input = "input_ids"
-        self._use_cache = False
+    # REPAIR measures one repair point per forward pass (about 3 per block), which makes it the slowest stage on
+    # a BERT-base pair, and it has not been measured to help LayerNorm models: "auto" leaves it to an opt-in.
+    auto_repair = False
 
     @classmethod
     def matches(cls, model: nn.Module) -> bool:
@@ -380,8 +392,6 @@ class TransformersAdapter(Adapter):
             original = next(iter(dtypes)) if len(dtypes) == 1 else getattr(model.config, "dtype", None)
             prepared = prepared.float()
             prepared.config.dtype = original
-        self._main_input = getattr(prepared, "main_input_name", "input_ids")
-        self._use_cache = "use_cache" in inspect.signature(prepared.forward).parameters
         return prepared
 
     def spec(self, model: nn.Module) -> NetworkSpec:
@@ -411,6 +421,13 @@ class TransformersAdapter(Adapter):
             AxisRef(f"{base}{p}", axis, "out") for p, axis in fam.embeddings if f"{base}{p}" in state
         ]
         blocks: list[Group] = []
+        points: list[RepairPoint] = []  # MLP hidden pre-activations and the two residual branch outputs per block
+
+        def point(name: str, group: str) -> RepairPoint:
+            return RepairPoint(
+                name, group, f"{name}.weight", f"{name}.bias" if f"{name}.bias" in state else None, w_out
+            )
+
         for i in range(depth):
             layer = f"{layers}.{i}"
             for n in fam.norms:
@@ -449,6 +466,12 @@ class TransformersAdapter(Adapter):
             mlp_axes += linear(f"{layer}.{fam.mlp_out}", "in", out_axis=False)
             width = state[f"{layer}.{fam.mlp_out}.weight"].shape[w_in]
             blocks.append(Group(f"mlp.{i}", width, tuple(mlp_axes), capture=f"{layer}.{fam.mlp_out}:input"))
+            # a gated MLP's gate feeds a nonlinearity: its up projection is corrected (scale-only without a bias)
+            points += [
+                point(f"{layer}.{fam.o}", "residual"),
+                point(f"{layer}.{fam.mlp_in[-1]}", f"mlp.{i}"),
+                point(f"{layer}.{fam.mlp_out}", "residual"),
+            ]
         if fam.final_norm:
             residual += norm(f"{base}{fam.final_norm}")
 
@@ -500,12 +523,21 @@ class TransformersAdapter(Adapter):
                 "hidden_size": hidden,
                 "heads": [heads, kv_heads, head_dim],
             },
+            repair_points=tuple(points),
         )
 
     # -- data
-    def model_inputs(self, batch: Any) -> tuple[tuple, dict]:
-        kwargs = dict(batch) if isinstance(batch, Mapping) else {self._main_input: batch}
-        if self._use_cache:
+    def model_inputs(self, model: nn.Module, batch: Any) -> tuple[tuple, dict]:
+        """Keyword arguments: a tensor is the model's ``main_input_name`` (``input_ids``, ``pixel_values``);
+        ``input_ids`` without an ``attention_mask`` get an all-ones mask when the model takes one (every token
+        is attended, as the model's own default); ``use_cache=False`` when ``forward`` takes it."""
+        model = getattr(model, "module", model)  # through a DDP wrapper
+        kwargs = dict(batch) if isinstance(batch, Mapping) else {_main_input(model): batch}
+        params = _forward_parameters(type(model))
+        ids = kwargs.get("input_ids")
+        if isinstance(ids, torch.Tensor) and "attention_mask" in params and kwargs.get("attention_mask") is None:
+            kwargs["attention_mask"] = torch.ones_like(ids)
+        if "use_cache" in params:
             kwargs.setdefault("use_cache", False)
         return (), kwargs
 
@@ -766,23 +798,28 @@ class TransformersAdapter(Adapter):
         inserted = {p for p, s in enumerate(layout) if s is None}
         block = re.compile(rf"^{re.escape(layers)}\.(\d+)(\..*)?$")
         groups, params, writers, captures = set(), set(), set(), {}
+
+        def own(capture: str) -> str:
+            found = block.match(capture)
+            if found is None:
+                return capture
+            p, rest = int(found.group(1)), found.group(2) or ""
+            if p not in inserted:
+                return f"{layers}.{layout[p]}{rest}"
+            # an inserted block's output is its input: the output of the last own block before it
+            before = [s for s in layout[:p] if s is not None]
+            return f"{layers}.{before[-1]}" if before else embed
+
         for group in balanced.groups:
             match = re.fullmatch(r"(attention|mlp)\.(\d+)", group.name)
             if match and int(match.group(2)) in inserted:
                 groups.add(group.name)
                 continue
-            for capture in group.captures:
-                found = block.match(capture)
-                if found is None:
-                    captures[capture] = capture
-                    continue
-                p, rest = int(found.group(1)), found.group(2) or ""
-                if p not in inserted:
-                    captures[capture] = f"{layers}.{layout[p]}{rest}"
-                    continue
-                # an inserted block's output is its input: the output of the last own block before it
-                before = [s for s in layout[:p] if s is not None]
-                captures[capture] = f"{layers}.{before[-1]}" if before else embed
+            captures.update({capture: own(capture) for capture in group.captures})
+        for point in balanced.repair_points:  # those inside inserted blocks have no counterpart: not mapped
+            found = block.match(point.capture)
+            if found is None or int(found.group(1)) not in inserted:
+                captures[point.capture] = own(point.capture)
         keys = [k[len(f"{layers}.0.") :] for k in model.state_dict() if k.startswith(f"{layers}.0.")]
         written = {f"{w}.{x}" for w in (fam.o, fam.mlp_out) for x in ("weight", "bias")}
         for p in inserted:
@@ -819,7 +856,7 @@ class TransformersAdapter(Adapter):
         streams: dict[str, list[torch.Tensor]] = {name: [] for name in set(sources.values())}
         generator = torch.Generator().manual_seed(0)
         for batch in batches:
-            args, kwargs = self.model_inputs(batch)
+            args, kwargs = self.model_inputs(model, batch)
             with capture_outputs(model, list(streams)) as out:
                 model(*args, **kwargs)
             for name in streams:
@@ -844,7 +881,7 @@ class TransformersAdapter(Adapter):
         sums = {p: torch.zeros(3, dtype=torch.float64) for p in inserted}
         means = {p: [0, 0.0] for p in inserted}
         for batch in batches:
-            args, kwargs = self.model_inputs(batch)
+            args, kwargs = self.model_inputs(new, batch)
             with capture_outputs(new, [n for pair in names.values() for n in pair]) as out:
                 new(*args, **kwargs)
             for p, (before, after) in names.items():
@@ -900,6 +937,7 @@ class TransformersAdapter(Adapter):
                 "If you trust it, load it yourself with trust_remote_code=True and pass the model object."
             )
         safetensors = any(directory.glob("*.safetensors"))
+        check_weight_files(directory)
         if not safetensors and not allow_pickle:
             raise SaveError(
                 f"{str(directory)!r} holds no safetensors weights; pickle checkpoints can run arbitrary code when "

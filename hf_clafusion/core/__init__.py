@@ -15,6 +15,14 @@ from .depth import (
     signed_identity_weight,
 )
 from .layer_alignment import align_layers, alignment_cost, chain_alignment, random_alignment, relax_constraints
+from .repair import (
+    ChannelStats,
+    affine_correction,
+    carry_statistics,
+    fold_affine,
+    is_identity_batchnorm,
+    repair_targets,
+)
 from .similarity import (
     MinibatchCKA,
     cca_cost_matrix,
@@ -27,22 +35,32 @@ from .similarity import (
     wasserstein_cost_matrix,
 )
 from .transport import (
+    SOLVERS,
     ActivationStats,
+    TransportSolution,
+    auto_solver,
     expand_head_plan,
     head_plan,
     plan_maps,
+    solve_transport,
     transport_plan,
     weight_distances,
 )
 
 
 __all__ = [
+    "SOLVERS",
     "ActivationStats",
+    "ChannelStats",
     "MinibatchCKA",
+    "TransportSolution",
     "absorb_signed_input",
+    "affine_correction",
     "align_layers",
     "alignment_cost",
     "apply_plan",
+    "auto_solver",
+    "carry_statistics",
     "cca_cost_matrix",
     "chain_alignment",
     "channels_as_features",
@@ -50,10 +68,12 @@ __all__ = [
     "expand_head_plan",
     "fit_layernorm_identity",
     "fit_post_ln_identity",
+    "fold_affine",
     "head_plan",
     "identity_batchnorm",
     "identity_weight",
     "index_cost_matrix",
+    "is_identity_batchnorm",
     "linear_cka",
     "merge_linear",
     "neuron_count_cost_matrix",
@@ -63,7 +83,9 @@ __all__ = [
     "random_alignment",
     "relax_constraints",
     "relu_diagonal",
+    "repair_targets",
     "signed_identity_weight",
+    "solve_transport",
     "transport_plan",
     "wasserstein_cost_matrix",
     "weight_distances",

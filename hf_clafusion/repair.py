@@ -1,0 +1,376 @@
+"""Statistics repair of a fused model: BatchNorm recomputation (``"bn"``) or REPAIR (``"repair"``).
+
+Averaged networks suffer variance collapse: the fused model's channels are less spread than the parents'
+(Jordan et al., "REPAIR: REnormalizing Permuted Activations for Interpolation Repair", ICLR 2023).
+
+- ``"bn"`` recomputes every BatchNorm's running statistics on the data. BatchNorms that compute the identity in
+  every parent (converted BatchNorm-free networks, inserted identity layers only) are left as they are: recomputing
+  them would turn an identity into a normalisation.
+- ``"repair"`` measures, on the same data, each parent's per-channel mean and std at every repair point of the
+  adapter's spec (Linear/Conv pre-activations, residual branch outputs), carries them to the anchor's channels
+  through the transport plans, and corrects the fused model point by point in forward order so its statistics
+  match ``mu* = sum_k w_k mu_k``, ``sigma* = sum_k w_k sigma_k``; each correction is folded exactly into the
+  layer's weight and bias (scale-only where the layer has no bias).
+- ``"auto"``: where the fused model has a BatchNorm that is not an identity in every parent, both ``"bn"`` and
+  ``"repair"`` (where the adapter supports it) are run and the one whose predictions on the data agree best with
+  the parents' ensemble (weighted mean of logits) is kept (ties: ``"bn"``); measured, ``"repair"`` wins on plain
+  VGG-style BatchNorm CNNs and ``"bn"`` on timm ResNets. Without a real BatchNorm: ``"repair"`` where the
+  adapter supports it, None with a warning where it does not.
+"""
+
+from __future__ import annotations
+
+import copy
+import warnings
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from . import core
+from .adapters.base import Adapter, UnmatchedBlocks, capture_outputs, reset_batchnorm_stats
+from .errors import AlignmentError, UnsupportedArchitectureError
+from .spec import NetworkSpec, RepairPoint
+
+
+#: An output whose every channel has |mean| and std below this is an inserted identity block's zero branch.
+ZERO_OUTPUT = 1e-12
+
+
+@dataclass(frozen=True)
+class RepairOutcome:
+    """What :func:`repair_fused` did.
+
+    Attributes:
+        mode: the resolved mode (``"bn"``, ``"repair"`` or None; never ``"auto"``).
+        bn_reset: whether BatchNorm running statistics were recomputed.
+        corrected: number of repair points corrected (``"repair"`` mode).
+    """
+
+    mode: str | None
+    bn_reset: bool = False
+    corrected: int = 0
+
+
+def identity_batchnorms(models: Sequence[nn.Module]) -> set[str]:
+    """Names of the BatchNorm modules that compute the identity (eval mode) in every one of ``models``.
+
+    The models share one structure (depth-balanced parents); a name missing from a model does not count.
+    """
+    names: set[str] | None = None
+    for model in models:
+        found = {
+            name
+            for name, m in model.named_modules()
+            if isinstance(m, nn.modules.batchnorm._BatchNorm)
+            and core.is_identity_batchnorm(m.weight, m.bias, m.running_mean, m.running_var, m.eps)
+        }
+        names = found if names is None else names & found
+    return names or set()
+
+
+def resolve_mode(
+    mode: str | None, fused: nn.Module, parents: Sequence[nn.Module], spec: NetworkSpec, *, auto_repair: bool = True
+) -> str | tuple[str, ...] | None:
+    """The repair mode to run, others checked against the family; ``"auto"`` resolved for this model.
+
+    ``"auto"`` gives ``("bn", "repair")`` for a model with a real BatchNorm and repair points, and
+    ``(None, "repair")`` for a model with repair points and no real BatchNorm: each candidate is tried and the one
+    whose predictions agree best with the parents' ensemble on the data is kept (:func:`repair_fused`; ties keep
+    the first). Without BatchNorm the comparison with no repair matters: where layers have no bias the
+    correction is scale-only and cannot move the means, and on the paper's bias-free MLP pair it costs about 2.6
+    points (``docs/benchmarks.md``). Families whose adapter sets ``auto_repair = False`` (transformers: REPAIR
+    is slow there and not measured to help) resolve to ``"bn"`` or None.
+
+    Raises:
+        UnsupportedArchitectureError: ``"repair"`` for a model whose adapter gives no repair points.
+    """
+    if mode == "repair" and not spec.repair_points:
+        raise UnsupportedArchitectureError(
+            f"repair='repair' is not supported for {spec.family} models of this architecture (the adapter gives no "
+            "repair points). Use repair='bn' (models with BatchNorm) or repair=None.",
+            layer_type=spec.description.get("class") if isinstance(spec.description, dict) else None,
+        )
+    if mode != "auto":
+        return mode
+    keep = identity_batchnorms(parents)
+    real_bn = any(
+        isinstance(m, nn.modules.batchnorm._BatchNorm) and name not in keep for name, m in fused.named_modules()
+    )
+    points = bool(spec.repair_points) and auto_repair
+    if real_bn:
+        return ("bn", "repair") if points else "bn"
+    if points:
+        return (None, "repair")
+    if spec.repair_points:  # the family opted out of automatic REPAIR
+        return None
+    warnings.warn(
+        f"repair='auto': {spec.family} models of this architecture have no BatchNorm to recompute and no REPAIR "
+        "support yet, so the fused model's statistics are not repaired.",
+        UserWarning,
+        stacklevel=3,
+    )
+    return None
+
+
+def repair_fused(
+    fused: nn.Module,
+    mode: str | None,
+    *,
+    parents: Sequence[nn.Module],
+    specs: Sequence[NetworkSpec],
+    anchor: int,
+    plans: dict[int, dict[str, torch.Tensor]],
+    weights: Sequence[float],
+    adapter: Adapter,
+    batches: Sequence[Any],
+    plan_normalization: str = "two_sided",
+    closed_form: Mapping[int, tuple[nn.Module, UnmatchedBlocks]] | None = None,
+) -> RepairOutcome:
+    """Repair the statistics of ``fused`` in place.
+
+    Args:
+        fused: the averaged model, built like ``parents[anchor]``.
+        mode: ``"auto"``, ``"bn"``, ``"repair"`` or None.
+        parents: the depth-balanced parents (before transport), one per model.
+        specs: their network specs.
+        anchor: index of the anchor model (whose channel basis ``fused`` uses).
+        plans: ``plans[k][group name]``: the ``(n_k, n_anchor)`` transport plan of model ``k`` (k != anchor).
+        weights: averaging weight per model.
+        adapter: the family's adapter (model inputs, features).
+        batches: the data the statistics are measured on.
+        plan_normalization: how plans were turned into maps (``FusionConfig.plan_normalization``).
+        closed_form: model index -> (that parent before balancing, its inserted blocks) for the parents balanced
+            for the closed form of ``fusion_math.md`` §6.4 (``Balanced.unmatched``). Their inserted blocks in
+            ``parents`` are placeholders (post-LN ones are not identities), so these parents are run at their own
+            depth, and contribute no statistics at repair points inside inserted blocks: the targets there come
+            from the models with a real block (the anchor).
+
+    Returns:
+        `RepairOutcome`: the resolved mode and what was done.
+    """
+    closed_form = dict(closed_form or {})
+    resolved = resolve_mode(mode, fused, parents, specs[anchor], auto_repair=type(adapter).auto_repair)
+    if isinstance(resolved, tuple):  # "auto": keep the candidate whose predictions agree best with the ensemble
+        with torch.no_grad():
+            runners = [closed_form[k][0] if k in closed_form else m for k, m in enumerate(parents)]
+            ensemble = _predictions(runners, batches, adapter, weights)
+            trials = []
+            for candidate in resolved:
+                trial = copy.deepcopy(fused)
+                outcome = repair_fused(
+                    trial,
+                    candidate,
+                    parents=parents,
+                    specs=specs,
+                    anchor=anchor,
+                    plans=plans,
+                    weights=weights,
+                    adapter=adapter,
+                    batches=batches,
+                    plan_normalization=plan_normalization,
+                    closed_form=closed_form,
+                )
+                agreement = float((_predictions([trial], batches, adapter, [1.0]) == ensemble).float().mean())
+                trials.append((agreement, -len(trials), outcome, trial))
+            _, _, outcome, best = max(trials, key=lambda t: t[:2])  # ties: the first candidate
+            fused.load_state_dict(best.state_dict())
+        return outcome
+    if resolved is None:
+        return RepairOutcome(None)
+    if resolved == "bn":
+        keep = _modules(fused, identity_batchnorms(parents))
+        return RepairOutcome("bn", bn_reset=reset_batchnorm_stats(fused, batches, adapter, keep=keep))
+    corrected = repair_statistics(
+        fused,
+        parents=parents,
+        specs=specs,
+        anchor=anchor,
+        plans=plans,
+        weights=weights,
+        adapter=adapter,
+        batches=batches,
+        plan_normalization=plan_normalization,
+        closed_form=closed_form,
+    )
+    return RepairOutcome("repair", corrected=corrected)
+
+
+def _predictions(
+    models: Sequence[nn.Module], batches: Sequence[Any], adapter: Adapter, weights: Sequence[float]
+) -> torch.Tensor:
+    """Argmax of the weighted mean of the models' logits over ``batches``, flattened."""
+    out = []
+    for batch in batches:
+        logits = sum(w * _logits(adapter, m, batch) for w, m in zip(weights, models))
+        out.append(logits.argmax(-1).flatten())
+    return torch.cat(out)
+
+
+def _logits(adapter: Adapter, model: nn.Module, batch: Any) -> torch.Tensor:
+    args, kwargs = adapter.model_inputs(model, batch)
+    return adapter.logits(model(*args, **kwargs)).float()
+
+
+def _modules(model: nn.Module, names: set[str]) -> list[nn.Module]:
+    return [m for name, m in model.named_modules() if name in names]
+
+
+@torch.no_grad()
+def measure(
+    model: nn.Module, captures: Sequence[str], batches: Sequence[Any], adapter: Adapter
+) -> list[core.ChannelStats]:
+    """Per-channel statistics of ``model`` at each capture over ``batches`` (one pass)."""
+    stats = [core.ChannelStats() for _ in captures]
+    names = list(dict.fromkeys(captures))
+    was_training = model.training
+    model.eval()
+    try:
+        for batch in batches:
+            args, kwargs = adapter.model_inputs(model, batch)
+            with capture_outputs(model, names) as out:
+                model(*args, **kwargs)
+            for s, name in zip(stats, captures):
+                s.update(adapter.features(out[name], batch))
+    finally:
+        model.train(was_training)
+    return stats
+
+
+def repair_targets(
+    points: Sequence[Sequence[RepairPoint]],
+    stats: Sequence[Sequence[core.ChannelStats | None]],
+    anchor: int,
+    plans: dict[int, dict[str, torch.Tensor]],
+    weights: Sequence[float],
+    plan_normalization: str = "two_sided",
+) -> list[tuple[torch.Tensor, torch.Tensor] | None]:
+    """``(mu*, sigma*)`` per repair point of the anchor, from every model's statistics carried by its plans.
+
+    ``points[k][i]`` and ``stats[k][i]`` are model ``k``'s i-th repair point and its statistics. Where a model's
+    output is exactly 0 (the residual branch of an inserted identity block), that model does not contribute: the
+    targets come from the models with a real layer there; so does a point whose statistics are None (a closed-form
+    model's inserted block, see :func:`repair_fused`). A point with no contributor gets None.
+    """
+    maps: dict[tuple[int, str], torch.Tensor] = {}
+    targets: list[tuple[torch.Tensor, torch.Tensor] | None] = []
+    for i, point in enumerate(points[anchor]):
+        means, stds, ws = [], [], []
+        for k in range(len(points)):
+            if stats[k][i] is None:
+                continue  # a closed-form model's inserted block: no real layer here
+            mean, std = stats[k][i].mean, stats[k][i].std
+            if float(mean.abs().max()) <= ZERO_OUTPUT and float(std.max()) <= ZERO_OUTPUT:
+                continue  # an inserted identity block's branch: the model has no real layer here
+            if k != anchor:
+                key = (k, point.group)
+                if key not in maps:
+                    maps[key] = core.plan_maps(plans[k][point.group].to(torch.float64), plan_normalization)[0]
+                r_map = maps[key].to(mean.device)
+                mean, std = core.carry_statistics(mean, r_map), core.carry_statistics(std, r_map)
+            means.append(mean)
+            stds.append(std)
+            ws.append(weights[k])
+        targets.append(core.repair_targets(means, stds, ws) if means and sum(ws) > 0 else None)
+    return targets
+
+
+@torch.no_grad()
+def repair_statistics(
+    fused: nn.Module,
+    *,
+    parents: Sequence[nn.Module],
+    specs: Sequence[NetworkSpec],
+    anchor: int,
+    plans: dict[int, dict[str, torch.Tensor]],
+    weights: Sequence[float],
+    adapter: Adapter,
+    batches: Sequence[Any],
+    plan_normalization: str = "two_sided",
+    closed_form: Mapping[int, tuple[nn.Module, UnmatchedBlocks]] | None = None,
+) -> int:
+    """REPAIR: correct ``fused`` point by point (forward order) and fold each correction into its layer.
+
+    Returns the number of points corrected. Arguments as in :func:`repair_fused`.
+    """
+    points = [spec.repair_points for spec in specs]
+    if any(len(p) != len(points[anchor]) for p in points):
+        raise AlignmentError(
+            f"The balanced models have different numbers of repair points {[len(p) for p in points]}; this is a "
+            "bug, please report it."
+        )
+    closed_form = closed_form or {}
+    stats = [
+        _measure_own_depth(*closed_form[k], points[k], batches, adapter)
+        if k in closed_form
+        else measure(model, [p.capture for p in points[k]], batches, adapter)
+        for k, model in enumerate(parents)
+    ]
+    targets = repair_targets(points, stats, anchor, plans, weights, plan_normalization)
+    params = dict(fused.named_parameters())
+    corrected = 0
+    for point, target in zip(points[anchor], targets):
+        if target is None:
+            continue
+        (current,) = measure(fused, [point.capture], batches, adapter)
+        scale, shift = core.affine_correction(
+            current.mean, current.std, target[0], target[1], shift=point.bias is not None
+        )
+        weight = params[point.weight]
+        bias = params[point.bias] if point.bias is not None else None
+        new_weight, new_bias = core.fold_affine(
+            weight.data,
+            None if bias is None else bias.data,
+            scale.to(weight.device),
+            _to(shift, weight.device),
+            axis=point.axis,
+        )
+        weight.copy_(new_weight)
+        if bias is not None:
+            bias.copy_(new_bias)
+        corrected += 1
+    return corrected
+
+
+def _measure_own_depth(
+    model: nn.Module,
+    unmatched: UnmatchedBlocks,
+    points: Sequence[RepairPoint],
+    batches: Sequence[Any],
+    adapter: Adapter,
+) -> list[core.ChannelStats | None]:
+    """Statistics of a closed-form parent at its repair points, measured on the parent before balancing.
+
+    A point inside an inserted block (its weight is one of ``unmatched.params``) gets None: the parent has no
+    real layer there. The others are read at the capture of the unbalanced parent that sees the same
+    activations (``unmatched.captures``).
+    """
+    inside = [p.weight in unmatched.params for p in points]
+    missing = sorted(
+        {p.capture for p, skip in zip(points, inside) if not skip and p.capture not in unmatched.captures}
+    )
+    if missing:
+        raise AlignmentError(
+            f"The adapter maps no capture of the unbalanced model to the repair points {missing[:4]}; this is a "
+            "bug, please report it."
+        )
+    captures = [unmatched.captures[p.capture] for p, skip in zip(points, inside) if not skip]
+    measured = iter(measure(model, captures, batches, adapter))
+    return [None if skip else next(measured) for skip in inside]
+
+
+def _to(tensor: torch.Tensor | None, device: torch.device) -> torch.Tensor | None:
+    return None if tensor is None else tensor.to(device)
+
+
+__all__ = [
+    "RepairOutcome",
+    "identity_batchnorms",
+    "measure",
+    "repair_fused",
+    "repair_statistics",
+    "repair_targets",
+    "resolve_mode",
+]
