@@ -159,7 +159,8 @@ def test_a_sharded_save_of_a_sequential_and_a_timm_model_round_trips_through_loa
         for d in (3, 2)
     )
     batch = torch.rand(16, 1, 16, 16)
-    fused = fuse([deep, shallow], batch, EXACT)
+    # untrained ResNets give every alignment the same cost: align by index
+    fused = fuse([deep, shallow], batch, EXACT, layer_cost="index")
     fused.save_pretrained(tmp_path / "timm", max_shard_size="20KB")
     assert len(list((tmp_path / "timm").glob("model-*.safetensors"))) > 1
     with torch.no_grad():
