@@ -77,7 +77,8 @@ def repair_targets(
     """``mu* = sum_k w_k mu_k`` and ``sigma* = sum_k w_k sigma_k`` (weights renormalised to sum to 1).
 
     Args:
-        means, stds: one ``(n,)`` tensor per contributing parent, already in the anchor's channel basis.
+        means: one ``(n,)`` channel-mean tensor per contributing parent, already in the anchor's channel basis.
+        stds: one ``(n,)`` channel-std tensor per contributing parent, in the same basis.
         weights: the parents' averaging weights (those of non-contributing parents left out).
 
     Returns:
@@ -110,8 +111,10 @@ def affine_correction(
     correction is scale-only and the second value is None.
 
     Args:
-        mean, std: ``(n,)`` measured statistics of the fused model's channels.
-        target_mean, target_std: ``(n,)`` targets (:func:`repair_targets`).
+        mean: ``(n,)`` measured channel means of the fused model.
+        std: ``(n,)`` measured channel standard deviations of the fused model.
+        target_mean: ``(n,)`` target means (:func:`repair_targets`).
+        target_std: ``(n,)`` target standard deviations.
 
     Returns:
         ``(scale, shift)``, each ``(n,)`` float64 (``shift`` None when ``shift=False``).
