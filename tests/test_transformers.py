@@ -278,6 +278,15 @@ def test_fusing_a_permuted_copy_returns_the_original(family):
     assert max_rel_error(out(result.model, batch), out(model, batch)) < 1e-4
 
 
+@pytest.mark.parametrize("family", ["bert", "gpt2", "llama"])
+def test_the_weight_ground_metric_reads_each_group_along_its_own_axis(family):
+    """Embeddings are (vocab, hidden): the residual group's neurons are columns. A permuted copy fuses back."""
+    model = make(family, 2)
+    batch = inputs(family)
+    result = fuse([model, permuted_copy(model, seed=3)], batch, EXACT, ground_metric="weights")
+    assert max_rel_error(out(result.model, batch), out(model, batch)) < 1e-4
+
+
 def test_permuting_attention_dimensions_across_heads_changes_the_function():
     """Without head structure (a free permutation of attention dims), the logits change: the test has teeth."""
     model = make("gpt2", 2)
