@@ -45,10 +45,7 @@ for where, code in json.load(sys.stdin):
 MAX_MARKED_SHARE = 0.34
 # Pages whose examples were being rewritten on other branches when this test was written: they must fail here
 # (strict xfail), so that the test says so once they run; then remove them from this dict.
-NOT_YET_RUNNABLE = {
-    "docs/configuration.md": "uses `models` and `data` without defining them (rewritten on another branch)",
-    "docs/data.md": "a `>>>` transcript and undefined names (rewritten on another branch)",
-}
+NOT_YET_RUNNABLE: dict[str, str] = {}  # page -> why it cannot run yet (a strict xfail); keep it empty
 
 
 @dataclass(frozen=True)
