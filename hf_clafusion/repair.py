@@ -11,11 +11,11 @@ Averaged networks suffer variance collapse: the fused model's channels are less 
   through the transport plans, and corrects the fused model point by point in forward order so its statistics
   match ``mu* = sum_k w_k mu_k``, ``sigma* = sum_k w_k sigma_k``; each correction is folded exactly into the
   layer's weight and bias (scale-only where the layer has no bias).
-- ``"auto"``: where the fused model has a BatchNorm that is not an identity in every parent, both ``"bn"`` and
-  ``"repair"`` (where the adapter supports it) are run and the one whose predictions on the data agree best with
-  the parents' ensemble (weighted mean of logits) is kept (ties: ``"bn"``); measured, ``"repair"`` wins on plain
-  VGG-style BatchNorm CNNs and ``"bn"`` on timm ResNets. Without a real BatchNorm: ``"repair"`` where the
-  adapter supports it, None with a warning where it does not.
+- ``"auto"``: the candidates are tried and the one whose predictions on the data agree best with the parents'
+  ensemble (weighted mean of logits) is kept, ties going to the first: ``("bn", "repair")`` where the fused
+  model has a BatchNorm that is not an identity in every parent, ``(None, "repair")`` without one (a scale-only
+  correction, on layers without a bias, cannot move the means and can hurt), ``"bn"`` or None for families
+  whose adapter sets ``auto_repair = False`` (transformers) or has no repair points (a warning says so).
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ from torch import nn
 
 from . import core
 from .adapters.base import Adapter, UnmatchedBlocks, capture_outputs, reset_batchnorm_stats
-from .errors import AlignmentError, UnsupportedArchitectureError
+from .errors import AlignmentError, ClaFusionWarning, UnsupportedArchitectureError
 from .spec import NetworkSpec, RepairPoint
 
 
@@ -107,9 +107,11 @@ def resolve_mode(
     if spec.repair_points:  # the family opted out of automatic REPAIR
         return None
     warnings.warn(
-        f"repair='auto': {spec.family} models of this architecture have no BatchNorm to recompute and no REPAIR "
-        "support yet, so the fused model's statistics are not repaired.",
-        UserWarning,
+        f"repair='auto': {spec.family} models of this architecture ({spec.description.get('class', '?') if isinstance(spec.description, dict) else '?'}) "
+        "have no BatchNorm to recompute and their adapter gives no repair points (NetworkSpec.repair_points), so "
+        "the fused model's statistics are not repaired. Pass repair=None to silence this, or finetune the fused "
+        "model.",
+        ClaFusionWarning,
         stacklevel=3,
     )
     return None
