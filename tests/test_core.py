@@ -307,6 +307,20 @@ def test_auto_gives_exactly_emds_plan_for_equal_widths_by_a_linear_assignment():
     assert isinstance(on_torch.plan, torch.Tensor) and np.array_equal(on_torch.plan.numpy(), _emd(cost))
 
 
+def test_auto_runs_the_assignment_only_where_the_costs_nearly_pick_a_permutation():
+    from hf_clafusion.core import solve_transport
+
+    rng = np.random.default_rng(3)
+    clear = rng.random((64, 64)) + 10 * (1 - np.eye(64)[rng.permutation(64)])  # one cheap partner per row
+    random = rng.random((64, 64))  # unstructured: the rows' cheapest columns collide
+    tied = np.ones((64, 64))
+    tied[:, :8] = rng.random((64, 8))  # dead-neuron-like ties: every row's minimum in 8 columns
+    for cost, expected in ((clear, "permutation"), (random, "emd"), (tied, "emd")):
+        solution = solve_transport(cost, solver="auto")
+        assert solution.solver == expected
+        assert float((solution.plan * cost).sum()) == pytest.approx(float((_emd(cost) * cost).sum()), abs=1e-12)
+
+
 @pytest.mark.parametrize("shape", [(12, 20), (20, 12), (16, 48)])
 def test_auto_reaches_emds_objective_for_unequal_widths(shape):
     from hf_clafusion.core import solve_transport

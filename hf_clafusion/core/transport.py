@@ -164,17 +164,37 @@ class TransportSolution:
     solver: str
 
 
-def auto_solver(n_b: int, n_a: int) -> str:
+#: ``solver="auto"`` runs the linear assignment only when at least this share of the rows' cheapest columns are
+#: distinct (the costs nearly pick a permutation by themselves).
+ASSIGNMENT_DISTINCT_MINIMA = 0.9
+
+
+def auto_solver(n_b: int, n_a: int, cost: torch.Tensor | np.ndarray | None = None) -> str:
     """The exact solver ``solver="auto"`` runs for uniform marginals on ``n_B`` and ``n_A`` neurons.
 
-    Equal widths: ``"permutation"`` (``scipy.optimize.linear_sum_assignment``). With uniform marginals of equal
-    size every vertex of the transport polytope is a permutation divided by ``n`` (Birkhoff), so the assignment
-    is an optimal plan of the same problem EMD solves, measured 2-5x faster than EMD at 256-8192 neurons
-    (``benchmarks/bench_scale.py``). Different widths: ``"emd"``; a linear assignment on replicated costs is
-    also exact there, but measured 4-6x slower than EMD. (POT 0.9.7 ignores ``ot.emd``'s ``numThreads``:
-    its network simplex is single-threaded, so no thread count is passed.)
+    Both are exact: with uniform marginals of equal size every vertex of the transport polytope is a permutation
+    divided by ``n`` (Birkhoff), so a linear assignment is an optimal plan of the problem EMD solves. Which one is
+    faster depends on the costs, not only on the size. Measured (``benchmarks/bench_scale.py``, 2 cores):
+
+    - costs with a clear correspondence (each neuron's cheapest partner mostly distinct, as between a model and
+      a permuted copy, or well-aligned trained layers): the assignment (``scipy.optimize.linear_sum_assignment``)
+      is 2-5x faster than EMD at 256-8192 neurons;
+    - unstructured costs (random weights: 2816 neurons, 5.5 s against 1.7 s) and costs with many exact ties
+      (dead neurons: 4096 neurons, 46 s against 3.1 s) send the assignment into its cubic worst case, where
+      EMD's network simplex stays fast.
+
+    So equal widths run ``"permutation"`` when at least :data:`ASSIGNMENT_DISTINCT_MINIMA` of the rows' argmin
+    columns are distinct (an O(n^2) check; without ``cost``, always), and ``"emd"`` otherwise; different widths
+    run ``"emd"`` (an assignment on replicated costs is exact too, but measured 4-6x slower). POT 0.9.7 ignores
+    ``ot.emd``'s ``numThreads`` (its network simplex is single-threaded), so no thread count is passed.
     """
-    return "permutation" if n_b == n_a else "emd"
+    if n_b != n_a:
+        return "emd"
+    if cost is None or n_b < 2:
+        return "permutation"
+    argmins = torch.as_tensor(cost).argmin(dim=1)
+    distinct = torch.unique(argmins).numel() / n_b
+    return "permutation" if distinct >= ASSIGNMENT_DISTINCT_MINIMA else "emd"
 
 
 def solve_transport(cost, *, solver: str = "emd", reg: float = 0.05, max_iter: int = 10_000) -> TransportSolution:
@@ -184,7 +204,7 @@ def solve_transport(cost, *, solver: str = "emd", reg: float = 0.05, max_iter: i
         `TransportSolution`: the plan and the name of the solver that computed it.
     """
     n_b, n_a = cost.shape if hasattr(cost, "shape") else np.shape(cost)
-    ran = auto_solver(n_b, n_a) if solver == "auto" else solver
+    ran = auto_solver(n_b, n_a, cost) if solver == "auto" else solver
     return TransportSolution(transport_plan(cost, solver=ran, reg=reg, max_iter=max_iter), ran)
 
 
@@ -196,7 +216,7 @@ def transport_plan(
     Args:
         cost (`np.ndarray` or `torch.Tensor` of shape `(n_B, n_A)`): ground cost, non-negative.
         solver (`str`): ``"auto"`` (an exact solver chosen by :func:`auto_solver`: a linear assignment for equal
-            widths, EMD otherwise), ``"emd"`` (exact network simplex, ``ot.emd``), ``"sinkhorn"`` (entropic,
+            widths whose costs nearly pick a permutation, EMD otherwise), ``"emd"`` (exact network simplex, ``ot.emd``), ``"sinkhorn"`` (entropic,
             ``ot.sinkhorn`` on the cost divided by its maximum; runs on the tensor's device through POT's torch
             backend), or ``"permutation"`` (a hard assignment by ``scipy.optimize.linear_sum_assignment``; needs
             ``n_A == n_B``). :func:`solve_transport` also returns which one ran.
@@ -219,7 +239,7 @@ def transport_plan(
         device = cost_t.device
     n_b, n_a = cost_t.shape
     if solver == "auto":
-        solver = auto_solver(n_b, n_a)
+        solver = auto_solver(n_b, n_a, cost_t)
     if solver == "emd":
         plan_np = ot.emd(np.full(n_b, 1.0 / n_b), np.full(n_a, 1.0 / n_a), cost_t.cpu().numpy(), numItermax=1_000_000)
         plan = torch.as_tensor(plan_np, dtype=torch.float64, device=device)
