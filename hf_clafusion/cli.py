@@ -10,7 +10,9 @@ traceback).
 from __future__ import annotations
 
 import argparse
+import functools
 import json
+import re
 import sys
 from pathlib import Path
 from typing import Any
@@ -44,13 +46,32 @@ class UsageError(ClaFusionError):
     """A command-line argument cannot be used (exit code 2)."""
 
 
+@functools.cache
+def _yaml_loader() -> type:
+    import yaml
+
+    class Loader(yaml.SafeLoader):
+        """YAML 1.1's safe loader that also reads ``1e-3`` (no dot) as a float, as YAML 1.2 and Python do."""
+
+    exponent = re.compile(r"^[-+]?[0-9][0-9_]*(?:\.[0-9_]*)?[eE][-+]?[0-9]+$")
+    Loader.add_implicit_resolver("tag:yaml.org,2002:float", exponent, list("-+0123456789"))
+    return Loader
+
+
+def load_yaml(text: str) -> Any:
+    """``yaml.safe_load(text)``, except that ``1e-3`` is the float 0.001 (plain YAML 1.1 gives the string '1e-3')."""
+    import yaml
+
+    return yaml.load(text, Loader=_yaml_loader())  # a SafeLoader subclass: no arbitrary objects
+
+
 def _config_dict(path: str | None, assignments: list[str]) -> dict[str, Any]:
     import yaml
 
     data: dict[str, Any] = {}
     if path is not None:
         try:
-            loaded = yaml.safe_load(Path(path).read_text())
+            loaded = load_yaml(Path(path).read_text())
         except FileNotFoundError:
             raise UsageError(f"Config file not found: {path!r}.") from None
         except yaml.YAMLError as error:
@@ -62,7 +83,7 @@ def _config_dict(path: str | None, assignments: list[str]) -> dict[str, Any]:
         key, sep, value = item.partition("=")
         if not sep or not key:
             raise UsageError(f"--set expects key=value, got {item!r}.")
-        data[key.strip()] = yaml.safe_load(value)
+        data[key.strip()] = load_yaml(value)
     return data
 
 
