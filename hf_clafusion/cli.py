@@ -246,14 +246,16 @@ def tokenize_text(
     return encoded.with_format("torch"), True
 
 
-def _load_model(folder: Path) -> tuple[Any, Any]:
-    """``(FusionResult or None, model)`` of a saved folder."""
+def _load_model(source: str) -> tuple[Any, Any]:
+    """``(FusionResult or None, model)`` of a saved folder or Hub id, as typed (``Path('./x')`` would drop the
+    ``./`` that tells a missing folder from a Hub id)."""
     from .hub import FUSION_CONFIG_FILE, load_fusion_result, load_pretrained
 
+    folder = Path(source).expanduser()
     if (folder / FUSION_CONFIG_FILE).is_file():
         result = load_fusion_result(folder)
         return result, result.model
-    return None, load_pretrained(folder)
+    return None, load_pretrained(source)
 
 
 def cmd_fuse(args: argparse.Namespace) -> None:
@@ -294,7 +296,7 @@ def cmd_finetune(args: argparse.Namespace) -> None:
             "data with --eval-fraction 0.1."
         )
     source = Path(args.model)
-    result, model = _load_model(source)
+    result, model = _load_model(args.model)
     train = load_data(args.data, split=args.split)
     evaluation = None if args.eval_split is None else load_data(args.data, split=args.eval_split)
     if not isinstance(train, (tuple, list)) and not hasattr(train, "column_names"):
@@ -334,7 +336,7 @@ def cmd_finetune(args: argparse.Namespace) -> None:
 def cmd_evaluate(args: argparse.Namespace) -> None:
     from .evaluation import evaluate
 
-    models = [_load_model(Path(folder))[1] for folder in args.models]
+    models = [_load_model(folder)[1] for folder in args.models]
     data = load_data(args.data, split=args.split)
     if not isinstance(data, (tuple, list)) and not hasattr(data, "column_names"):
         raise CalibrationDataError(

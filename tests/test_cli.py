@@ -205,6 +205,19 @@ def test_debug_reraises_the_library_error_that_is_otherwise_a_one_line_message(p
     assert not (tmp_path / "x").exists()
 
 
+@pytest.mark.parametrize("command", ["finetune", "evaluate"])
+def test_a_missing_model_folder_typed_as_a_relative_path_is_named_as_a_path(
+    command, parents, tmp_path, capsys, monkeypatch
+):
+    _, _, data = parents
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    argv = [command, "./missing", "--data", str(data)] + (["--output", "out"] if command == "finetune" else [])
+    assert main(argv) == 1
+    err = one_line_error(capsys)
+    assert "'./missing' is neither an existing folder nor a valid Hub id" in err  # not a Hub cache miss of 'missing'
+
+
 def test_push_needs_an_existing_folder(tmp_path, capsys):
     assert main(["push", str(tmp_path / "missing"), "me/model"]) == 2
     assert "No such folder" in capsys.readouterr().err
