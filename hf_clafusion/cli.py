@@ -17,7 +17,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from .errors import CalibrationDataError, ClaFusionError, ConfigError
+from .errors import CalibrationDataError, ClaFusionError, ConfigError, LoadError
 
 
 EPILOG = """examples:
@@ -290,7 +290,7 @@ def cmd_finetune(args: argparse.Namespace) -> None:
     if args.eval_split is not None and args.eval_fraction is not None:
         raise UsageError("Pass --eval-split or --eval-fraction, not both.")
     if args.eval_split is not None and not has_split(args.data, args.eval_split):
-        raise UsageError(
+        raise CalibrationDataError(
             f"{args.data!r} has no split {args.eval_split!r}. A .safetensors file holds splits as "
             f"'{args.eval_split}/inputs' and '{args.eval_split}/labels' tensors; or hold out part of the training "
             "data with --eval-fraction 0.1."
@@ -365,7 +365,7 @@ def cmd_push(args: argparse.Namespace) -> None:
     from .hub import push_folder_to_hub
 
     if not Path(args.folder).is_dir():
-        raise UsageError(f"No such folder: {args.folder!r}. Save a model first (hf-clafusion fuse ... --output DIR).")
+        raise LoadError(f"No such folder: {args.folder!r}. Save a model first (hf-clafusion fuse ... --output DIR).")
     url = push_folder_to_hub(
         args.folder,
         args.repo_id,
@@ -385,7 +385,7 @@ def cmd_inspect(args: argparse.Namespace) -> None:
 
     folder = Path(args.folder)
     if not folder.is_dir():
-        raise UsageError(f"No such folder: {args.folder!r}. Pass a folder written by hf-clafusion fuse / finetune.")
+        raise LoadError(f"No such folder: {args.folder!r}. Pass a folder written by hf-clafusion fuse / finetune.")
     result = load_fusion_result(folder)
     if (folder / "README.md").is_file():
         print("card metadata:")

@@ -218,9 +218,10 @@ def test_a_missing_model_folder_typed_as_a_relative_path_is_named_as_a_path(
     assert "'./missing' is neither an existing folder nor a valid Hub id" in err  # not a Hub cache miss of 'missing'
 
 
-def test_push_needs_an_existing_folder(tmp_path, capsys):
-    assert main(["push", str(tmp_path / "missing"), "me/model"]) == 2
-    assert "No such folder" in capsys.readouterr().err
+@pytest.mark.parametrize("argv", [["push", "me/model"], ["inspect"]], ids=["push", "inspect"])
+def test_a_missing_folder_exits_with_code_1_like_a_missing_data_file(argv, tmp_path, capsys):
+    assert main([argv[0], str(tmp_path / "missing"), *argv[1:]]) == 1
+    assert "No such folder" in one_line_error(capsys)
 
 
 def test_usage_errors_exit_with_code_2(capsys):
@@ -305,7 +306,7 @@ def test_eval_split_reads_split_keys_of_a_safetensors_file(parents, tmp_path, ca
     # a plain file has no such split: the error says how to give one
     _, _, plain = parents
     args = ["finetune", str(deep), "--data", str(plain), "--eval-split", "validation", "--output", str(tmp_path / "x")]
-    assert main(args) == 2
+    assert main(args) == 1  # a data problem, as for a missing --split
     err = one_line_error(capsys)
     assert "'validation/inputs'" in err and "--eval-fraction" in err
 
