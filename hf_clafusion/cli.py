@@ -14,10 +14,11 @@ import functools
 import json
 import re
 import sys
+import warnings
 from pathlib import Path
 from typing import Any
 
-from .errors import CalibrationDataError, ClaFusionError, ConfigError, LoadError
+from .errors import CalibrationDataError, ClaFusionError, ClaFusionWarning, ConfigError, LoadError
 
 
 EPILOG = """examples:
@@ -542,7 +543,10 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        args.handler(args)
+        with warnings.catch_warnings():
+            if not args.debug:
+                warnings.showwarning = warning_printer(warnings.showwarning)
+            args.handler(args)
         return 0
     except KeyboardInterrupt:
         print("hf-clafusion: interrupted", file=sys.stderr)
@@ -552,6 +556,19 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"hf-clafusion: error: {error_line(error)}", file=sys.stderr)
         return 2 if isinstance(error, (UsageError, ConfigError)) else 1
+
+
+def warning_printer(fallback: Any) -> Any:
+    """A ``warnings.showwarning`` that prints the library's own warnings as one line, ``hf-clafusion: warning: ...``
+    (without the source line of the library that raised them), and hands any other warning to ``fallback``."""
+
+    def show(message, category, filename, lineno, file=None, line=None):
+        if issubclass(category, ClaFusionWarning):
+            print(f"hf-clafusion: warning: {' '.join(str(message).split())}", file=file or sys.stderr)
+        else:
+            fallback(message, category, filename, lineno, file, line)
+
+    return show
 
 
 def error_line(error: BaseException) -> str:

@@ -269,6 +269,16 @@ def test_finetuning_on_raw_text_without_a_tokenizer_is_one_line(parents, tmp_pat
     assert not (tmp_path / "o").exists()
 
 
+def test_library_warnings_are_one_line_each_on_stderr(parents, tmp_path, capsys):
+    deep, shallow, data = parents
+    # CCA on 10 samples of layers up to 16 wide is degenerate: the library warns (a ClaFusionWarning)
+    argv = ["fuse", str(deep), str(shallow), "--data", str(data), "--set", "layer_cost=cca", "--set", "num_samples=10"]
+    assert main([*argv, "--output", str(tmp_path / "fused"), "--quiet"]) == 0
+    lines = capsys.readouterr().err.splitlines()
+    assert lines and all(line.startswith("hf-clafusion: warning: ") for line in lines), lines
+    assert any("CCA is degenerate" in line for line in lines)
+
+
 def test_a_missing_optional_package_is_one_line_with_the_install_hint(monkeypatch, tmp_path, capsys):
     timm = pytest.importorskip("timm")
     model = timm.create_model("resnet18", pretrained=False, num_classes=3, layers=[1, 1, 1, 1], channels=(8,) * 4)
