@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import functools
 import json
+import os
 import re
 import sys
 import warnings
@@ -516,6 +517,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--label-column", default="label")
     evaluate.add_argument("--max-length", type=int, default=128, help="tokens per text (raw-text datasets)")
     evaluate.add_argument("--batch-size", type=int, default=256)
+    evaluate.add_argument("--quiet", action="store_true", help="no progress bars (tokenizing raw text)")
     evaluate.set_defaults(handler=cmd_evaluate)
 
     inspect = commands.add_parser("inspect", help="print a saved fused model's card data and alignment")
@@ -542,6 +544,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    if getattr(args, "quiet", False):
+        quiet_other_progress_bars()
     try:
         with warnings.catch_warnings():
             if not args.debug:
@@ -556,6 +560,21 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"hf-clafusion: error: {error_line(error)}", file=sys.stderr)
         return 2 if isinstance(error, (UsageError, ConfigError)) else 1
+
+
+def quiet_other_progress_bars() -> None:
+    """``--quiet`` also for the progress bars of huggingface_hub, transformers (saving) and datasets (tokenizing):
+    through their environment variables when not imported yet, their switches when they are."""
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # transformers follows huggingface_hub's setting
+    os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
+    switches = [
+        ("huggingface_hub.utils", "disable_progress_bars"),
+        ("transformers.utils.logging", "disable_progress_bar"),
+        ("datasets.utils.tqdm", "disable_progress_bars"),
+    ]
+    for module, switch in switches:
+        if module in sys.modules:
+            getattr(sys.modules[module], switch)()
 
 
 def warning_printer(fallback: Any) -> Any:
