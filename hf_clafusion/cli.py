@@ -98,14 +98,15 @@ def _split_keys(tensors: dict[str, Any]) -> dict[str, dict[str, Any]]:
     return splits
 
 
-def load_data(source: str, *, split: str | None, column: str | None = None) -> Any:
+def load_data(source: str, *, split: str | None, column: str | None = None, default_split: str = "train") -> Any:
     """Calibration, training or evaluation data from the command line.
 
     A ``.safetensors`` file gives its tensors: ``inputs`` (and ``labels``), or its only tensor; or, for a file
     with splits, ``<split>/inputs`` and ``<split>/labels`` (e.g. ``train/inputs``, ``validation/labels``) selected
-    by ``split`` (default ``train``). A folder written by ``Dataset.save_to_disk`` is loaded with
+    by ``split`` (``None``: ``default_split``). A folder written by ``Dataset.save_to_disk`` is loaded with
     ``load_from_disk``; anything else goes to ``datasets.load_dataset(source, split=split)`` (local data files, or a
-    Hub id when the network allows).
+    Hub id when the network allows). A ``split`` given for a file without splits is refused: the whole file would
+    be read, whatever the split asked for.
     """
     path = Path(source).expanduser()
     if path.suffix == ".safetensors":
@@ -119,7 +120,7 @@ def load_data(source: str, *, split: str | None, column: str | None = None) -> A
         tensors = load_file(str(path))
         splits = _split_keys(tensors)
         if splits:
-            name = split or "train"
+            name = split or default_split
             if name not in splits or "inputs" not in splits[name]:
                 raise CalibrationDataError(
                     f"{source!r} has no split {name!r} (no {name + '/inputs'!r} tensor); its splits are "
@@ -127,6 +128,12 @@ def load_data(source: str, *, split: str | None, column: str | None = None) -> A
                 )
             chosen = splits[name]
             return (chosen["inputs"], chosen["labels"]) if "labels" in chosen else chosen["inputs"]
+        if split is not None:
+            raise CalibrationDataError(
+                f"{source!r} has no splits (its tensors are {sorted(tensors)}), so --split {split} cannot choose "
+                f"one. Leave out --split to use the whole file, or store the split as '{split}/inputs' and "
+                f"'{split}/labels' tensors."
+            )
         if "inputs" in tensors:
             return (tensors["inputs"], tensors["labels"]) if "labels" in tensors else tensors["inputs"]
         if len(tensors) == 1:
@@ -148,15 +155,17 @@ def load_data(source: str, *, split: str | None, column: str | None = None) -> A
     ):
         loaded = datasets.load_from_disk(str(path))
         if isinstance(loaded, datasets.DatasetDict):
-            if split is None or split not in loaded:
-                raise CalibrationDataError(f"{source!r} has splits {list(loaded)}; choose one with --split.")
-            loaded = loaded[split]
+            if (split or default_split) not in loaded:
+                raise CalibrationDataError(
+                    f"{source!r} has splits {list(loaded)}, not {split or default_split!r}; choose one with --split."
+                )
+            loaded = loaded[split or default_split]
     else:
         try:
-            loaded = datasets.load_dataset(source, split=split or "train")
+            loaded = datasets.load_dataset(source, split=split or default_split)
         except Exception as error:
             raise CalibrationDataError(
-                f"Could not load the dataset {source!r} (split {split or 'train'!r}): {type(error).__name__}: "
+                f"Could not load the dataset {source!r} (split {split or default_split!r}): {type(error).__name__}: "
                 f"{str(error).splitlines()[0] if str(error) else ''}. Pass a local path (a save_to_disk folder, data "
                 "files, or a .safetensors file)."
             ) from None
@@ -339,7 +348,7 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
     from .evaluation import evaluate
 
     models = [_load_model(folder)[1] for folder in args.models]
-    data = load_data(args.data, split=args.split)
+    data = load_data(args.data, split=args.split, default_split="test")
     if not isinstance(data, (tuple, list)) and not hasattr(data, "column_names"):
         raise CalibrationDataError(
             f"{args.data!r} holds inputs without labels; evaluation needs 'inputs' and 'labels' tensors."
@@ -458,7 +467,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     finetune.add_argument("model", help="a folder saved by hf_clafusion")
     finetune.add_argument("--data", required=True, help=".safetensors file (inputs, labels), dataset folder or id")
-    finetune.add_argument("--split", default="train", help="training split (a dataset's, or a .safetensors file's)")
+    finetune.add_argument(
+        "--split", default=None, help="training split (a dataset's, or a .safetensors file's; default: train)"
+    )
     finetune.add_argument(
         "--eval-split",
         default=None,
@@ -512,7 +523,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     evaluate.add_argument("models", nargs="+", help="model folders (saved by hf_clafusion, timm or transformers)")
     evaluate.add_argument("--data", required=True, help=".safetensors file (inputs, labels), dataset folder or id")
-    evaluate.add_argument("--split", default="test", help="the split to evaluate (default: test)")
+    evaluate.add_argument("--split", default=None, help="the split to evaluate (default: test)")
     evaluate.add_argument("--input-column", default=None)
     evaluate.add_argument("--label-column", default="label")
     evaluate.add_argument("--max-length", type=int, default=128, help="tokens per text (raw-text datasets)")

@@ -340,6 +340,17 @@ def test_exponent_floats_without_a_dot_are_numbers_in_config_files_and_set(paren
     assert records[0]["lr"] == pytest.approx(1e-3)  # and weight_decay=5e-4 passed validation as a number
 
 
+@pytest.mark.parametrize("command", ["evaluate", "finetune", "fuse"])
+def test_a_split_asked_of_a_file_without_splits_is_refused_not_ignored(command, parents, tmp_path, capsys):
+    deep, shallow, data = parents  # 'inputs' and 'labels' only: --split test would silently read the whole file
+    models = [str(deep), str(shallow)] if command == "fuse" else [str(deep)]
+    output = [] if command == "evaluate" else ["--output", str(tmp_path / "out")]
+    assert main([command, *models, "--data", str(data), "--split", "test", *output, "--quiet"]) == 1
+    err = one_line_error(capsys)
+    assert "has no splits" in err and "Leave out --split" in err and "'test/inputs'" in err
+    assert not (tmp_path / "out").exists()
+
+
 def test_evaluate_prints_the_accuracy_table(parents, tmp_path, capsys):
     deep, shallow, data = parents
     assert main(["evaluate", str(deep), str(shallow), "--data", str(data)]) == 0
