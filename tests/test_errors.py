@@ -111,7 +111,7 @@ def test_unknown_config_keys_list_valid_ones():
 
 
 def test_anchor_index_out_of_range():
-    with pytest.raises(ConfigError, match=r"`anchor`: 5, but only 2 models"):
+    with pytest.raises(ConfigError, match=r"`anchor`: 5, but only 2 models.*Pass an index from 0 to 1 .*'deepest'"):
         _fuse([mlp(8, [16], 3), mlp(8, [16], 3, seed=1)], anchor=5)
 
 
