@@ -222,6 +222,19 @@ def test_wrong_calibration_shape_is_caught_even_without_activation_costs():
         )
 
 
+@pytest.mark.parametrize("what", ["evaluation", "training"])
+def test_evaluation_and_training_data_of_the_wrong_shape_name_the_batch_shape(what):
+    from hf_clafusion import DataError, evaluate, finetune
+
+    model = mlp(8, [16], 3)
+    x, y = torch.randn(20, 5), torch.randint(0, 3, (20,))  # 5 features for a model that reads 8
+    with pytest.raises(DataError, match=rf"cannot run on the {what} data \(a batch: Tensor of shape \(\d+, 5\)"):
+        if what == "evaluation":
+            evaluate([model, mlp(8, [12], 3, seed=1)], (x, y))
+        else:
+            finetune(model, (x, y), epochs=1, progress=False)
+
+
 def test_field_choices_reads_literals_inside_unions_and_keeps_none_for_optional_ones():
     @dataclasses.dataclass
     class Example:
