@@ -555,7 +555,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    if getattr(args, "quiet", False):
+    if getattr(args, "quiet", False) or args.handler is cmd_inspect:  # inspect prints a summary, not a load
         quiet_other_progress_bars()
     try:
         with warnings.catch_warnings():

@@ -452,20 +452,27 @@ def test_fuse_keeps_the_anchor_tokenizer_and_finetune_tokenizes_raw_text(tmp_pat
 
 
 @pytest.mark.filterwarnings("ignore:Cannot enable progress bars")  # a --quiet run before set the variable
-def test_quiet_also_turns_off_the_progress_bars_of_the_hugging_face_libraries(parents, tmp_path, monkeypatch):
+@pytest.mark.parametrize("command", ["evaluate --quiet", "inspect"])
+def test_quiet_also_turns_off_the_progress_bars_of_the_hugging_face_libraries(command, parents, tmp_path, monkeypatch):
     """Tokenizing (datasets), loading and saving (transformers, huggingface_hub) draw their own bars; --quiet turns
-    them off too. (The tests set TQDM_DISABLE, so the bars themselves cannot be seen here: their switches can.)"""
+    them off too, and inspect always does. (The tests set TQDM_DISABLE, so the bars themselves cannot be seen here:
+    their switches can.)"""
     datasets_tqdm = pytest.importorskip("datasets.utils.tqdm")
     hub_utils = pytest.importorskip("huggingface_hub.utils")
     transformers_logging = pytest.importorskip("transformers.utils.logging")
+    for name in ("HF_HUB_DISABLE_PROGRESS_BARS", "HF_DATASETS_DISABLE_PROGRESS_BARS"):
+        monkeypatch.delenv(name, raising=False)  # main sets them for libraries not imported yet; undone afterwards
+    deep, shallow, data = parents
+    fused = str(tmp_path / "fused")
+    assert main(["fuse", str(deep), str(shallow), "--data", str(data), "--output", fused, "--quiet"]) == 0
+    argv = (
+        ["evaluate", fused, "--data", str(data), "--quiet"] if command.startswith("evaluate") else ["inspect", fused]
+    )
     datasets_tqdm.enable_progress_bars()
     hub_utils.enable_progress_bars()
     transformers_logging.enable_progress_bar()
-    for name in ("HF_HUB_DISABLE_PROGRESS_BARS", "HF_DATASETS_DISABLE_PROGRESS_BARS"):
-        monkeypatch.delenv(name, raising=False)  # main sets them for libraries not imported yet; undone afterwards
-    deep, _, data = parents
     try:
-        assert main(["evaluate", str(deep), "--data", str(data), "--quiet"]) == 0
+        assert main(argv) == 0
         assert datasets_tqdm.are_progress_bars_disabled()
         assert hub_utils.are_progress_bars_disabled()
         assert not transformers_logging.is_progress_bar_enabled()
