@@ -160,6 +160,12 @@ def load_data(source: str, *, split: str | None, column: str | None = None, defa
                     f"{source!r} has splits {list(loaded)}, not {split or default_split!r}; choose one with --split."
                 )
             loaded = loaded[split or default_split]
+        elif split is not None:
+            raise CalibrationDataError(
+                f"{source!r} holds one dataset without splits (saved from a Dataset, not a DatasetDict), so --split "
+                f"{split} cannot choose one. Leave out --split to use all of it, or save a DatasetDict with a "
+                f"{split!r} split."
+            )
     else:
         try:
             loaded = datasets.load_dataset(source, split=split or default_split)
@@ -171,21 +177,27 @@ def load_data(source: str, *, split: str | None, column: str | None = None, defa
             ) from None
     if column is not None:
         if column not in loaded.column_names:
-            raise CalibrationDataError(f"Column {column!r} not in the dataset; it has {loaded.column_names}.")
+            raise CalibrationDataError(
+                f"Column {column!r} not in the dataset; it has {loaded.column_names}. Name one of them with "
+                "--input-column."
+            )
     return loaded.with_format("torch")
 
 
-def has_split(source: str, split: str) -> bool:
-    """Whether ``source`` (a ``.safetensors`` file or a ``save_to_disk`` folder) holds the named split."""
+def known_splits(source: str) -> list[str] | None:
+    """The splits of ``source``: a ``.safetensors`` file's (``[]`` when it has none) or a ``DatasetDict`` folder's;
+    None when only ``datasets.load_dataset`` can tell (a Hub id or data files: it reports a missing split itself)."""
     path = Path(source).expanduser()
     if path.suffix == ".safetensors" and path.is_file():
         from safetensors import safe_open
 
         with safe_open(str(path), framework="pt") as handle:
-            return f"{split}/inputs" in set(handle.keys())
+            return sorted(_split_keys(dict.fromkeys(handle.keys())))
     if (path / "dataset_dict.json").is_file():
-        return split in json.loads((path / "dataset_dict.json").read_text()).get("splits", [])
-    return True  # a Hub id or data files: datasets.load_dataset reports a missing split itself
+        return list(json.loads((path / "dataset_dict.json").read_text()).get("splits", []))
+    if (path / "dataset_info.json").is_file() or (path / "state.json").is_file():
+        return []  # one Dataset saved with save_to_disk: no splits
+    return None
 
 
 def hold_out(data: Any, fraction: float, seed: int) -> tuple[Any, Any]:
@@ -300,11 +312,17 @@ def cmd_finetune(args: argparse.Namespace) -> None:
     check_target(args.output, args.overwrite)  # before training
     if args.eval_split is not None and args.eval_fraction is not None:
         raise UsageError("Pass --eval-split or --eval-fraction, not both.")
-    if args.eval_split is not None and not has_split(args.data, args.eval_split):
+    splits = None if args.eval_split is None else known_splits(args.data)
+    if splits is not None and args.eval_split not in splits:
+        how = (
+            f"its splits are {splits}"
+            if splits
+            else "it has no splits; a .safetensors file holds one as "
+            f"'{args.eval_split}/inputs' and '{args.eval_split}/labels' tensors, a folder from DatasetDict.save_to_disk"
+        )
         raise CalibrationDataError(
-            f"{args.data!r} has no split {args.eval_split!r}. A .safetensors file holds splits as "
-            f"'{args.eval_split}/inputs' and '{args.eval_split}/labels' tensors; or hold out part of the training "
-            "data with --eval-fraction 0.1."
+            f"{args.data!r} has no split {args.eval_split!r} ({how}). Choose one with --eval-split, or hold out "
+            "part of the training data with --eval-fraction 0.1."
         )
     source = Path(args.model)
     result, model = _load_model(args.model)

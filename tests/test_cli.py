@@ -351,6 +351,23 @@ def test_a_split_asked_of_a_file_without_splits_is_refused_not_ignored(command, 
     assert not (tmp_path / "out").exists()
 
 
+def test_splits_a_dataset_folder_lacks_are_refused_naming_the_ones_it_has(parents, tmp_path, capsys):
+    from datasets import Dataset, DatasetDict
+
+    deep, _, _ = parents
+    x = torch.randn(40, 8)
+    rows = Dataset.from_dict({"inputs": x.tolist(), "label": (x[:, 0] > 0).long().tolist()})
+    DatasetDict({"train": rows, "test": rows}).save_to_disk(str(tmp_path / "dict"))
+    rows.save_to_disk(str(tmp_path / "one"))
+    out = ["--output", str(tmp_path / "out"), "--quiet"]
+    assert main(["finetune", str(deep), "--data", str(tmp_path / "dict"), "--eval-split", "validation", *out]) == 1
+    assert "has no split 'validation' (its splits are ['train', 'test'])" in one_line_error(capsys)
+    # one Dataset has no splits: a split asked of it would silently be all of it
+    assert main(["evaluate", str(deep), "--data", str(tmp_path / "one"), "--split", "test"]) == 1
+    assert "without splits" in one_line_error(capsys)
+    assert main(["evaluate", str(deep), "--data", str(tmp_path / "one")]) == 0
+
+
 def test_evaluate_prints_the_accuracy_table(parents, tmp_path, capsys):
     deep, shallow, data = parents
     assert main(["evaluate", str(deep), str(shallow), "--data", str(data)]) == 0
@@ -447,7 +464,7 @@ def test_fuse_keeps_the_anchor_tokenizer_and_finetune_tokenizes_raw_text(tmp_pat
     assert main([*args, "--set", "epochs=1", "--output", str(tuned), "--quiet"]) == 0
     assert transformers.AutoTokenizer.from_pretrained(tuned)("hello world")["input_ids"] == [4, 5]
     capsys.readouterr()
-    assert main(["evaluate", str(tuned), "--data", str(tmp_path / "text"), "--split", "train"]) == 0
+    assert main(["evaluate", str(tuned), "--data", str(tmp_path / "text")]) == 0  # one Dataset: no --split
     assert str(tuned) in capsys.readouterr().out
 
 
