@@ -10,12 +10,16 @@ traceback).
 from __future__ import annotations
 
 import argparse
+import functools
 import json
+import os
+import re
 import sys
+import warnings
 from pathlib import Path
 from typing import Any
 
-from .errors import CalibrationDataError, ClaFusionError, ConfigError
+from .errors import CalibrationDataError, ClaFusionError, ClaFusionWarning, ConfigError, LoadError
 
 
 EPILOG = """examples:
@@ -44,13 +48,32 @@ class UsageError(ClaFusionError):
     """A command-line argument cannot be used (exit code 2)."""
 
 
+@functools.cache
+def _yaml_loader() -> type:
+    import yaml
+
+    class Loader(yaml.SafeLoader):
+        """YAML 1.1's safe loader that also reads ``1e-3`` (no dot) as a float, as YAML 1.2 and Python do."""
+
+    exponent = re.compile(r"^[-+]?[0-9][0-9_]*(?:\.[0-9_]*)?[eE][-+]?[0-9]+$")
+    Loader.add_implicit_resolver("tag:yaml.org,2002:float", exponent, list("-+0123456789"))
+    return Loader
+
+
+def load_yaml(text: str) -> Any:
+    """``yaml.safe_load(text)``, except that ``1e-3`` is the float 0.001 (plain YAML 1.1 gives the string '1e-3')."""
+    import yaml
+
+    return yaml.load(text, Loader=_yaml_loader())  # a SafeLoader subclass: no arbitrary objects
+
+
 def _config_dict(path: str | None, assignments: list[str]) -> dict[str, Any]:
     import yaml
 
     data: dict[str, Any] = {}
     if path is not None:
         try:
-            loaded = yaml.safe_load(Path(path).read_text())
+            loaded = load_yaml(Path(path).read_text())
         except FileNotFoundError:
             raise UsageError(f"Config file not found: {path!r}.") from None
         except yaml.YAMLError as error:
@@ -62,7 +85,7 @@ def _config_dict(path: str | None, assignments: list[str]) -> dict[str, Any]:
         key, sep, value = item.partition("=")
         if not sep or not key:
             raise UsageError(f"--set expects key=value, got {item!r}.")
-        data[key.strip()] = yaml.safe_load(value)
+        data[key.strip()] = load_yaml(value)
     return data
 
 
@@ -75,14 +98,15 @@ def _split_keys(tensors: dict[str, Any]) -> dict[str, dict[str, Any]]:
     return splits
 
 
-def load_data(source: str, *, split: str | None, column: str | None = None) -> Any:
+def load_data(source: str, *, split: str | None, column: str | None = None, default_split: str = "train") -> Any:
     """Calibration, training or evaluation data from the command line.
 
     A ``.safetensors`` file gives its tensors: ``inputs`` (and ``labels``), or its only tensor; or, for a file
     with splits, ``<split>/inputs`` and ``<split>/labels`` (e.g. ``train/inputs``, ``validation/labels``) selected
-    by ``split`` (default ``train``). A folder written by ``Dataset.save_to_disk`` is loaded with
+    by ``split`` (``None``: ``default_split``). A folder written by ``Dataset.save_to_disk`` is loaded with
     ``load_from_disk``; anything else goes to ``datasets.load_dataset(source, split=split)`` (local data files, or a
-    Hub id when the network allows).
+    Hub id when the network allows). A ``split`` given for a file without splits is refused: the whole file would
+    be read, whatever the split asked for.
     """
     path = Path(source).expanduser()
     if path.suffix == ".safetensors":
@@ -96,7 +120,7 @@ def load_data(source: str, *, split: str | None, column: str | None = None) -> A
         tensors = load_file(str(path))
         splits = _split_keys(tensors)
         if splits:
-            name = split or "train"
+            name = split or default_split
             if name not in splits or "inputs" not in splits[name]:
                 raise CalibrationDataError(
                     f"{source!r} has no split {name!r} (no {name + '/inputs'!r} tensor); its splits are "
@@ -104,6 +128,12 @@ def load_data(source: str, *, split: str | None, column: str | None = None) -> A
                 )
             chosen = splits[name]
             return (chosen["inputs"], chosen["labels"]) if "labels" in chosen else chosen["inputs"]
+        if split is not None:
+            raise CalibrationDataError(
+                f"{source!r} has no splits (its tensors are {sorted(tensors)}), so --split {split} cannot choose "
+                f"one. Leave out --split to use the whole file, or store the split as '{split}/inputs' and "
+                f"'{split}/labels' tensors."
+            )
         if "inputs" in tensors:
             return (tensors["inputs"], tensors["labels"]) if "labels" in tensors else tensors["inputs"]
         if len(tensors) == 1:
@@ -125,35 +155,49 @@ def load_data(source: str, *, split: str | None, column: str | None = None) -> A
     ):
         loaded = datasets.load_from_disk(str(path))
         if isinstance(loaded, datasets.DatasetDict):
-            if split is None or split not in loaded:
-                raise CalibrationDataError(f"{source!r} has splits {list(loaded)}; choose one with --split.")
-            loaded = loaded[split]
+            if (split or default_split) not in loaded:
+                raise CalibrationDataError(
+                    f"{source!r} has splits {list(loaded)}, not {split or default_split!r}; choose one with --split."
+                )
+            loaded = loaded[split or default_split]
+        elif split is not None:
+            raise CalibrationDataError(
+                f"{source!r} holds one dataset without splits (saved from a Dataset, not a DatasetDict), so --split "
+                f"{split} cannot choose one. Leave out --split to use all of it, or save a DatasetDict with a "
+                f"{split!r} split."
+            )
     else:
         try:
-            loaded = datasets.load_dataset(source, split=split or "train")
+            loaded = datasets.load_dataset(source, split=split or default_split)
         except Exception as error:
             raise CalibrationDataError(
-                f"Could not load the dataset {source!r} (split {split or 'train'!r}): {type(error).__name__}: "
+                f"Could not load the dataset {source!r} (split {split or default_split!r}): {type(error).__name__}: "
                 f"{str(error).splitlines()[0] if str(error) else ''}. Pass a local path (a save_to_disk folder, data "
                 "files, or a .safetensors file)."
             ) from None
     if column is not None:
         if column not in loaded.column_names:
-            raise CalibrationDataError(f"Column {column!r} not in the dataset; it has {loaded.column_names}.")
+            raise CalibrationDataError(
+                f"Column {column!r} not in the dataset; it has {loaded.column_names}. Name one of them with "
+                "--input-column."
+            )
     return loaded.with_format("torch")
 
 
-def has_split(source: str, split: str) -> bool:
-    """Whether ``source`` (a ``.safetensors`` file or a ``save_to_disk`` folder) holds the named split."""
+def known_splits(source: str) -> list[str] | None:
+    """The splits of ``source``: a ``.safetensors`` file's (``[]`` when it has none) or a ``DatasetDict`` folder's;
+    None when only ``datasets.load_dataset`` can tell (a Hub id or data files: it reports a missing split itself)."""
     path = Path(source).expanduser()
     if path.suffix == ".safetensors" and path.is_file():
         from safetensors import safe_open
 
         with safe_open(str(path), framework="pt") as handle:
-            return f"{split}/inputs" in set(handle.keys())
+            return sorted(_split_keys(dict.fromkeys(handle.keys())))
     if (path / "dataset_dict.json").is_file():
-        return split in json.loads((path / "dataset_dict.json").read_text()).get("splits", [])
-    return True  # a Hub id or data files: datasets.load_dataset reports a missing split itself
+        return list(json.loads((path / "dataset_dict.json").read_text()).get("splits", []))
+    if (path / "dataset_info.json").is_file() or (path / "state.json").is_file():
+        return []  # one Dataset saved with save_to_disk: no splits
+    return None
 
 
 def hold_out(data: Any, fraction: float, seed: int) -> tuple[Any, Any]:
@@ -225,14 +269,16 @@ def tokenize_text(
     return encoded.with_format("torch"), True
 
 
-def _load_model(folder: Path) -> tuple[Any, Any]:
-    """``(FusionResult or None, model)`` of a saved folder."""
+def _load_model(source: str) -> tuple[Any, Any]:
+    """``(FusionResult or None, model)`` of a saved folder or Hub id, as typed (``Path('./x')`` would drop the
+    ``./`` that tells a missing folder from a Hub id)."""
     from .hub import FUSION_CONFIG_FILE, load_fusion_result, load_pretrained
 
+    folder = Path(source).expanduser()
     if (folder / FUSION_CONFIG_FILE).is_file():
         result = load_fusion_result(folder)
         return result, result.model
-    return None, load_pretrained(folder)
+    return None, load_pretrained(source)
 
 
 def cmd_fuse(args: argparse.Namespace) -> None:
@@ -266,14 +312,20 @@ def cmd_finetune(args: argparse.Namespace) -> None:
     check_target(args.output, args.overwrite)  # before training
     if args.eval_split is not None and args.eval_fraction is not None:
         raise UsageError("Pass --eval-split or --eval-fraction, not both.")
-    if args.eval_split is not None and not has_split(args.data, args.eval_split):
-        raise UsageError(
-            f"{args.data!r} has no split {args.eval_split!r}. A .safetensors file holds splits as "
-            f"'{args.eval_split}/inputs' and '{args.eval_split}/labels' tensors; or hold out part of the training "
-            "data with --eval-fraction 0.1."
+    splits = None if args.eval_split is None else known_splits(args.data)
+    if splits is not None and args.eval_split not in splits:
+        how = (
+            f"its splits are {splits}"
+            if splits
+            else "it has no splits; a .safetensors file holds one as "
+            f"'{args.eval_split}/inputs' and '{args.eval_split}/labels' tensors, a folder from DatasetDict.save_to_disk"
+        )
+        raise CalibrationDataError(
+            f"{args.data!r} has no split {args.eval_split!r} ({how}). Choose one with --eval-split, or hold out "
+            "part of the training data with --eval-fraction 0.1."
         )
     source = Path(args.model)
-    result, model = _load_model(source)
+    result, model = _load_model(args.model)
     train = load_data(args.data, split=args.split)
     evaluation = None if args.eval_split is None else load_data(args.data, split=args.eval_split)
     if not isinstance(train, (tuple, list)) and not hasattr(train, "column_names"):
@@ -313,8 +365,8 @@ def cmd_finetune(args: argparse.Namespace) -> None:
 def cmd_evaluate(args: argparse.Namespace) -> None:
     from .evaluation import evaluate
 
-    models = [_load_model(Path(folder))[1] for folder in args.models]
-    data = load_data(args.data, split=args.split)
+    models = [_load_model(folder)[1] for folder in args.models]
+    data = load_data(args.data, split=args.split, default_split="test")
     if not isinstance(data, (tuple, list)) and not hasattr(data, "column_names"):
         raise CalibrationDataError(
             f"{args.data!r} holds inputs without labels; evaluation needs 'inputs' and 'labels' tensors."
@@ -342,7 +394,7 @@ def cmd_push(args: argparse.Namespace) -> None:
     from .hub import push_folder_to_hub
 
     if not Path(args.folder).is_dir():
-        raise UsageError(f"No such folder: {args.folder!r}. Save a model first (hf-clafusion fuse ... --output DIR).")
+        raise LoadError(f"No such folder: {args.folder!r}. Save a model first (hf-clafusion fuse ... --output DIR).")
     url = push_folder_to_hub(
         args.folder,
         args.repo_id,
@@ -362,7 +414,7 @@ def cmd_inspect(args: argparse.Namespace) -> None:
 
     folder = Path(args.folder)
     if not folder.is_dir():
-        raise UsageError(f"No such folder: {args.folder!r}. Pass a folder written by hf-clafusion fuse / finetune.")
+        raise LoadError(f"No such folder: {args.folder!r}. Pass a folder written by hf-clafusion fuse / finetune.")
     result = load_fusion_result(folder)
     if (folder / "README.md").is_file():
         print("card metadata:")
@@ -433,7 +485,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     finetune.add_argument("model", help="a folder saved by hf_clafusion")
     finetune.add_argument("--data", required=True, help=".safetensors file (inputs, labels), dataset folder or id")
-    finetune.add_argument("--split", default="train", help="training split (a dataset's, or a .safetensors file's)")
+    finetune.add_argument(
+        "--split", default=None, help="training split (a dataset's, or a .safetensors file's; default: train)"
+    )
     finetune.add_argument(
         "--eval-split",
         default=None,
@@ -487,11 +541,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     evaluate.add_argument("models", nargs="+", help="model folders (saved by hf_clafusion, timm or transformers)")
     evaluate.add_argument("--data", required=True, help=".safetensors file (inputs, labels), dataset folder or id")
-    evaluate.add_argument("--split", default="test", help="the split to evaluate (default: test)")
+    evaluate.add_argument("--split", default=None, help="the split to evaluate (default: test)")
     evaluate.add_argument("--input-column", default=None)
     evaluate.add_argument("--label-column", default="label")
     evaluate.add_argument("--max-length", type=int, default=128, help="tokens per text (raw-text datasets)")
     evaluate.add_argument("--batch-size", type=int, default=256)
+    evaluate.add_argument("--quiet", action="store_true", help="no progress bars (tokenizing raw text)")
     evaluate.set_defaults(handler=cmd_evaluate)
 
     inspect = commands.add_parser("inspect", help="print a saved fused model's card data and alignment")
@@ -518,8 +573,13 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    if getattr(args, "quiet", False) or args.handler is cmd_inspect:  # inspect prints a summary, not a load
+        quiet_other_progress_bars()
     try:
-        args.handler(args)
+        with warnings.catch_warnings():
+            if not args.debug:
+                warnings.showwarning = warning_printer(warnings.showwarning)
+            args.handler(args)
         return 0
     except KeyboardInterrupt:
         print("hf-clafusion: interrupted", file=sys.stderr)
@@ -529,6 +589,34 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"hf-clafusion: error: {error_line(error)}", file=sys.stderr)
         return 2 if isinstance(error, (UsageError, ConfigError)) else 1
+
+
+def quiet_other_progress_bars() -> None:
+    """``--quiet`` also for the progress bars of huggingface_hub, transformers (saving) and datasets (tokenizing):
+    through their environment variables when not imported yet, their switches when they are."""
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # transformers follows huggingface_hub's setting
+    os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
+    switches = [
+        ("huggingface_hub.utils", "disable_progress_bars"),
+        ("transformers.utils.logging", "disable_progress_bar"),
+        ("datasets.utils.tqdm", "disable_progress_bars"),
+    ]
+    for module, switch in switches:
+        if module in sys.modules:
+            getattr(sys.modules[module], switch)()
+
+
+def warning_printer(fallback: Any) -> Any:
+    """A ``warnings.showwarning`` that prints the library's own warnings as one line, ``hf-clafusion: warning: ...``
+    (without the source line of the library that raised them), and hands any other warning to ``fallback``."""
+
+    def show(message, category, filename, lineno, file=None, line=None):
+        if issubclass(category, ClaFusionWarning):
+            print(f"hf-clafusion: warning: {' '.join(str(message).split())}", file=file or sys.stderr)
+        else:
+            fallback(message, category, filename, lineno, file, line)
+
+    return show
 
 
 def error_line(error: BaseException) -> str:

@@ -229,6 +229,20 @@ def check_input_dtype(batch: Any, model: nn.Module, what: str = "calibration") -
             )
 
 
+def wrong_inputs_error(error: Exception, batch: Any, what: str, model_name: str = "The model") -> DataError | None:
+    """The :class:`DataError` to raise when a model's forward pass on the first ``what`` batch failed with
+    ``error`` (inputs of the wrong shape), naming the batch's shape; None for an out-of-memory error, which must
+    surface unchanged."""
+    if isinstance(error, torch.cuda.OutOfMemoryError):
+        return None
+    first = str(error).splitlines()[0] if str(error) else type(error).__name__
+    return _error(
+        what,
+        f"{model_name} cannot run on the {what} data (a batch: {_show(batch)}): {first}. Pass inputs shaped as "
+        "the model expects (the data it was trained on).",
+    )
+
+
 def label_key(keys: Iterable[str], label_column: str | None) -> str | None:
     """The label key among ``keys``: ``label_column`` if present; else (unnamed or the default ``label``) the
     first of :data:`LABEL_COLUMNS` present; else None."""
@@ -623,4 +637,5 @@ __all__ = [
     "split_row",
     "subset_indices",
     "take_rows",
+    "wrong_inputs_error",
 ]

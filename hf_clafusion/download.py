@@ -55,8 +55,9 @@ def download_snapshot(repo_id: str, allow_patterns: list[str] | None = None) -> 
     except Exception as error:  # huggingface_hub raises several types for the same situation
         where = "the local cache (the Hub is unreachable or HF_HUB_OFFLINE is set)" if offline else "the Hub"
         raise LoadError(
-            f"Could not get {repo_id!r} from {where}: {type(error).__name__}. Download it where the Hub is reachable "
-            "and pass the local folder path instead."
+            f"Could not get {repo_id!r} from {where}: {type(error).__name__}; there is no local folder of that name "
+            "either. Check the path, or download the model where the Hub is reachable and pass the local folder path "
+            "instead."
         ) from error
     return Path(path)
 

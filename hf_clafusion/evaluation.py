@@ -11,7 +11,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from .adapters import get_adapter
-from .data import check_input_dtype, check_labels, labelled_batches, move_to
+from .data import check_input_dtype, check_labels, labelled_batches, move_to, wrong_inputs_error
 from .errors import IncompatibleModelsError
 
 
@@ -109,7 +109,13 @@ def evaluate(
             for i, (model, adapter) in enumerate(zip(models, adapters)):
                 device = next(model.parameters()).device
                 args, kwargs = adapter.model_inputs(model, move_to(inputs, device))
-                logits = adapter.logits(model(*args, **kwargs)).float().cpu()
+                try:
+                    logits = adapter.logits(model(*args, **kwargs)).float().cpu()
+                except (RuntimeError, TypeError, ValueError) as error:
+                    explained = wrong_inputs_error(error, inputs, "evaluation", f"Model {i} ({names[i]})")
+                    if total or explained is None:  # a later batch failed: not a matter of the inputs' shape
+                        raise
+                    raise explained from error
                 check_labels(labels, logits.shape[-1], "evaluation")
                 loss[i] += float(F.cross_entropy(logits, labels.long(), reduction="sum"))
                 correct[i] += int((logits.argmax(-1) == labels).sum())

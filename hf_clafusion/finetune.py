@@ -25,7 +25,15 @@ from tqdm.auto import tqdm
 
 from .adapters import get_adapter
 from .config import FinetuneConfig
-from .data import LabelledData, check_input_dtype, check_labels, labelled_dataset, move_to, split_batch
+from .data import (
+    LabelledData,
+    check_input_dtype,
+    check_labels,
+    labelled_dataset,
+    move_to,
+    split_batch,
+    wrong_inputs_error,
+)
 from .errors import ClaFusionWarning, ConfigError, TrainingDivergedError
 
 
@@ -453,8 +461,15 @@ def _num_classes(model: nn.Module, adapter, loader: DataLoader, config: Finetune
     model.eval()
     with torch.no_grad():
         args, kwargs = adapter.model_inputs(model, move_to(inputs, device))
-        num = int(adapter.logits(model(*args, **kwargs)).shape[-1])
-    model.train(was_training)
+        try:
+            num = int(adapter.logits(model(*args, **kwargs)).shape[-1])
+        except (RuntimeError, TypeError, ValueError) as error:
+            explained = wrong_inputs_error(error, inputs, "training")
+            if explained is None:
+                raise
+            raise explained from error
+        finally:
+            model.train(was_training)
     return num
 
 

@@ -870,7 +870,9 @@ def _anchor_index(config: FusionConfig, specs: Sequence[NetworkSpec]) -> int:
         return min(range(len(depths)), key=lambda i: (depths[i], i))
     if anchor >= len(specs):
         raise ConfigError(
-            f"Invalid `anchor`: {anchor}, but only {len(specs)} models were given (indices 0-{len(specs) - 1}).",
+            f"Invalid `anchor`: {anchor}, but only {len(specs)} models were given (indices 0-{len(specs) - 1}). "
+            f"Pass an index from 0 to {len(specs) - 1} (the position in the list of models), 'deepest' or "
+            "'shallowest'.",
             field="anchor",
         )
     return anchor

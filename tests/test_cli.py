@@ -205,9 +205,23 @@ def test_debug_reraises_the_library_error_that_is_otherwise_a_one_line_message(p
     assert not (tmp_path / "x").exists()
 
 
-def test_push_needs_an_existing_folder(tmp_path, capsys):
-    assert main(["push", str(tmp_path / "missing"), "me/model"]) == 2
-    assert "No such folder" in capsys.readouterr().err
+@pytest.mark.parametrize("command", ["finetune", "evaluate"])
+def test_a_missing_model_folder_typed_as_a_relative_path_is_named_as_a_path(
+    command, parents, tmp_path, capsys, monkeypatch
+):
+    _, _, data = parents
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    argv = [command, "./missing", "--data", str(data)] + (["--output", "out"] if command == "finetune" else [])
+    assert main(argv) == 1
+    err = one_line_error(capsys)
+    assert "'./missing' is neither an existing folder nor a valid Hub id" in err  # not a Hub cache miss of 'missing'
+
+
+@pytest.mark.parametrize("argv", [["push", "me/model"], ["inspect"]], ids=["push", "inspect"])
+def test_a_missing_folder_exits_with_code_1_like_a_missing_data_file(argv, tmp_path, capsys):
+    assert main([argv[0], str(tmp_path / "missing"), *argv[1:]]) == 1
+    assert "No such folder" in one_line_error(capsys)
 
 
 def test_usage_errors_exit_with_code_2(capsys):
@@ -255,6 +269,16 @@ def test_finetuning_on_raw_text_without_a_tokenizer_is_one_line(parents, tmp_pat
     assert not (tmp_path / "o").exists()
 
 
+def test_library_warnings_are_one_line_each_on_stderr(parents, tmp_path, capsys):
+    deep, shallow, data = parents
+    # CCA on 10 samples of layers up to 16 wide is degenerate: the library warns (a ClaFusionWarning)
+    argv = ["fuse", str(deep), str(shallow), "--data", str(data), "--set", "layer_cost=cca", "--set", "num_samples=10"]
+    assert main([*argv, "--output", str(tmp_path / "fused"), "--quiet"]) == 0
+    lines = capsys.readouterr().err.splitlines()
+    assert lines and all(line.startswith("hf-clafusion: warning: ") for line in lines), lines
+    assert any("CCA is degenerate" in line for line in lines)
+
+
 def test_a_missing_optional_package_is_one_line_with_the_install_hint(monkeypatch, tmp_path, capsys):
     timm = pytest.importorskip("timm")
     model = timm.create_model("resnet18", pretrained=False, num_classes=3, layers=[1, 1, 1, 1], channels=(8,) * 4)
@@ -292,7 +316,7 @@ def test_eval_split_reads_split_keys_of_a_safetensors_file(parents, tmp_path, ca
     # a plain file has no such split: the error says how to give one
     _, _, plain = parents
     args = ["finetune", str(deep), "--data", str(plain), "--eval-split", "validation", "--output", str(tmp_path / "x")]
-    assert main(args) == 2
+    assert main(args) == 1  # a data problem, as for a missing --split
     err = one_line_error(capsys)
     assert "'validation/inputs'" in err and "--eval-fraction" in err
 
@@ -304,6 +328,44 @@ def test_eval_fraction_holds_out_part_of_a_safetensors_file(parents, tmp_path, c
     assert main([*args, "--output", str(out), "--quiet"]) == 0
     records = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith("{")]
     assert records[0]["eval_samples"] == 30
+
+
+def test_exponent_floats_without_a_dot_are_numbers_in_config_files_and_set(parents, tmp_path, capsys):
+    deep, _, data = parents
+    config = tmp_path / "finetune.yaml"
+    config.write_text("lr: 1e-3\nepochs: 1\n")  # plain YAML 1.1 reads 1e-3 as the string '1e-3'
+    args = ["finetune", str(deep), "--data", str(data), "--config", str(config), "--set", "weight_decay=5e-4"]
+    assert main([*args, "--output", str(tmp_path / "tuned"), "--quiet"]) == 0
+    records = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith("{")]
+    assert records[0]["lr"] == pytest.approx(1e-3)  # and weight_decay=5e-4 passed validation as a number
+
+
+@pytest.mark.parametrize("command", ["evaluate", "finetune", "fuse"])
+def test_a_split_asked_of_a_file_without_splits_is_refused_not_ignored(command, parents, tmp_path, capsys):
+    deep, shallow, data = parents  # 'inputs' and 'labels' only: --split test would silently read the whole file
+    models = [str(deep), str(shallow)] if command == "fuse" else [str(deep)]
+    output = [] if command == "evaluate" else ["--output", str(tmp_path / "out")]
+    assert main([command, *models, "--data", str(data), "--split", "test", *output, "--quiet"]) == 1
+    err = one_line_error(capsys)
+    assert "has no splits" in err and "Leave out --split" in err and "'test/inputs'" in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_splits_a_dataset_folder_lacks_are_refused_naming_the_ones_it_has(parents, tmp_path, capsys):
+    from datasets import Dataset, DatasetDict
+
+    deep, _, _ = parents
+    x = torch.randn(40, 8)
+    rows = Dataset.from_dict({"inputs": x.tolist(), "label": (x[:, 0] > 0).long().tolist()})
+    DatasetDict({"train": rows, "test": rows}).save_to_disk(str(tmp_path / "dict"))
+    rows.save_to_disk(str(tmp_path / "one"))
+    out = ["--output", str(tmp_path / "out"), "--quiet"]
+    assert main(["finetune", str(deep), "--data", str(tmp_path / "dict"), "--eval-split", "validation", *out]) == 1
+    assert "has no split 'validation' (its splits are ['train', 'test'])" in one_line_error(capsys)
+    # one Dataset has no splits: a split asked of it would silently be all of it
+    assert main(["evaluate", str(deep), "--data", str(tmp_path / "one"), "--split", "test"]) == 1
+    assert "without splits" in one_line_error(capsys)
+    assert main(["evaluate", str(deep), "--data", str(tmp_path / "one")]) == 0
 
 
 def test_evaluate_prints_the_accuracy_table(parents, tmp_path, capsys):
@@ -402,8 +464,39 @@ def test_fuse_keeps_the_anchor_tokenizer_and_finetune_tokenizes_raw_text(tmp_pat
     assert main([*args, "--set", "epochs=1", "--output", str(tuned), "--quiet"]) == 0
     assert transformers.AutoTokenizer.from_pretrained(tuned)("hello world")["input_ids"] == [4, 5]
     capsys.readouterr()
-    assert main(["evaluate", str(tuned), "--data", str(tmp_path / "text"), "--split", "train"]) == 0
+    assert main(["evaluate", str(tuned), "--data", str(tmp_path / "text")]) == 0  # one Dataset: no --split
     assert str(tuned) in capsys.readouterr().out
+
+
+@pytest.mark.filterwarnings("ignore:Cannot enable progress bars")  # a --quiet run before set the variable
+@pytest.mark.parametrize("command", ["evaluate --quiet", "inspect"])
+def test_quiet_also_turns_off_the_progress_bars_of_the_hugging_face_libraries(command, parents, tmp_path, monkeypatch):
+    """Tokenizing (datasets), loading and saving (transformers, huggingface_hub) draw their own bars; --quiet turns
+    them off too, and inspect always does. (The tests set TQDM_DISABLE, so the bars themselves cannot be seen here:
+    their switches can.)"""
+    datasets_tqdm = pytest.importorskip("datasets.utils.tqdm")
+    hub_utils = pytest.importorskip("huggingface_hub.utils")
+    transformers_logging = pytest.importorskip("transformers.utils.logging")
+    for name in ("HF_HUB_DISABLE_PROGRESS_BARS", "HF_DATASETS_DISABLE_PROGRESS_BARS"):
+        monkeypatch.delenv(name, raising=False)  # main sets them for libraries not imported yet; undone afterwards
+    deep, shallow, data = parents
+    fused = str(tmp_path / "fused")
+    assert main(["fuse", str(deep), str(shallow), "--data", str(data), "--output", fused, "--quiet"]) == 0
+    argv = (
+        ["evaluate", fused, "--data", str(data), "--quiet"] if command.startswith("evaluate") else ["inspect", fused]
+    )
+    datasets_tqdm.enable_progress_bars()
+    hub_utils.enable_progress_bars()
+    transformers_logging.enable_progress_bar()
+    try:
+        assert main(argv) == 0
+        assert datasets_tqdm.are_progress_bars_disabled()
+        assert hub_utils.are_progress_bars_disabled()
+        assert not transformers_logging.is_progress_bar_enabled()
+    finally:
+        datasets_tqdm.enable_progress_bars()
+        hub_utils.enable_progress_bars()
+        transformers_logging.enable_progress_bar()
 
 
 def test_no_processor_saves_a_transformers_model_without_a_tokenizer(tmp_path, capsys):

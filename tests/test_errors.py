@@ -111,7 +111,7 @@ def test_unknown_config_keys_list_valid_ones():
 
 
 def test_anchor_index_out_of_range():
-    with pytest.raises(ConfigError, match=r"`anchor`: 5, but only 2 models"):
+    with pytest.raises(ConfigError, match=r"`anchor`: 5, but only 2 models.*Pass an index from 0 to 1 .*'deepest'"):
         _fuse([mlp(8, [16], 3), mlp(8, [16], 3, seed=1)], anchor=5)
 
 
@@ -220,6 +220,19 @@ def test_wrong_calibration_shape_is_caught_even_without_activation_costs():
         fuse(
             models, torch.rand(16, 3, 8, 8), FusionConfig(progress=False, layer_cost="index", ground_metric="weights")
         )
+
+
+@pytest.mark.parametrize("what", ["evaluation", "training"])
+def test_evaluation_and_training_data_of_the_wrong_shape_name_the_batch_shape(what):
+    from hf_clafusion import DataError, evaluate, finetune
+
+    model = mlp(8, [16], 3)
+    x, y = torch.randn(20, 5), torch.randint(0, 3, (20,))  # 5 features for a model that reads 8
+    with pytest.raises(DataError, match=rf"cannot run on the {what} data \(a batch: Tensor of shape \(\d+, 5\)"):
+        if what == "evaluation":
+            evaluate([model, mlp(8, [12], 3, seed=1)], (x, y))
+        else:
+            finetune(model, (x, y), epochs=1, progress=False)
 
 
 def test_field_choices_reads_literals_inside_unions_and_keeps_none_for_optional_ones():
