@@ -210,7 +210,8 @@ class FusionConfig(_DictMixin):
     solver: Solver = field(
         default="auto",
         metadata={
-            "help": "Transport solver: `auto` (exact: a linear assignment for equal widths, EMD otherwise; "
+            "help": "Transport solver: `auto` (exact: a linear assignment for equal widths whose costs nearly pick a "
+            "permutation, EMD otherwise; "
             "`summary()` says which ran), `emd` (exact network simplex), `sinkhorn` (entropic, log-domain, only "
             "when asked for) or `permutation` (linear assignment; equal widths only)."
         },
