@@ -154,50 +154,43 @@ def repair_fused(
         `RepairOutcome`: the resolved mode and what was done.
     """
     closed_form = dict(closed_form or {})
+
+    def apply(model: nn.Module, resolved: str | None) -> RepairOutcome:
+        if resolved is None:
+            return RepairOutcome(None)
+        if resolved == "bn":
+            keep = _modules(model, identity_batchnorms(parents))
+            return RepairOutcome("bn", bn_reset=reset_batchnorm_stats(model, batches, adapter, keep=keep))
+        corrected = repair_statistics(
+            model,
+            parents=parents,
+            specs=specs,
+            anchor=anchor,
+            plans=plans,
+            weights=weights,
+            adapter=adapter,
+            batches=batches,
+            plan_normalization=plan_normalization,
+            closed_form=closed_form,
+        )
+        return RepairOutcome("repair", corrected=corrected)
+
     resolved = resolve_mode(mode, fused, parents, specs[anchor], auto_repair=type(adapter).auto_repair)
-    if isinstance(resolved, tuple):  # "auto": keep the candidate whose predictions agree best with the ensemble
-        with torch.no_grad():
-            runners = [closed_form[k][0] if k in closed_form else m for k, m in enumerate(parents)]
-            ensemble = _predictions(runners, batches, adapter, weights)
-            trials = []
-            for candidate in resolved:
-                trial = copy.deepcopy(fused)
-                outcome = repair_fused(
-                    trial,
-                    candidate,
-                    parents=parents,
-                    specs=specs,
-                    anchor=anchor,
-                    plans=plans,
-                    weights=weights,
-                    adapter=adapter,
-                    batches=batches,
-                    plan_normalization=plan_normalization,
-                    closed_form=closed_form,
-                )
-                agreement = float((_predictions([trial], batches, adapter, [1.0]) == ensemble).float().mean())
-                trials.append((agreement, -len(trials), outcome, trial))
-            _, _, outcome, best = max(trials, key=lambda t: t[:2])  # ties: the first candidate
-            fused.load_state_dict(best.state_dict())
-        return outcome
-    if resolved is None:
-        return RepairOutcome(None)
-    if resolved == "bn":
-        keep = _modules(fused, identity_batchnorms(parents))
-        return RepairOutcome("bn", bn_reset=reset_batchnorm_stats(fused, batches, adapter, keep=keep))
-    corrected = repair_statistics(
-        fused,
-        parents=parents,
-        specs=specs,
-        anchor=anchor,
-        plans=plans,
-        weights=weights,
-        adapter=adapter,
-        batches=batches,
-        plan_normalization=plan_normalization,
-        closed_form=closed_form,
-    )
-    return RepairOutcome("repair", corrected=corrected)
+    if not isinstance(resolved, tuple):
+        return apply(fused, resolved)
+    # "auto": keep the candidate whose predictions agree best with the parents' ensemble (ties: the first)
+    with torch.no_grad():
+        runners = [closed_form[k][0] if k in closed_form else m for k, m in enumerate(parents)]
+        ensemble = _predictions(runners, batches, adapter, weights)
+        trials = []
+        for candidate in resolved:
+            trial = copy.deepcopy(fused)
+            outcome = apply(trial, candidate)
+            agreement = float((_predictions([trial], batches, adapter, [1.0]) == ensemble).float().mean())
+            trials.append((agreement, -len(trials), outcome, trial))
+        _, _, outcome, best = max(trials, key=lambda t: t[:2])
+        fused.load_state_dict(best.state_dict())
+    return outcome
 
 
 def _predictions(
