@@ -129,6 +129,14 @@ def crossover(fast: dict, slow: dict) -> str:
     return "none measured"
 
 
+def print_table(columns: dict, widths: list[int]) -> None:
+    """One markdown row per width, one column of seconds per solver or statistic."""
+    print("| n | " + " | ".join(columns) + " |")
+    print("|---:|" + "---:|" * len(columns))
+    for width in widths:
+        print(f"| {width} | " + " | ".join(fmt(c.times.get(width)) for c in columns.values()) + " |")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--widths", type=int, nargs="+", default=[64, 128, 256, 512, 1024, 2048, 4096, 8192])
@@ -156,10 +164,7 @@ def main() -> None:
             assert gap < 1e-9, f"assignment and EMD objectives differ by {gap} at width {width}"
         prev = width
     print(f"\n## Equal widths (n, n): seconds (1-min load average {os.getloadavg()[0]:.2f})\n")
-    print("| n | " + " | ".join(cols) + " |")
-    print("|---:|" + "---:|" * len(cols))
-    for width in widths:
-        print(f"| {width} | " + " | ".join(fmt(c.times.get(width)) for c in cols.values()) + " |")
+    print_table(cols, widths)
     cross = crossover(cols["assignment (auto)"].times, cols["emd"].times)
     print(f"\nCrossover (assignment faster than EMD from): {cross}")
 
@@ -180,10 +185,7 @@ def main() -> None:
             assert gap < 1e-9, f"replicated assignment and EMD objectives differ by {gap} at width {width}"
         prev = width
     print(f"\n## Unequal widths (n, {ratio}n): seconds (1-min load average {os.getloadavg()[0]:.2f})\n")
-    print("| n | " + " | ".join(ucols) + " |")
-    print("|---:|" + "---:|" * len(ucols))
-    for width in widths:
-        print(f"| {width} | " + " | ".join(fmt(c.times.get(width)) for c in ucols.values()) + " |")
+    print_table(ucols, widths)
 
     # 3. statistics
     scols = {name: Column(name, args.budget, power=2) for name in ("float32 products", "float64 products")}
@@ -207,10 +209,7 @@ def main() -> None:
         f"\n## Statistics of one (n, n) group on {args.samples} samples: seconds "
         f"(1-min load average {os.getloadavg()[0]:.2f})\n"
     )
-    print("| n | " + " | ".join(scols) + " |")
-    print("|---:|" + "---:|" * len(scols))
-    for width in widths:
-        print(f"| {width} | " + " | ".join(fmt(c.times.get(width)) for c in scols.values()) + " |")
+    print_table(scols, widths)
 
 
 if __name__ == "__main__":
