@@ -215,3 +215,18 @@ def cpu_launch_command(script, *args, port: int) -> list[str]:
         str(script),
         *map(str, args),
     ]
+
+
+def word_tokenizer(words: list[str]):
+    """A local word-level tokenizer (``[PAD]``, ``[UNK]``, ``[CLS]``, ``[SEP]``, then ``words``): no download."""
+    import transformers
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    vocab = {"[PAD]": 0, "[UNK]": 1, "[CLS]": 2, "[SEP]": 3}
+    for w in words:
+        vocab.setdefault(w, len(vocab))
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    return transformers.PreTrainedTokenizerFast(
+        tokenizer_object=tok, unk_token="[UNK]", pad_token="[PAD]", cls_token="[CLS]", sep_token="[SEP]"
+    )

@@ -15,7 +15,7 @@ from hf_clafusion import ClaFusionError, load_pretrained, save_model
 from hf_clafusion.cli import build_parser, main
 from hf_clafusion.config import FinetuneConfig, FusionConfig, describe_choices
 
-from ._models import mlp
+from ._models import mlp, word_tokenizer
 
 
 @pytest.fixture
@@ -417,14 +417,8 @@ def test_inspect_shows_the_recorded_evaluation(parents, tmp_path, capsys):
 
 def _bert_folder(folder: Path, layers: int, seed: int) -> Path:
     transformers = pytest.importorskip("transformers")
-    from tokenizers import Tokenizer, models, pre_tokenizers
-
-    vocab = {"[PAD]": 0, "[UNK]": 1, "[CLS]": 2, "[SEP]": 3, "hello": 4, "world": 5, "good": 6, "bad": 7}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    tokenizer = transformers.PreTrainedTokenizerFast(
-        tokenizer_object=tok, unk_token="[UNK]", pad_token="[PAD]", cls_token="[CLS]", sep_token="[SEP]"
-    )
+    tokenizer = word_tokenizer(["hello", "world", "good", "bad"])
+    vocab = tokenizer.get_vocab()
     torch.manual_seed(seed)
     config = transformers.BertConfig(
         vocab_size=len(vocab),

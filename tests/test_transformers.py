@@ -18,7 +18,7 @@ from hf_clafusion.core import apply_plan, fit_layernorm_identity  # noqa: E402
 from hf_clafusion.errors import CalibrationDataError, IncompatibleModelsError  # noqa: E402
 from hf_clafusion.hub import load_pretrained  # noqa: E402
 
-from ._models import max_rel_error, permutation_matrix, permuted_copy  # noqa: E402
+from ._models import max_rel_error, permutation_matrix, permuted_copy, word_tokenizer  # noqa: E402
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -351,19 +351,6 @@ def test_tied_lm_head_stays_tied():
 # ----------------------------------------------------------------------------------------------- data and refusals
 
 
-def _tokenizer(words: list[str]):
-    from tokenizers import Tokenizer, models, pre_tokenizers
-
-    vocab = {"[PAD]": 0, "[UNK]": 1, "[CLS]": 2, "[SEP]": 3}
-    for w in words:
-        vocab.setdefault(w, len(vocab))
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    return transformers.PreTrainedTokenizerFast(
-        tokenizer_object=tok, unk_token="[UNK]", pad_token="[PAD]", cls_token="[CLS]", sep_token="[SEP]"
-    )
-
-
 WORDS = [f"w{i}" for i in range(VOCAB - 4)]
 TEXTS = [" ".join(WORDS[(7 * i + j) % len(WORDS)] for j in range(3 + i % 9)) for i in range(40)]
 
@@ -373,7 +360,7 @@ def _saved_pair(tmp_path, words_b=None):
     paths = []
     for name, model, words in (("deep", deep, WORDS), ("shallow", shallow, words_b or WORDS)):
         model.save_pretrained(tmp_path / name)
-        _tokenizer(words).save_pretrained(tmp_path / name)
+        word_tokenizer(words).save_pretrained(tmp_path / name)
         paths.append(str(tmp_path / name))
     return paths
 
@@ -420,7 +407,7 @@ def test_different_vocabularies_are_refused(tmp_path):
 
 def test_a_given_tokenizer_must_match_the_parents(tmp_path):
     paths = _saved_pair(tmp_path)
-    other = _tokenizer(list(reversed(WORDS)))
+    other = word_tokenizer(list(reversed(WORDS)))
     with pytest.raises(IncompatibleModelsError, match="given tokenizer differs"):
         fuse_pretrained(paths, TEXTS, EXACT, processor=other)
 
