@@ -97,24 +97,29 @@ def build(case: str):
         student.load_state_dict(state)
         return teacher, student, teacher.config.vocab_size
     if case == "llama-small":
-
-        def llama(layers: int, seed: int):
-            torch.manual_seed(seed)
-            config = transformers.LlamaConfig(
-                vocab_size=8000,
-                hidden_size=512,
-                intermediate_size=1376,
-                num_hidden_layers=layers,
-                num_attention_heads=8,
-                num_key_value_heads=4,
-                max_position_embeddings=512,
-            )
-            return transformers.LlamaForCausalLM(config).eval()
-
-        return llama(8, 0), llama(4, 1), 8000
+        shape = dict(hidden=512, mlp=1376, heads=8, kv_heads=4)
+        return _llama(layers=8, seed=0, **shape).eval(), _llama(layers=4, seed=1, **shape).eval(), 8000
     if case == "llama-1b":
         return _llama_1b_folders(), None, 8000
     raise KeyError(case)
+
+
+def _llama(*, hidden: int, mlp: int, heads: int, kv_heads: int, layers: int, seed: int):
+    """A randomly initialised Llama-shaped causal LM (vocab 8000, grouped-query attention)."""
+    import torch
+    import transformers
+
+    torch.manual_seed(seed)
+    config = transformers.LlamaConfig(
+        vocab_size=8000,
+        hidden_size=hidden,
+        intermediate_size=mlp,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads,
+        max_position_embeddings=512,
+    )
+    return transformers.LlamaForCausalLM(config)
 
 
 def _llama_1b_folders() -> tuple[str, str]:
@@ -123,26 +128,14 @@ def _llama_1b_folders() -> tuple[str, str]:
     from pathlib import Path
 
     import torch
-    import transformers
 
     root = Path(tempfile.gettempdir()) / "hf_clafusion_bench_llama_1b"
     folders = []
     for layers, seed in ((16, 0), (8, 1)):
         folder = root / f"llama-{layers}"
         if not (folder / "config.json").is_file():
-            torch.manual_seed(seed)
-            config = transformers.LlamaConfig(
-                vocab_size=8000,
-                hidden_size=2048,
-                intermediate_size=5632,
-                num_hidden_layers=layers,
-                num_attention_heads=32,
-                num_key_value_heads=8,
-                max_position_embeddings=512,
-            )
-            with torch.device("cpu"):
-                model = transformers.LlamaForCausalLM(config).to(torch.bfloat16)
-            model.save_pretrained(folder)
+            model = _llama(hidden=2048, mlp=5632, heads=32, kv_heads=8, layers=layers, seed=seed)
+            model.to(torch.bfloat16).save_pretrained(folder)
             del model
         folders.append(str(folder))
     return tuple(folders)
