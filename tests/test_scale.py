@@ -243,3 +243,30 @@ def test_a_permutation_plan_is_applied_as_a_gather_bit_identical_to_the_matrix_p
         blocks = moved.reshape(*moved.shape[:-1], outer, 6, inner).double()
         product = torch.einsum("...oiq,ij->...ojq", blocks, matrix).reshape(moved.shape).movedim(-1, axis)
         assert torch.equal(gathered, product.float())
+
+
+def test_permutation_of_refuses_a_matrix_that_is_a_permutation_but_for_one_entry():
+    from hf_clafusion.core import permutation_of
+
+    matrix = torch.eye(4, dtype=torch.float64)
+    doubled = matrix.clone()
+    doubled[0, 1] = 1.0  # row 0 has two ones, column 1 two ones
+    moved = matrix.clone()
+    moved[1, 1], moved[1, 2] = 0.0, 1.0  # column 1 empty, column 2 has two ones
+    scaled = matrix * 2.0  # one non-zero per row and column, but not 1
+    assert permutation_of(matrix).tolist() == [0, 1, 2, 3]
+    assert permutation_of(doubled) is None and permutation_of(moved) is None and permutation_of(scaled) is None
+
+
+def test_the_chunked_average_equals_a_whole_tensor_float64_average_bit_for_bit(monkeypatch):
+    from hf_clafusion.core import averaging
+
+    monkeypatch.setattr(averaging, "AVERAGE_CHUNK", 7)  # chunks that split rows, and a short last chunk
+    g = torch.Generator().manual_seed(0)
+    weights = [0.2, 1 / 3, 0.4666]
+    for dtype in (torch.float32, torch.bfloat16):
+        tensors = [torch.randn(5, 9, generator=g).to(dtype) for _ in weights]
+        whole = sum(w * t.double() for w, t in zip(weights, tensors)).to(dtype)
+        assert torch.equal(averaging.weighted_average(tensors, weights), whole)
+    transposed = [torch.randn(9, 5, generator=g).T for _ in range(2)]  # non-contiguous inputs
+    assert torch.equal(averaging.weighted_average(transposed, [0.5, 0.5]), (transposed[0] + transposed[1]) / 2)

@@ -74,24 +74,50 @@ def permutation_of(matrix: torch.Tensor) -> torch.Tensor | None:
     n_b, n_a = matrix.shape
     if n_b != n_a or matrix.is_sparse:
         return None
-    ones = matrix == 1
-    if not bool(((matrix == 0) | ones).all()):
+    nonzero = matrix.nonzero()  # one pass over the matrix; (number of non-zeros, 2), row-major order
+    if nonzero.shape[0] != n_a:
         return None
-    if not (bool((ones.sum(0) == 1).all()) and bool((ones.sum(1) == 1).all())):
+    rows, cols = nonzero[:, 0], nonzero[:, 1]
+    if not bool((matrix[rows, cols] == 1).all()):
         return None
-    return ones.to(torch.uint8).argmax(0)
+    if not (
+        bool((torch.bincount(rows, minlength=n_b) == 1).all())
+        and bool((torch.bincount(cols, minlength=n_a) == 1).all())
+    ):
+        return None
+    permutation = torch.empty(n_a, dtype=torch.long, device=matrix.device)
+    permutation[cols] = rows
+    return permutation
 
 
 def weighted_average(tensors: Sequence[torch.Tensor], weights: Sequence[float]) -> torch.Tensor:
-    """``sum_k weights[k] * tensors[k]`` (same shapes), accumulated in float64, returned in the first dtype."""
+    """``sum_k weights[k] * tensors[k]`` (same shapes), accumulated in float64, returned in the first dtype.
+
+    The float64 sum runs through two reused buffers of at most :data:`AVERAGE_CHUNK` elements, so no float64 copy
+    of a whole tensor is ever allocated (an embedding matrix of a large vocabulary would need gigabytes).
+    """
     if len(tensors) != len(weights):
         raise ValueError(f"{len(tensors)} tensors but {len(weights)} weights.")
-    if not tensors[0].is_floating_point():
-        return tensors[0].clone()
-    acc = torch.zeros_like(tensors[0], dtype=torch.float64)
-    for t, w in zip(tensors, weights):
-        acc += float(w) * t.double()
-    return acc.to(tensors[0].dtype)
+    first = tensors[0]
+    if not first.is_floating_point():
+        return first.clone()
+    out = torch.empty(first.shape, dtype=first.dtype, device=first.device)
+    flat_out = out.view(-1)
+    flats = [t.reshape(-1) for t in tensors]
+    size = flat_out.numel()
+    buffers = torch.empty(2, min(size, AVERAGE_CHUNK), dtype=torch.float64, device=first.device)
+    for start in range(0, size, AVERAGE_CHUNK):
+        stop = min(start + AVERAGE_CHUNK, size)
+        acc, term = buffers[0, : stop - start], buffers[1, : stop - start]
+        acc.copy_(flats[0][start:stop]).mul_(float(weights[0]))
+        for flat, w in zip(flats[1:], weights[1:]):
+            acc.add_(term.copy_(flat[start:stop]).mul_(float(w)))  # product, then sum: two float64 roundings
+        flat_out[start:stop].copy_(acc)
+    return out
+
+
+#: Elements of each float64 buffer that :func:`weighted_average` accumulates through (8 MiB).
+AVERAGE_CHUNK = 1 << 20
 
 
 __all__ = ["apply_plan", "permutation_of", "weighted_average"]

@@ -93,7 +93,7 @@ class ActivationStats:
         dev_b, dev_a = self.sum_b / n, self.sum_a / n  # mean minus shift: small, so no cancellation below
         var_b = (self.sq_b / n - dev_b.square()).clamp_min(0.0)
         var_a = (self.sq_a / n - dev_a.square()).clamp_min(0.0)
-        cov = self.cross / n - dev_b[:, None] * dev_a[None, :]
+        cov = (self.cross / n).sub_(torch.outer(dev_b, dev_a))  # in place: (n_B, n_A) temporaries are large
         mean_b, mean_a = self.shift_b.double() + dev_b, self.shift_a.double() + dev_a
         return mean_b, mean_a, var_b.sqrt(), var_a.sqrt(), cov
 
@@ -104,9 +104,10 @@ class ActivationStats:
         non-negative.
         """
         mean_b, mean_a, std_b, std_a, cov = self.moments()
-        prod = std_b[:, None] * std_a[None, :]
-        sq = (mean_b[:, None] - mean_a[None, :]).square() + (std_b[:, None] - std_a[None, :]).square()
-        return (sq + 2.0 * (prod - cov).clamp_min(0.0)).sqrt()
+        spread = torch.outer(std_b, std_a).sub_(cov).clamp_min_(0.0).mul_(2.0)  # in place: one (n_B, n_A) buffer
+        del cov
+        sq = (mean_b[:, None] - mean_a[None, :]).square_().add_((std_b[:, None] - std_a[None, :]).square_())
+        return sq.add_(spread).sqrt_()
 
     def live(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Boolean masks ``(n_B,)``, ``(n_A,)`` of the neurons that vary on the samples.
