@@ -208,6 +208,7 @@ METHODS: dict[str, dict[str, Any]] = {
     "sinkhorn reg=0.1": {"solver": "sinkhorn", "reg": 0.1},
     "chain alignment": {"alignment": "chain"},
     "random alignment": {"alignment": "random"},
+    "positions_per_sample=6": {"positions_per_sample": 6},
 }
 
 
@@ -316,8 +317,9 @@ def run_seed(name: str, seed: int, args: argparse.Namespace) -> dict[str, dict[s
             "deep parent": (copy.deepcopy(pair.deep), None),
             "shallow parent": (copy.deepcopy(pair.shallow), None),
             "shallow distilled from both": (copy.deepcopy(pair.shallow), [pair.deep, pair.shallow]),
+            "fused distilled from both": (copy.deepcopy(fused_default), [pair.deep, pair.shallow]),
         }
-        for row, (model, teacher) in runs.items():
+        for row, (model, teacher) in runs.items():  # the fused model is copied before "default" trains it
             start = time.perf_counter()
             out = finetune(model, tune, None, budget, teacher=teacher)
             rows.setdefault(row, {})["+finetune"] = accuracy(out.model, test)

@@ -255,6 +255,15 @@ class FusionConfig(_DictMixin):
         default=None,
         metadata={"help": "Samples of the calibration data used for statistics repair; None = the num_samples used."},
     )
+    positions_per_sample: int | None = field(
+        default=None,
+        metadata={
+            "help": "Positions (tokens of a sequence, pixels of a feature map) per calibration sample, on average, "
+            "that enter the activation statistics of the neuron costs: evenly spaced over each batch's positions, "
+            "the same for every model. Cuts the statistics' cost in proportion, not the forward passes; None uses "
+            "every position (see docs/transformers.md for the effect on the result)."
+        },
+    )
     reset_bn_stats: bool | None = field(
         default=None,
         metadata={"help": "Deprecated alias of `repair`: True -> `repair='bn'`, False -> `repair=None`."},
@@ -317,6 +326,8 @@ class FusionConfig(_DictMixin):
         _check_int("seed", self.seed, 0)
         if self.repair_samples is not None:
             _check_int("repair_samples", self.repair_samples, 1)
+        if self.positions_per_sample is not None:
+            _check_int("positions_per_sample", self.positions_per_sample, 1)
         if isinstance(self.anchor, bool) or not (
             self.anchor in typing.get_args(Anchor) or (isinstance(self.anchor, int) and self.anchor >= 0)
         ):

@@ -41,7 +41,7 @@ from . import core
 from .adapters import get_adapter
 from .adapters.base import Adapter, UnmatchedBlocks, capture_outputs
 from .config import FusionConfig
-from .data import CalibrationData, check_input_dtype, move_to, prepare_calibration
+from .data import CalibrationData, check_input_dtype, move_to, num_rows, prepare_calibration
 from .errors import (
     AlignmentError,
     CalibrationDataError,
@@ -553,12 +553,14 @@ def collect_group_statistics(
                         f"{len(group_a.captures)} in the anchor after balancing; this is a bug, please report it."
                     )
         for batch in _bar(run.batches, "group activations", run.config, unit="batch"):
+            per_sample = run.config.positions_per_sample
+            rows = None if per_sample is None else per_sample * num_rows(batch)
             outputs = {}
             for k, model in runner.items():
                 names = list(dict.fromkeys(rename[k].values()))
                 with capture_outputs(model, names) as out:
                     _forward(run.adapter, model, batch, k)
-                features = {n: run.adapter.features(out[n], batch) for n in names}
+                features = {n: _subsample(run.adapter.features(out[n], batch), rows) for n in names}
                 del out
                 outputs[k] = {c: features[n] for c, n in rename[k].items()}
             for k in others:
@@ -812,6 +814,17 @@ def _result(
         bn_reset=repaired.bn_reset,
         identity_errors=balanced.identity_errors,
     )
+
+
+def _subsample(features: torch.Tensor, rows: int | None) -> torch.Tensor:
+    """At most ``rows`` of ``features`` ``(positions, channels)``, evenly spaced (``positions_per_sample``).
+
+    The rows kept depend only on the number of rows, so two models' features of one batch keep the same positions.
+    """
+    if rows is None or features.shape[0] <= rows:
+        return features
+    keep = torch.linspace(0, features.shape[0] - 1, rows, device=features.device).round().long()
+    return features.index_select(0, keep)
 
 
 def _primary_axis(group: Group, state: dict[str, torch.Tensor]) -> AxisRef:

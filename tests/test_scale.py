@@ -270,3 +270,31 @@ def test_the_chunked_average_equals_a_whole_tensor_float64_average_bit_for_bit(m
         assert torch.equal(averaging.weighted_average(tensors, weights), whole)
     transposed = [torch.randn(9, 5, generator=g).T for _ in range(2)]  # non-contiguous inputs
     assert torch.equal(averaging.weighted_average(transposed, [0.5, 0.5]), (transposed[0] + transposed[1]) / 2)
+
+
+@pytest.mark.parametrize("family", ["bert", "llama", "vit"])
+def test_a_permuted_copy_fuses_back_with_a_few_positions_per_sample(family):
+    from ._models import permuted_copy
+    from .test_transformers import out
+
+    model = make(family, 2)
+    batch = inputs(family)
+    result = fuse([model, permuted_copy(model, seed=3)], batch, EXACT, positions_per_sample=3)
+    assert max_rel_error(out(result.model, batch), out(model, batch)) < 1e-4
+
+
+def test_positions_per_sample_covering_every_position_changes_nothing_and_fewer_change_the_costs():
+    deep, shallow = make("bert", 3, seed=0), make("bert", 2, seed=1)
+    batch = inputs("bert")  # 16 sequences of 12 tokens, 4 of them half padding
+    every = fuse([deep, shallow], batch, EXACT).model.state_dict()
+    covering = fuse([deep, shallow], batch, EXACT, positions_per_sample=12).model.state_dict()
+    assert all(torch.equal(every[k], covering[k]) for k in every)
+    fewer = fuse([deep, shallow], batch, EXACT, positions_per_sample=2).model.state_dict()
+    assert any(not torch.equal(every[k], fewer[k]) for k in every)  # the statistics did see fewer positions
+
+
+def test_positions_per_sample_must_be_a_positive_integer():
+    from hf_clafusion import ConfigError, FusionConfig
+
+    with pytest.raises(ConfigError, match="positions_per_sample"):
+        FusionConfig(positions_per_sample=0)
