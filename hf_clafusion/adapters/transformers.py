@@ -369,10 +369,6 @@ def _forward_parameters(cls: type) -> frozenset[str]:
 class TransformersAdapter(Adapter):
     """Hugging Face ``PreTrainedModel``s of the families in :data:`FAMILIES`."""
 
-    # REPAIR measures one repair point per forward pass (about 3 per block), which makes it the slowest stage on
-    # a BERT-base pair, and it has not been measured to help LayerNorm models: "auto" leaves it to an opt-in.
-    auto_repair = False
-
     @classmethod
     def matches(cls, model: nn.Module) -> bool:
         config = getattr(model, "config", None)
