@@ -114,7 +114,8 @@ def group_similarity(
     (``"column"``); with ``repeat > 1`` the repeated heads' blocks are summed.
 
     Args:
-        params_b, params_a: parameter name -> tensor of model B and of the anchor A.
+        params_b: parameter name -> tensor of model B (the model aligned).
+        params_a: parameter name -> tensor of the anchor A.
         groups: the alignment groups.
         plans: the current ``(n_B, n_A)`` plan of each group, or ``None`` for a group without one yet.
         g: the group whose coefficients are wanted.
@@ -123,27 +124,8 @@ def group_similarity(
     Returns:
         `Tensor` of shape `(n_B, n_A)`, float64.
     """
-    group = groups[g]
-    maps = _maps(plans, groups, normalization)
-    owners = _owners(groups, params_b, params_a)
-    n_b, n_a = _widths(group, params_b, params_a)
-    total = torch.zeros(n_b, n_a, dtype=torch.float64)
-    for axis in group.axes:
-        if axis.param not in owners:
-            continue
-        moved = _transported(params_b[axis.param], owners[axis.param], maps, groups, skip=(g, axis))
-        if moved is None:
-            continue
-        rows_b = _neuron_rows(moved, axis).double()
-        rows_a = _neuron_rows(params_a[axis.param], axis).to(rows_b)
-        products = (rows_b @ rows_a.T).cpu()
-        if axis.repeat > 1:  # (heads, repeat, dim) on both sides: the map acts identically on each repeat
-            heads = max(group.heads, 1)
-            blocks = products.reshape(heads, axis.repeat, n_b // heads, heads, axis.repeat, n_a // heads)
-            products = blocks.diagonal(dim1=1, dim2=4).sum(-1).reshape(n_b, n_a)
-        scale = n_a if axis.role == "out" or normalization == "column" else n_b
-        total += scale * products
-    return total
+    maps = _maps(plans, normalization)
+    return _similarity(params_b, params_a, groups, maps, _owners(groups, params_b, params_a), g, normalization)
 
 
 def weight_matching_objective(
@@ -157,7 +139,8 @@ def weight_matching_objective(
     """``F``: the sum over the parameters the groups touch of ``<A_p, B_p transported along all its axes>``.
 
     Args:
-        params_b, params_a: parameter name -> tensor of model B and of the anchor A.
+        params_b: parameter name -> tensor of model B (the model aligned).
+        params_a: parameter name -> tensor of the anchor A.
         groups: the alignment groups.
         plans: one ``(n_B, n_A)`` plan per group.
         normalization: ``"column"`` or ``"two_sided"``.
@@ -165,7 +148,7 @@ def weight_matching_objective(
     Returns:
         `float`: the objective, accumulated in float64.
     """
-    maps = _maps(plans, groups, normalization)
+    maps = _maps(plans, normalization)
     total = 0.0
     for param, refs in _owners(groups, params_b, params_a).items():
         moved = _transported(params_b[param], refs, maps, groups, skip=None)
@@ -195,8 +178,9 @@ def weight_matching(
     two axes of one parameter); the loop stops after a sweep that changes nothing, or after ``max_sweeps``.
 
     Args:
-        params_b, params_a: parameter name -> tensor of model B (aligned) and of the anchor A, each axis of a
-            group holding ``n_B`` (``n_A``) neurons, every other axis equal in both.
+        params_b: parameter name -> tensor of model B (the model aligned); each axis of a group holds ``n_B``
+            neurons (times ``inner``, ``outer`` and ``repeat``).
+        params_a: parameter name -> tensor of the anchor A, the same shapes but ``n_A`` neurons on group axes.
         groups: the alignment groups (:class:`MatchGroup`), in forward order.
         init: an initial ``(n_B, n_A)`` plan (or ``None``) per group; ``None`` for none at all.
         solver: ``"auto"`` (:func:`~hf_clafusion.core.auto_solver`), ``"emd"`` or ``"permutation"``.
@@ -216,6 +200,7 @@ def weight_matching(
         >>> import torch
         >>> from hf_clafusion.core import MatchGroup, weight_matching
         >>> from hf_clafusion.spec import AxisRef
+        >>> _ = torch.manual_seed(0)
         >>> a = {"0.weight": torch.randn(5, 3), "1.weight": torch.randn(2, 5)}
         >>> order = torch.tensor([3, 0, 4, 1, 2])
         >>> b = {"0.weight": a["0.weight"][order], "1.weight": a["1.weight"][:, order]}
@@ -237,9 +222,12 @@ def weight_matching(
         None if p is None else p.double().cpu() for p in (init or [None] * len(groups))
     ]
     solvers = ["init"] * len(groups)
+    maps, owners = _maps(plans, normalization), _owners(groups, params_b, params_a)
     for g in range(len(groups)):
         if plans[g] is None:
-            plans[g], solvers[g] = _best_plan(params_b, params_a, groups, plans, g, solver, normalization)
+            similarity = _similarity(params_b, params_a, groups, maps, owners, g, normalization)
+            plans[g], solvers[g] = _maximiser(similarity, groups[g], solver)
+            maps[g] = plan_maps(plans[g], normalization)
     objective = [weight_matching_objective(params_b, params_a, groups, plans, normalization=normalization)]
     order = torch.Generator().manual_seed(seed)
     sweeps, converged = 0, False
@@ -247,11 +235,12 @@ def weight_matching(
         sweeps += 1
         converged = True
         for g in torch.randperm(len(groups), generator=order).tolist():
-            similarity = group_similarity(params_b, params_a, groups, plans, g, normalization=normalization)
+            similarity = _similarity(params_b, params_a, groups, maps, owners, g, normalization)
             plan, ran = _maximiser(similarity, groups[g], solver)
             old, new = float((plans[g] * similarity).sum()), float((plan * similarity).sum())
             if new > old + 1e-12 * max(1.0, abs(old)) and not torch.equal(plan, plans[g]):
                 plans[g], solvers[g], converged = plan, ran, False
+                maps[g] = plan_maps(plan, normalization)
         objective.append(weight_matching_objective(params_b, params_a, groups, plans, normalization=normalization))
     return WeightMatching(plans=plans, solvers=solvers, objective=objective, sweeps=sweeps, converged=converged)
 
@@ -259,9 +248,27 @@ def weight_matching(
 # --------------------------------------------------------------------------------------------- internals
 
 
-def _best_plan(params_b, params_a, groups, plans, g, solver, normalization) -> tuple[torch.Tensor, str]:
-    similarity = group_similarity(params_b, params_a, groups, plans, g, normalization=normalization)
-    return _maximiser(similarity, groups[g], solver)
+def _similarity(params_b, params_a, groups, maps, owners, g, normalization) -> torch.Tensor:
+    """:func:`group_similarity` from the plans' maps (:func:`_maps`) and the parameters' owners (:func:`_owners`)."""
+    group = groups[g]
+    n_b, n_a = _widths(group, params_b, params_a)
+    total = torch.zeros(n_b, n_a, dtype=torch.float64)
+    for axis in group.axes:
+        if axis.param not in owners:
+            continue
+        moved = _transported(params_b[axis.param], owners[axis.param], maps, groups, skip=(g, axis))
+        if moved is None:
+            continue
+        rows_b = _neuron_rows(moved, axis).double()
+        rows_a = _neuron_rows(params_a[axis.param], axis).to(rows_b)
+        products = (rows_b @ rows_a.T).cpu()
+        if axis.repeat > 1:  # (heads, repeat, dim) on both sides: the map acts identically on each repeat
+            heads = max(group.heads, 1)
+            blocks = products.reshape(heads, axis.repeat, n_b // heads, heads, axis.repeat, n_a // heads)
+            products = blocks.diagonal(dim1=1, dim2=4).sum(-1).reshape(n_b, n_a)
+        scale = n_a if axis.role == "out" or normalization == "column" else n_b
+        total += scale * products
+    return total
 
 
 def _maximiser(similarity: torch.Tensor, group: MatchGroup, solver: str) -> tuple[torch.Tensor, str]:
@@ -292,7 +299,7 @@ def _owners(groups: Sequence[MatchGroup], params_b, params_a) -> dict[str, list[
     return owners
 
 
-def _maps(plans, groups, normalization) -> list[tuple[torch.Tensor, torch.Tensor] | None]:
+def _maps(plans, normalization) -> list[tuple[torch.Tensor, torch.Tensor] | None]:
     return [None if plan is None else plan_maps(plan.double(), normalization) for plan in plans]
 
 
