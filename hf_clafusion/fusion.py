@@ -677,10 +677,15 @@ def _weight_matching(
     """Git Re-Basin weight matching of model ``k`` to the anchor, from the one-pass weight plans
     (:func:`hf_clafusion.core.weight_matching`), then the final plans applied to ``k``'s balanced state.
 
-    Groups inside inserted blocks (``unmatched``) take no part, nor do their parameters: they are replaced in
-    closed form. Returns ``k``'s aligned state, its plans and solvers, by anchor group name.
+    The objective sums over the models' parameters (not their buffers). Groups inside inserted blocks
+    (``unmatched``) take no part, nor do their parameters: they are replaced in closed form. Returns ``k``'s
+    aligned state, its plans and solvers, by anchor group name.
     """
-    state_b = {n: t for n, t in balanced.models[k].state_dict().items() if n not in unmatched.params}
+    # parameters only, as Git Re-Basin: buffers (BatchNorm running statistics, whose variances dwarf the weights'
+    # inner products) follow the plans but do not choose them
+    learned = {name for name, _ in balanced.models[k].named_parameters()}
+    state = balanced.models[k].state_dict()
+    state_b = {n: t for n, t in state.items() if n in learned and n not in unmatched.params}
     state_a = balanced.models[run.anchor].state_dict()
     pairs = [
         (b, a)

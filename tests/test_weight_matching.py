@@ -8,7 +8,7 @@ import torch
 from hf_clafusion import ConfigError, FusionConfig, core, fuse
 from hf_clafusion.adapters import get_adapter
 
-from ._models import max_rel_error, mlp, permuted_copy, widened_mlp
+from ._models import cnn, max_rel_error, mlp, permuted_copy, randomize_bn, widened_mlp
 from .families import FACTORIES, logits
 from .test_invariants import SHUFFLED_DOUBLE
 
@@ -122,6 +122,21 @@ def test_a_copy_widened_by_neuron_duplication_fuses_back_exactly_with_unequal_wi
     result = fuse([model, wide], x, EXACT, anchor=anchor, ground_metric="weight_matching")
     assert set(result.transport_solvers[1 - anchor].values()) == {"emd"}
     assert max_rel_error(result.model(x), (model if anchor == 0 else wide)(x)) < 1e-4
+
+
+def test_batchnorm_running_statistics_follow_the_plans_but_do_not_choose_them():
+    a, b = cnn([8, 8, "M", 8, "M"], 4, bn=True, seed=1), cnn([8, 8, "M", 8, "M"], 4, bn=True, seed=2)
+    randomize_bn(a, 1)
+    randomize_bn(b, 2)
+    x = torch.rand(16, 1, 8, 8)
+    before = fuse([a, b], x, EXACT, ground_metric="weight_matching")
+    with torch.no_grad():
+        for module in b.modules():
+            if isinstance(module, torch.nn.BatchNorm2d):
+                module.running_var.mul_(torch.linspace(1, 1000, module.num_features))
+    after = fuse([a, b], x, EXACT, ground_metric="weight_matching")
+    for name, plan in before.transport_plans[1].items():
+        assert torch.equal(plan, after.transport_plans[1][name])
 
 
 def test_weight_matching_is_deterministic_for_a_seed():

@@ -60,7 +60,8 @@ class MatchGroup:
 
     Attributes:
         axes: the parameter axes the group's neurons index (:class:`MatchAxis`, e.g. a ``Group``'s ``axes``);
-            parameters not found in both parameter dicts are ignored.
+            parameters not found in both parameter dicts are ignored (a group left with none keeps its initial
+            plan).
         heads: with ``heads > 1`` the plan is a hard head-structured permutation (:func:`head_plan`: heads move
             as wholes) and axes with ``repeat > 1`` hold each head ``repeat`` times; 1 for a free plan.
         head_dims_free: with heads, whether dimensions may also move inside a head.
@@ -223,8 +224,11 @@ def weight_matching(
     ]
     solvers = ["init"] * len(groups)
     maps, owners = _maps(plans, normalization), _owners(groups, params_b, params_a)
+    usable = [any(axis.param in owners for axis in group.axes) for group in groups]
     for g in range(len(groups)):
         if plans[g] is None:
+            if not usable[g]:
+                raise ValueError(f"Group {g} indexes no parameter present in both models and has no initial plan.")
             similarity = _similarity(params_b, params_a, groups, maps, owners, g, normalization)
             plans[g], solvers[g] = _maximiser(similarity, groups[g], solver)
             maps[g] = plan_maps(plans[g], normalization)
@@ -235,6 +239,8 @@ def weight_matching(
         sweeps += 1
         converged = True
         for g in torch.randperm(len(groups), generator=order).tolist():
+            if not usable[g]:  # no parameter to compare: its initial plan stays
+                continue
             similarity = _similarity(params_b, params_a, groups, maps, owners, g, normalization)
             plan, ran = _maximiser(similarity, groups[g], solver)
             old, new = float((plans[g] * similarity).sum()), float((plan * similarity).sum())
