@@ -204,6 +204,7 @@ METHODS: dict[str, dict[str, Any]] = {
     "correlation cost": {"ground_metric": "correlation"},
     "unmatched='transplant'": {"unmatched": "transplant"},
     "weight cost (one pass)": {"ground_metric": "weights"},
+    "weight matching": {"ground_metric": "weight_matching"},
     "sinkhorn reg=0.05": {"solver": "sinkhorn", "reg": 0.05},
     "sinkhorn reg=0.1": {"solver": "sinkhorn", "reg": 0.1},
     "chain alignment": {"alignment": "chain"},

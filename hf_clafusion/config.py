@@ -28,7 +28,7 @@ Balancing = Literal["identity", "merge"]
 Unmatched = Literal["average", "transplant", "identity"]
 ReluApprox = Literal["sum", "majority", "avg"]
 Anchor = Literal["deepest", "shallowest"]
-GroundMetric = Literal["activations", "correlation", "weights"]
+GroundMetric = Literal["activations", "correlation", "weights", "weight_matching"]
 Solver = Literal["emd", "sinkhorn", "permutation", "auto"]
 Repair = Literal["auto", "bn", "repair"]
 PlanNormalization = Literal["two_sided", "column"]
@@ -204,7 +204,10 @@ class FusionConfig(_DictMixin):
         metadata={
             "help": "Neuron cost for optimal transport: `activations` (RMS distance of activations), "
             "`correlation` (RMS distance of z-scored activations, sqrt(2 (1 - rho)), as REPAIR and ZipIt! use; "
-            "invariant to each neuron's scale and shift) or `weights` (distance between weight rows)."
+            "invariant to each neuron's scale and shift), `weights` (distance between weight rows, layer by layer) "
+            "or `weight_matching` (Git Re-Basin weight matching: every group's plan re-chosen in turn, from the "
+            "`weights` plans, to maximise the summed inner products of the aligned weights until no plan changes; "
+            "exact solvers only)."
         },
     )
     solver: Solver = field(
@@ -334,6 +337,13 @@ class FusionConfig(_DictMixin):
             raise ConfigError(
                 f"Invalid value for `anchor`: {self.anchor!r}. Use {describe_choices(FusionConfig)['anchor']}.",
                 field="anchor",
+            )
+        if self.ground_metric == "weight_matching" and self.solver == "sinkhorn":
+            raise ConfigError(
+                "Invalid combination: ground_metric='weight_matching' with solver='sinkhorn'. Weight matching "
+                "searches hard assignments; use solver='auto', 'emd' or 'permutation', or another ground_metric "
+                "for soft plans.",
+                field="solver",
             )
         if not isinstance(self.reg, (int, float)) or not self.reg > 0:
             raise ConfigError(f"Invalid value for `reg`: {self.reg!r}. It must be a number > 0.", field="reg")

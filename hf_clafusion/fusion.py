@@ -15,7 +15,8 @@ elsewhere, and a :class:`Stopwatch` records the seconds of each stage under a fi
 5. :func:`collect_group_statistics` (``activations_groups``): activation statistics of every alignment group
    of the balanced models, one pass per model, for ``ground_metric="activations"`` or ``"correlation"``;
 6. :func:`transport_to_anchor` (``transport``): a transport plan per group, applied to every axis of the
-   group (:mod:`hf_clafusion.core.transport`);
+   group (:mod:`hf_clafusion.core.transport`; for ``ground_metric="weight_matching"``, coordinate ascent over all
+   groups, :mod:`hf_clafusion.core.weight_matching`);
 7. :func:`average` then :func:`load_fused` (``averaging``): the weighted average with the anchor, produced
    tensor by tensor and only then loaded into a copy of the balanced anchor;
 8. :func:`repair_statistics` (``bn_reset`` or ``repair``): the statistics step after averaging
@@ -583,8 +584,9 @@ def transport_to_anchor(
     """Transport every non-anchor balanced model into the anchor's neuron basis, group by group.
 
     Each group's plan comes from its activation statistics (``ground_metric="activations"`` or
-    ``"correlation"``) or from the
-    distances between the groups' primary weights, and is applied to every axis of the group. The statistics
+    ``"correlation"``) or from the distances between the groups' primary weights, and is applied to every axis of
+    the group. With ``ground_metric="weight_matching"`` these one-pass weight plans are the start of Git Re-Basin
+    weight matching (:func:`hf_clafusion.core.weight_matching`), whose plans replace them. The statistics
     are consumed: each entry of ``statistics`` is set to ``None`` once its plan is computed, to free the
     ``(n_model, n_anchor)`` matrices early.
     """
@@ -601,6 +603,7 @@ def transport_to_anchor(
             unmatched = balanced.unmatched.get(k, UnmatchedBlocks())
             groups_b, groups_a = balanced.specs[k].groups, balanced.specs[run.anchor].groups
             plans[k], solvers[k] = {}, {}
+            exact: dict[str, torch.Tensor] = {}  # float64 plans: the start of weight matching
             for g, (group_b, group_a) in enumerate(
                 _bar(list(zip(groups_b, groups_a)), f"transport model {k}", run.config, unit="group")
             ):
@@ -625,31 +628,92 @@ def transport_to_anchor(
                     solution = core.solve_transport(cost, solver=run.config.solver, reg=run.config.reg)
                     plan = solution.plan
                     solvers[k][group_a.name] = solution.solver
-                r_map, s_map = core.plan_maps(plan, run.config.plan_normalization)
-                found = {"out": core.permutation_of(r_map)}  # a hard plan is a permutation: tensors are gathered
-                found["in"] = (
-                    found["out"] if s_map is r_map or torch.equal(s_map, r_map) else core.permutation_of(s_map)
-                )
-                for axis in group_b.axes:
-                    if axis.param in unmatched.params:
-                        continue
-                    matrix = r_map if axis.role == "out" else s_map
-                    permutation = found[axis.role]
-                    if axis.repeat > 1:
-                        matrix, permutation = core.expand_head_plan(matrix, max(heads, 1), axis.repeat), None
-                    work[axis.param] = core.apply_plan(
-                        work[axis.param],
-                        axis.axis,
-                        matrix,
-                        inner=axis.inner,
-                        outer=axis.outer,
-                        permutation=permutation,
-                    )
+                _apply_group_plan(work, group_b, plan, heads, unmatched, run.config.plan_normalization)
                 plans[k][group_a.name] = plan.float().cpu()
-                del cost, plan, r_map, s_map
+                if run.config.ground_metric == "weight_matching":
+                    exact[group_a.name] = plan.double().cpu()
+                del cost, plan
+            if run.config.ground_metric == "weight_matching":
+                work, plans[k], solvers[k] = _weight_matching(run, balanced, k, exact, solvers[k], unmatched)
             _closed_form_blocks(work, anchor_state, unmatched, run.config.unmatched)
             states[k] = work
     return Transported(states=states, plans=plans, solvers=solvers)
+
+
+def _apply_group_plan(
+    work: dict[str, torch.Tensor],
+    group: Group,
+    plan: torch.Tensor,
+    heads: int,
+    unmatched: UnmatchedBlocks,
+    normalization: str,
+) -> None:
+    """Transport every axis of ``group`` in ``work`` by ``plan`` ``(n_model, n_anchor)``, in place (new tensors)."""
+    r_map, s_map = core.plan_maps(plan, normalization)
+    found = {"out": core.permutation_of(r_map)}  # a hard plan is a permutation: tensors are gathered
+    found["in"] = found["out"] if s_map is r_map or torch.equal(s_map, r_map) else core.permutation_of(s_map)
+    for axis in group.axes:
+        if axis.param in unmatched.params:
+            continue
+        matrix = r_map if axis.role == "out" else s_map
+        permutation = found[axis.role]
+        if axis.repeat > 1:
+            matrix, permutation = core.expand_head_plan(matrix, max(heads, 1), axis.repeat), None
+        work[axis.param] = core.apply_plan(
+            work[axis.param], axis.axis, matrix, inner=axis.inner, outer=axis.outer, permutation=permutation
+        )
+
+
+#: Sweeps over all groups after which ``ground_metric="weight_matching"`` stops even if plans still change.
+WEIGHT_MATCHING_SWEEPS = 100
+
+
+def _weight_matching(
+    run: Prepared,
+    balanced: Balanced,
+    k: int,
+    one_pass: dict[str, torch.Tensor],
+    one_pass_solvers: dict[str, str],
+    unmatched: UnmatchedBlocks,
+) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], dict[str, str]]:
+    """Git Re-Basin weight matching of model ``k`` to the anchor, from the one-pass weight plans
+    (:func:`hf_clafusion.core.weight_matching`), then the final plans applied to ``k``'s balanced state.
+
+    The objective sums over the models' parameters (not their buffers). Groups inside inserted blocks
+    (``unmatched``) take no part, nor do their parameters: they are replaced in closed form. Returns ``k``'s
+    aligned state, its plans and solvers, by anchor group name.
+    """
+    # parameters only, as Git Re-Basin: buffers (BatchNorm running statistics, whose variances dwarf the weights'
+    # inner products) follow the plans but do not choose them
+    learned = {name for name, _ in balanced.models[k].named_parameters()}
+    state = balanced.models[k].state_dict()
+    state_b = {n: t for n, t in state.items() if n in learned and n not in unmatched.params}
+    state_a = balanced.models[run.anchor].state_dict()
+    pairs = [
+        (b, a)
+        for b, a in zip(balanced.specs[k].groups, balanced.specs[run.anchor].groups)
+        if b.name not in unmatched.groups
+    ]
+    heads = [_heads(run.config, b, a, k) for b, a in pairs]
+    groups = [core.MatchGroup(b.axes, heads=h, head_dims_free=a.head_dims_free) for (b, a), h in zip(pairs, heads)]
+    solver = run.config.solver  # sinkhorn is refused by FusionConfig for weight matching
+    found = core.weight_matching(
+        state_b,
+        state_a,
+        groups,
+        init=[one_pass[a.name] for _, a in pairs],
+        solver=solver,
+        normalization=run.config.plan_normalization,
+        max_sweeps=WEIGHT_MATCHING_SWEEPS,
+        seed=run.config.seed,
+    )
+    work = dict(balanced.models[k].state_dict())
+    plans, solvers = {}, {}
+    for (b, a), h, plan, ran in zip(pairs, heads, found.plans, found.solvers):
+        _apply_group_plan(work, b, plan.to(run.device), h, unmatched, run.config.plan_normalization)
+        plans[a.name] = plan.float().cpu()
+        solvers[a.name] = ran if ran != "init" else one_pass_solvers[a.name]  # the one-pass plan was kept
+    return work, plans, solvers
 
 
 def _closed_form_blocks(

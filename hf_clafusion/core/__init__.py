@@ -46,14 +46,25 @@ from .transport import (
     transport_plan,
     weight_distances,
 )
+from .weight_matching import (
+    EXACT_SOLVERS,
+    MatchGroup,
+    WeightMatching,
+    group_similarity,
+    weight_matching,
+    weight_matching_objective,
+)
 
 
 __all__ = [
+    "EXACT_SOLVERS",
     "SOLVERS",
     "ActivationStats",
     "ChannelStats",
+    "MatchGroup",
     "MinibatchCKA",
     "TransportSolution",
+    "WeightMatching",
     "absorb_signed_input",
     "affine_correction",
     "align_layers",
@@ -69,6 +80,7 @@ __all__ = [
     "fit_layernorm_identity",
     "fit_post_ln_identity",
     "fold_affine",
+    "group_similarity",
     "head_plan",
     "identity_batchnorm",
     "identity_weight",
@@ -89,5 +101,7 @@ __all__ = [
     "transport_plan",
     "wasserstein_cost_matrix",
     "weight_distances",
+    "weight_matching",
+    "weight_matching_objective",
     "weighted_average",
 ]
