@@ -8,6 +8,7 @@ saves/loads models in the family's own format. Register one with :func:`register
 from __future__ import annotations
 
 import contextlib
+import copy
 import functools
 import os
 import re
@@ -319,6 +320,33 @@ def adapter_class(name: str) -> type[Adapter]:
 _CAPTURE = re.compile(r"^(?P<module>[^:\[]*)(?::(?P<kind>input|output))?(?:\[(?P<start>\d+):(?P<stop>\d+)\])?$")
 
 
+def copy_sharing_storage(model: nn.Module, *, dtype: torch.dtype | None = None) -> nn.Module:
+    """A copy of ``model`` whose parameters and buffers are new tensor objects on the same storage.
+
+    The module tree (submodules, config objects, hooks' owners) is copied, so changing the copy's mode, moving
+    it with ``.to(device)`` or replacing its tensors never touches ``model``; only writing *into* the copy's
+    tensors in place would. Tied parameters stay tied. With ``dtype``, floating-point tensors of another dtype
+    are converted (one new tensor each, as ``.to(dtype)`` on a deep copy gives, without the deep copy).
+
+    Args:
+        model: the module to copy.
+        dtype: the floating-point dtype of the copy's floating tensors; ``None`` keeps every dtype.
+    """
+
+    def alias(tensor: torch.Tensor) -> torch.Tensor:
+        tensor = tensor.detach()
+        if dtype is not None and tensor.is_floating_point() and tensor.dtype != dtype:
+            return tensor.to(dtype)
+        return tensor
+
+    memo: dict[int, Any] = {}
+    for param in model.parameters():
+        memo[id(param)] = nn.Parameter(alias(param), requires_grad=param.requires_grad)
+    for buffer in model.buffers():
+        memo[id(buffer)] = alias(buffer)
+    return copy.deepcopy(model, memo)
+
+
 def parse_capture(capture: str) -> tuple[str, str, slice | None]:
     """``"name[:input|:output][[a:b]]"`` -> ``(module name, "input" | "output", channel slice or None)``."""
     match = _CAPTURE.match(capture)
@@ -417,6 +445,7 @@ __all__ = [
     "UnmatchedBlocks",
     "adapter_class",
     "capture_outputs",
+    "copy_sharing_storage",
     "find_loader",
     "get_adapter",
     "list_adapters",

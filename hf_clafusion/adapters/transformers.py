@@ -49,7 +49,7 @@ from ..errors import (
     UnsupportedArchitectureError,
 )
 from ..spec import AxisRef, Group, LayerSpec, NetworkSpec, RepairPoint, SegmentSpec
-from .base import Adapter, UnmatchedBlocks, capture_outputs, register_adapter
+from .base import Adapter, UnmatchedBlocks, capture_outputs, copy_sharing_storage, register_adapter
 from .files import check_weight_files
 
 
@@ -386,11 +386,12 @@ class TransformersAdapter(Adapter):
     def prepare(self, model: nn.Module) -> nn.Module:
         _family(model)
         dtypes = {p.dtype for p in model.parameters() if p.is_floating_point()}
-        prepared = copy.deepcopy(model).eval()
-        if dtypes and dtypes != {torch.float32}:
+        convert = bool(dtypes) and dtypes != {torch.float32}
+        # float32 weights are not copied: the pipeline replaces a prepared model's tensors, never writes into them
+        prepared = copy_sharing_storage(model, dtype=torch.float32 if convert else None).eval()
+        if convert:
             # align in float32; the original dtype is kept in the config and restored by save()
             original = next(iter(dtypes)) if len(dtypes) == 1 else getattr(model.config, "dtype", None)
-            prepared = prepared.float()
             prepared.config.dtype = original
         return prepared
 
