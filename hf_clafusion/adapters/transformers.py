@@ -780,12 +780,17 @@ class TransformersAdapter(Adapter):
                 if {k: v.shape for k, v in params.items()} != own_shapes:  # other widths: copy a block of its own
                     nearest = next((s for s in reversed(layout[:p]) if s is not None), None)
                     params = dict(block(own, nearest if nearest is not None else 0))
+                if fit:  # its norms are fitted in place below: own copies, never the template's tensors
+                    params = {k: v.clone() for k, v in params.items()}
                 for writer in (fam.o, fam.mlp_out):
                     for suffix in ("weight", "bias"):
                         if f"{writer}.{suffix}" in params:
                             params[f"{writer}.{suffix}"] = torch.zeros_like(params[f"{writer}.{suffix}"])
             state.update({f"{layers}.{p}.{k}": v for k, v in params.items()})
-        new.load_state_dict(state, strict=True)
+        # the new model takes the tensors themselves (no copy); nothing below writes into the ones it shares
+        new.load_state_dict(state, strict=True, assign=True)
+        if hasattr(new, "tie_weights"):
+            new.tie_weights()  # assigning gave tied weights one Parameter per name: one again, as the model expects
         new = new.to(next(model.parameters()).dtype).eval()
         if fam.post_ln and None in layout and fit:
             return new, self._fit_post_ln(model, new, layout, batches)
