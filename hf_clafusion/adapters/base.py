@@ -371,7 +371,11 @@ def _slice_channels(tensor: torch.Tensor, channels: slice | None) -> torch.Tenso
 
 
 @contextlib.contextmanager
-def capture_outputs(model: nn.Module, names: Sequence[str]) -> Iterator[dict[str, torch.Tensor]]:
+def capture_outputs(
+    model: nn.Module,
+    names: Sequence[str],
+    on_capture: Callable[[str, torch.Tensor], None] | None = None,
+) -> Iterator[dict[str, torch.Tensor]]:
     """Record activations of the named submodules during forward passes inside the ``with`` block.
 
     Each name is a capture (see :class:`~hf_clafusion.spec.Group`): a module's output (the first tensor of a
@@ -379,6 +383,9 @@ def capture_outputs(model: nn.Module, names: Sequence[str]) -> Iterator[dict[str
     slice. The dictionary maps each capture to its latest value (detached). Values are copies taken inside the
     hook, so an in-place operation after the hooked module (``nn.ReLU(inplace=True)``, ``x += shortcut``) cannot
     change what was captured. Hooks are always removed.
+
+    With ``on_capture``, each value is handed to ``on_capture(name, value)`` as soon as it is taken, and the
+    dictionary stays empty: a consumer that reduces captures as they come keeps one alive at a time.
     """
     modules = dict(model.named_modules())
     parsed = {name: parse_capture(name) for name in dict.fromkeys(names)}
@@ -386,18 +393,19 @@ def capture_outputs(model: nn.Module, names: Sequence[str]) -> Iterator[dict[str
     if missing:
         raise KeyError(f"Modules not found in the model: {missing}.")
     store: dict[str, torch.Tensor] = {}
+    keep = store.__setitem__ if on_capture is None else on_capture
     handles = []
     for name, (module, kind, channels) in parsed.items():
         if kind == "input":
 
             def pre_hook(_module, inputs, _name=name, _channels=channels):
-                store[_name] = _slice_channels(_first_tensor(inputs), _channels).clone()
+                keep(_name, _slice_channels(_first_tensor(inputs), _channels).clone())
 
             handles.append(modules[module].register_forward_pre_hook(pre_hook))
         else:
 
             def hook(_module, _inputs, output, _name=name, _channels=channels):
-                store[_name] = _slice_channels(_first_tensor(output), _channels).clone()
+                keep(_name, _slice_channels(_first_tensor(output), _channels).clone())
 
             handles.append(modules[module].register_forward_hook(hook))
     try:
