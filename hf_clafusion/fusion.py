@@ -111,10 +111,11 @@ def fuse(
     activations = collect_layer_activations(run, clock=clock)
     alignment = align_segments(run, activations, clock=clock)
     balanced = balance_depths(run, alignment, activations, clock=clock)
+    del activations  # read by alignment and balancing only
     statistics = collect_group_statistics(run, balanced, clock=clock)
     transported = transport_to_anchor(run, balanced, statistics, clock=clock)
     with clock("averaging"):
-        tensors = average(transported.states, run.weights, anchor=run.anchor)
+        tensors = average(transported.states, run.weights, anchor=run.anchor, release=True)
         total = len(transported.states[run.anchor])
         fused = load_fused(
             balanced.models[run.anchor], _bar(tensors, "averaging", run.config, unit="tensor", total=total)
@@ -740,7 +741,7 @@ def _closed_form_blocks(
 
 
 def average(
-    states: dict[int, dict[str, torch.Tensor]], weights: Sequence[float], *, anchor: int
+    states: dict[int, dict[str, torch.Tensor]], weights: Sequence[float], *, anchor: int, release: bool = False
 ) -> Iterator[tuple[str, torch.Tensor]]:
     """The fused parameters and buffers, one ``(name, tensor)`` at a time, in the anchor's state-dict order.
 
@@ -752,6 +753,8 @@ def average(
         states: model index -> aligned state dict (:attr:`Transported.states`), every model in the anchor's basis.
         weights: averaging weight of each model, by index.
         anchor: index of the anchor, whose state-dict order and ``num_batches_tracked`` are kept.
+        release: drop each non-anchor model's tensor from ``states`` once averaged, so the transported tensors
+            are freed while the fused ones are produced (:func:`fuse` does; the states are then emptied).
 
     Raises:
         IncompatibleModelsError: the models have different parameter names, or shapes after alignment.
@@ -773,9 +776,14 @@ def average(
                 "outputs probably differ; only hidden widths may differ."
             )
         if name.endswith("num_batches_tracked"):
-            yield name, tensor.clone()
-            continue
-        yield name, core.weighted_average([states[k][name] for k in range(len(states))], weights)
+            fused = tensor.clone()
+        else:
+            fused = core.weighted_average([states[k][name] for k in range(len(states))], weights)
+        if release:
+            for k in states:
+                if k != anchor:
+                    del states[k][name]
+        yield name, fused
 
 
 def load_fused(template: nn.Module, tensors: Iterable[tuple[str, torch.Tensor]]) -> nn.Module:

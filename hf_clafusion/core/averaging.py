@@ -82,12 +82,33 @@ def permutation_of(matrix: torch.Tensor) -> torch.Tensor | None:
     return ones.to(torch.uint8).argmax(0)
 
 
+#: Elements averaged at a time by :func:`weighted_average`: its float64 temporaries stay at a few MiB, whatever
+#: the size of the tensor (a vocabulary embedding would otherwise need three float64 copies of itself).
+AVERAGE_CHUNK = 1 << 20
+
+
 def weighted_average(tensors: Sequence[torch.Tensor], weights: Sequence[float]) -> torch.Tensor:
-    """``sum_k weights[k] * tensors[k]`` (same shapes), accumulated in float64, returned in the first dtype."""
+    """``sum_k weights[k] * tensors[k]`` (same shapes), accumulated in float64, returned in the first dtype.
+
+    Element-wise, so contiguous tensors are averaged :data:`AVERAGE_CHUNK` elements at a time, with the same
+    result as the whole tensor at once.
+    """
     if len(tensors) != len(weights):
         raise ValueError(f"{len(tensors)} tensors but {len(weights)} weights.")
     if not tensors[0].is_floating_point():
         return tensors[0].clone()
+    if tensors[0].numel() <= AVERAGE_CHUNK or not all(t.is_contiguous() for t in tensors):
+        return _average_chunk(tensors, weights)
+    out = torch.empty_like(tensors[0], memory_format=torch.contiguous_format)
+    flat_out, flat = out.view(-1), [t.view(-1) for t in tensors]
+    for start in range(0, flat_out.numel(), AVERAGE_CHUNK):
+        flat_out[start : start + AVERAGE_CHUNK] = _average_chunk(
+            [t[start : start + AVERAGE_CHUNK] for t in flat], weights
+        )
+    return out
+
+
+def _average_chunk(tensors: Sequence[torch.Tensor], weights: Sequence[float]) -> torch.Tensor:
     acc = torch.zeros_like(tensors[0], dtype=torch.float64)
     for t, w in zip(tensors, weights):
         acc += float(w) * t.double()
