@@ -65,7 +65,11 @@ class Adapter(ABC):
 
     @abstractmethod
     def prepare(self, model: nn.Module) -> nn.Module:
-        """A canonical copy of ``model`` (eval mode) whose parameter names the spec refers to."""
+        """A canonical copy of ``model`` (eval mode) whose parameter names the spec refers to.
+
+        The copy may share tensor storage with ``model`` (:func:`copy_sharing_storage`): the pipeline replaces a
+        prepared model's tensors but never writes into them, so ``model`` is left as it was.
+        """
 
     @abstractmethod
     def spec(self, model: nn.Module) -> NetworkSpec:
