@@ -101,10 +101,15 @@ def weighted_average(tensors: Sequence[torch.Tensor], weights: Sequence[float]) 
         return _average_chunk(tensors, weights)
     out = torch.empty_like(tensors[0], memory_format=torch.contiguous_format)
     flat_out, flat = out.view(-1), [t.view(-1) for t in tensors]
+    # two float64 buffers reused for every chunk; the same operations as _average_chunk, in place
+    acc = torch.empty(AVERAGE_CHUNK, dtype=torch.float64, device=out.device)
+    term = torch.empty_like(acc)
     for start in range(0, flat_out.numel(), AVERAGE_CHUNK):
-        flat_out[start : start + AVERAGE_CHUNK] = _average_chunk(
-            [t[start : start + AVERAGE_CHUNK] for t in flat], weights
-        )
+        end = min(start + AVERAGE_CHUNK, flat_out.numel())
+        a, b = acc[: end - start].zero_(), term[: end - start]
+        for t, w in zip(flat, weights):
+            a.add_(b.copy_(t[start:end]).mul_(float(w)))
+        flat_out[start:end].copy_(a)
     return out
 
 
