@@ -158,3 +158,20 @@ def test_a_folder_loaded_bf16_pair_fuses_to_the_weights_of_the_in_memory_pair(tm
     loaded = fuse_pretrained([tmp_path / "deep", tmp_path / "shallow"], batch(), CONFIG).model.state_dict()
     assert in_memory.keys() == loaded.keys()
     assert all(torch.equal(v, loaded[k]) for k, v in in_memory.items())
+
+
+def test_activation_distances_computed_block_by_block_equal_the_whole_matrix_formula():
+    g = torch.Generator().manual_seed(0)
+    x = 3 * torch.randn(300, 700, generator=g) + 1  # 700 columns: blocks of 374 rows, the last one partial
+    stats = ActivationStats()
+    stats.update(x[:, torch.randperm(700, generator=g)][:, :600] + 0.1, x)
+    n = stats.count
+    dev_b, dev_a = stats.sum_b / n, stats.sum_a / n
+    std_b = (stats.sq_b / n - dev_b.square()).clamp_min(0.0).sqrt()
+    std_a = (stats.sq_a / n - dev_a.square()).clamp_min(0.0).sqrt()
+    cov = stats.cross / n - dev_b[:, None] * dev_a[None, :]
+    mean_b, mean_a = stats.shift_b.double() + dev_b, stats.shift_a.double() + dev_a
+    sq = (mean_b[:, None] - mean_a[None, :]).square() + (std_b[:, None] - std_a[None, :]).square()
+    whole = (sq + 2.0 * (std_b[:, None] * std_a[None, :] - cov).clamp_min(0.0)).sqrt()
+    assert torch.equal(stats.moments()[4], cov)
+    assert torch.equal(stats.distances(), whole)
