@@ -973,6 +973,8 @@ def _forward(adapter: Adapter, model: nn.Module, batch: Any, index: int) -> None
     args, kwargs = adapter.model_inputs(model, batch)
     try:
         model(*args, **kwargs)
+    except ClaFusionError:
+        raise  # from a capture hook: already says what is wrong
     except (RuntimeError, TypeError, ValueError) as error:
         shapes = {k: tuple(v.shape) for k, v in batch.items()} if isinstance(batch, dict) else tuple(batch.shape)
         raise CalibrationDataError(
