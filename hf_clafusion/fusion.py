@@ -112,10 +112,11 @@ def fuse(
     activations = collect_layer_activations(run, clock=clock)
     alignment = align_segments(run, activations, clock=clock)
     balanced = balance_depths(run, alignment, activations, clock=clock)
+    del activations  # read by alignment and balancing only
     statistics = collect_group_statistics(run, balanced, clock=clock)
     transported = transport_to_anchor(run, balanced, statistics, clock=clock)
     with clock("averaging"):
-        tensors = average(transported.states, run.weights, anchor=run.anchor)
+        tensors = average(transported.states, run.weights, anchor=run.anchor, release=True)
         total = len(transported.states[run.anchor])
         fused = load_fused(
             balanced.models[run.anchor], _bar(tensors, "averaging", run.config, unit="tensor", total=total)
@@ -553,25 +554,97 @@ def collect_group_statistics(
                         f"Group {group_a.name!r} is captured at {len(group_b.captures)} points in model {k} but "
                         f"{len(group_a.captures)} in the anchor after balancing; this is a bug, please report it."
                     )
+        # each group's (model capture, anchor capture) pairs, in the order they are added into its statistics
+        pairs = {
+            (k, g): [
+                ((k, rename[k][name_b]), (run.anchor, rename[run.anchor][name_a]))
+                for name_b, name_a in zip(groups[k][g].captures, groups[run.anchor][g].captures)
+            ]
+            for k in others
+            for g, stats in enumerate(statistics[k])
+            if stats is not None
+        }
+        order = _statistics_order(run, groups, pairs)
         for batch in _bar(run.batches, "group activations", run.config, unit="batch"):
-            per_sample = run.config.positions_per_sample
-            rows = None if per_sample is None else per_sample * num_rows(batch)
-            outputs = {}
-            for k, model in runner.items():
-                names = list(dict.fromkeys(rename[k].values()))
-                with capture_outputs(model, names) as out:
-                    _forward(run.adapter, model, batch, k)
-                features = {n: _subsample(run.adapter.features(out[n], batch), rows) for n in names}
-                del out
-                outputs[k] = {c: features[n] for c, n in rename[k].items()}
-            for k in others:
-                for g, stats in enumerate(statistics[k]):
-                    if stats is None:
-                        continue
-                    for name_b, name_a in zip(groups[k][g].captures, groups[run.anchor][g].captures):
-                        stats.update(outputs[k][name_b], outputs[run.anchor][name_a])
-            del outputs
+            _stream_statistics(run, runner, rename, pairs, statistics, batch, order)
     return statistics
+
+
+def _stream_statistics(
+    run: Prepared,
+    runner: dict[int, nn.Module],
+    rename: dict[int, dict[str, str]],
+    pairs: dict[tuple[int, int], list[tuple[tuple[int, str], tuple[int, str]]]],
+    statistics: dict[int, list[core.ActivationStats | None]],
+    batch: Any,
+    order: list[int],
+) -> None:
+    """One batch into the group statistics, each capture freed once every pair that reads it is added.
+
+    The first model runs keeping its captures (as features); the others' captures are added as their forward
+    pass produces them, so at most one model's captures are alive at a time instead of every model's. Each
+    group's pairs are added in their own order, as a whole-batch pass would add them: the statistics are the same.
+    """
+    per_sample = run.config.positions_per_sample
+    rows = None if per_sample is None else per_sample * num_rows(batch)
+    uses: dict[tuple[int, str], int] = {}
+    for group_pairs in pairs.values():
+        for pair in group_pairs:
+            for key in pair:
+                uses[key] = uses.get(key, 0) + 1
+    features: dict[tuple[int, str], torch.Tensor] = {}
+    cursor = dict.fromkeys(pairs, 0)
+
+    def add_ready() -> None:
+        for (k, g), group_pairs in pairs.items():
+            while cursor[(k, g)] < len(group_pairs):
+                key_b, key_a = group_pairs[cursor[(k, g)]]
+                if key_b not in features or key_a not in features:
+                    break
+                statistics[k][g].update(features[key_b], features[key_a])
+                cursor[(k, g)] += 1
+                for key in (key_b, key_a):
+                    uses[key] -= 1
+                    if not uses[key]:
+                        del features[key]
+
+    for k in order:
+        seen: set[str] = set()
+
+        def keep(name: str, value: torch.Tensor, k: int = k, seen: set[str] = seen) -> None:
+            if name in seen:
+                raise AlignmentError(
+                    f"Capture {name!r} of model {k} ran twice in one forward pass; statistics need one value per "
+                    "capture. Capture a module that runs once."
+                )
+            seen.add(name)
+            features[(k, name)] = _subsample(run.adapter.features(value, batch), rows)
+            add_ready()
+
+        with capture_outputs(runner[k], list(dict.fromkeys(rename[k].values())), on_capture=keep):
+            _forward(run.adapter, runner[k], batch, k)
+    missing = sorted({pairs[key][at] for key, at in cursor.items() if at < len(pairs[key])})
+    if missing:
+        raise AlignmentError(
+            f"No activations were captured at {missing[:4]} ((model, capture) pairs) during a forward pass; this is "
+            "a bug, please report it."
+        )
+
+
+def _statistics_order(
+    run: Prepared, groups: dict[int, tuple[Group, ...]], pairs: dict[tuple[int, int], list[tuple[Any, Any]]]
+) -> list[int]:
+    """The models in the order the statistics pass runs them: the anchor first when several models read its
+    captures; of two models, the one whose captures to keep are smaller (estimated from their groups' widths)."""
+    if len(groups) > 2:
+        return [run.anchor] + [k for k in groups if k != run.anchor]
+    widths: dict[tuple[int, str], int] = {}
+    for (k, g), group_pairs in pairs.items():
+        for key_b, key_a in group_pairs:
+            widths[key_b] = max(widths.get(key_b, 0), groups[k][g].width)
+            widths[key_a] = max(widths.get(key_a, 0), groups[run.anchor][g].width)
+    kept = {k: sum(w for (model, _), w in widths.items() if model == k) for k in groups}
+    return sorted(groups, key=lambda k: (kept[k], k != run.anchor))
 
 
 def transport_to_anchor(
@@ -734,7 +807,7 @@ def _closed_form_blocks(
 
 
 def average(
-    states: dict[int, dict[str, torch.Tensor]], weights: Sequence[float], *, anchor: int
+    states: dict[int, dict[str, torch.Tensor]], weights: Sequence[float], *, anchor: int, release: bool = False
 ) -> Iterator[tuple[str, torch.Tensor]]:
     """The fused parameters and buffers, one ``(name, tensor)`` at a time, in the anchor's state-dict order.
 
@@ -746,6 +819,8 @@ def average(
         states: model index -> aligned state dict (:attr:`Transported.states`), every model in the anchor's basis.
         weights: averaging weight of each model, by index.
         anchor: index of the anchor, whose state-dict order and ``num_batches_tracked`` are kept.
+        release: drop each non-anchor model's tensor from ``states`` once averaged, so the transported tensors
+            are freed while the fused ones are produced (:func:`fuse` does; the states are then emptied).
 
     Raises:
         IncompatibleModelsError: the models have different parameter names, or shapes after alignment.
@@ -767,9 +842,14 @@ def average(
                 "outputs probably differ; only hidden widths may differ."
             )
         if name.endswith("num_batches_tracked"):
-            yield name, tensor.clone()
-            continue
-        yield name, core.weighted_average([states[k][name] for k in range(len(states))], weights)
+            fused = tensor.clone()
+        else:
+            fused = core.weighted_average([states[k][name] for k in range(len(states))], weights)
+        if release:
+            for k in states:
+                if k != anchor:
+                    del states[k][name]
+        yield name, fused
 
 
 def load_fused(template: nn.Module, tensors: Iterable[tuple[str, torch.Tensor]]) -> nn.Module:
@@ -970,6 +1050,8 @@ def _forward(adapter: Adapter, model: nn.Module, batch: Any, index: int) -> None
     args, kwargs = adapter.model_inputs(model, batch)
     try:
         model(*args, **kwargs)
+    except ClaFusionError:
+        raise  # from a capture hook: already says what is wrong
     except (RuntimeError, TypeError, ValueError) as error:
         shapes = {k: tuple(v.shape) for k, v in batch.items()} if isinstance(batch, dict) else tuple(batch.shape)
         raise CalibrationDataError(

@@ -8,6 +8,7 @@ saves/loads models in the family's own format. Register one with :func:`register
 from __future__ import annotations
 
 import contextlib
+import copy
 import functools
 import os
 import re
@@ -64,7 +65,11 @@ class Adapter(ABC):
 
     @abstractmethod
     def prepare(self, model: nn.Module) -> nn.Module:
-        """A canonical copy of ``model`` (eval mode) whose parameter names the spec refers to."""
+        """A canonical copy of ``model`` (eval mode) whose parameter names the spec refers to.
+
+        The copy may share tensor storage with ``model`` (:func:`copy_sharing_storage`): the pipeline replaces a
+        prepared model's tensors but never writes into them, so ``model`` is left as it was.
+        """
 
     @abstractmethod
     def spec(self, model: nn.Module) -> NetworkSpec:
@@ -319,6 +324,33 @@ def adapter_class(name: str) -> type[Adapter]:
 _CAPTURE = re.compile(r"^(?P<module>[^:\[]*)(?::(?P<kind>input|output))?(?:\[(?P<start>\d+):(?P<stop>\d+)\])?$")
 
 
+def copy_sharing_storage(model: nn.Module, *, dtype: torch.dtype | None = None) -> nn.Module:
+    """A copy of ``model`` whose parameters and buffers are new tensor objects on the same storage.
+
+    The module tree (submodules, config objects, hooks' owners) is copied, so changing the copy's mode, moving
+    it with ``.to(device)`` or replacing its tensors never touches ``model``; only writing *into* the copy's
+    tensors in place would. Tied parameters stay tied. With ``dtype``, floating-point tensors of another dtype
+    are converted (one new tensor each, as ``.to(dtype)`` on a deep copy gives, without the deep copy).
+
+    Args:
+        model: the module to copy.
+        dtype: the floating-point dtype of the copy's floating tensors; ``None`` keeps every dtype.
+    """
+
+    def alias(tensor: torch.Tensor) -> torch.Tensor:
+        tensor = tensor.detach()
+        if dtype is not None and tensor.is_floating_point() and tensor.dtype != dtype:
+            return tensor.to(dtype)
+        return tensor
+
+    memo: dict[int, Any] = {}
+    for param in model.parameters():
+        memo[id(param)] = nn.Parameter(alias(param), requires_grad=param.requires_grad)
+    for buffer in model.buffers():
+        memo[id(buffer)] = alias(buffer)
+    return copy.deepcopy(model, memo)
+
+
 def parse_capture(capture: str) -> tuple[str, str, slice | None]:
     """``"name[:input|:output][[a:b]]"`` -> ``(module name, "input" | "output", channel slice or None)``."""
     match = _CAPTURE.match(capture)
@@ -343,7 +375,11 @@ def _slice_channels(tensor: torch.Tensor, channels: slice | None) -> torch.Tenso
 
 
 @contextlib.contextmanager
-def capture_outputs(model: nn.Module, names: Sequence[str]) -> Iterator[dict[str, torch.Tensor]]:
+def capture_outputs(
+    model: nn.Module,
+    names: Sequence[str],
+    on_capture: Callable[[str, torch.Tensor], None] | None = None,
+) -> Iterator[dict[str, torch.Tensor]]:
     """Record activations of the named submodules during forward passes inside the ``with`` block.
 
     Each name is a capture (see :class:`~hf_clafusion.spec.Group`): a module's output (the first tensor of a
@@ -351,6 +387,9 @@ def capture_outputs(model: nn.Module, names: Sequence[str]) -> Iterator[dict[str
     slice. The dictionary maps each capture to its latest value (detached). Values are copies taken inside the
     hook, so an in-place operation after the hooked module (``nn.ReLU(inplace=True)``, ``x += shortcut``) cannot
     change what was captured. Hooks are always removed.
+
+    With ``on_capture``, each value is handed to ``on_capture(name, value)`` as soon as it is taken, and the
+    dictionary stays empty: a consumer that reduces captures as they come keeps one alive at a time.
     """
     modules = dict(model.named_modules())
     parsed = {name: parse_capture(name) for name in dict.fromkeys(names)}
@@ -358,18 +397,19 @@ def capture_outputs(model: nn.Module, names: Sequence[str]) -> Iterator[dict[str
     if missing:
         raise KeyError(f"Modules not found in the model: {missing}.")
     store: dict[str, torch.Tensor] = {}
+    keep = store.__setitem__ if on_capture is None else on_capture
     handles = []
     for name, (module, kind, channels) in parsed.items():
         if kind == "input":
 
             def pre_hook(_module, inputs, _name=name, _channels=channels):
-                store[_name] = _slice_channels(_first_tensor(inputs), _channels).clone()
+                keep(_name, _slice_channels(_first_tensor(inputs), _channels).clone())
 
             handles.append(modules[module].register_forward_pre_hook(pre_hook))
         else:
 
             def hook(_module, _inputs, output, _name=name, _channels=channels):
-                store[_name] = _slice_channels(_first_tensor(output), _channels).clone()
+                keep(_name, _slice_channels(_first_tensor(output), _channels).clone())
 
             handles.append(modules[module].register_forward_hook(hook))
     try:
@@ -417,6 +457,7 @@ __all__ = [
     "UnmatchedBlocks",
     "adapter_class",
     "capture_outputs",
+    "copy_sharing_storage",
     "find_loader",
     "get_adapter",
     "list_adapters",

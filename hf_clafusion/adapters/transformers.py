@@ -49,7 +49,7 @@ from ..errors import (
     UnsupportedArchitectureError,
 )
 from ..spec import AxisRef, Group, LayerSpec, NetworkSpec, RepairPoint, SegmentSpec
-from .base import Adapter, UnmatchedBlocks, capture_outputs, register_adapter
+from .base import Adapter, UnmatchedBlocks, capture_outputs, copy_sharing_storage, register_adapter
 from .files import check_weight_files
 
 
@@ -382,11 +382,12 @@ class TransformersAdapter(Adapter):
     def prepare(self, model: nn.Module) -> nn.Module:
         _family(model)
         dtypes = {p.dtype for p in model.parameters() if p.is_floating_point()}
-        prepared = copy.deepcopy(model).eval()
-        if dtypes and dtypes != {torch.float32}:
+        convert = bool(dtypes) and dtypes != {torch.float32}
+        # float32 weights are not copied: the pipeline replaces a prepared model's tensors, never writes into them
+        prepared = copy_sharing_storage(model, dtype=torch.float32 if convert else None).eval()
+        if convert:
             # align in float32; the original dtype is kept in the config and restored by save()
             original = next(iter(dtypes)) if len(dtypes) == 1 else getattr(model.config, "dtype", None)
-            prepared = prepared.float()
             prepared.config.dtype = original
         return prepared
 
@@ -775,12 +776,17 @@ class TransformersAdapter(Adapter):
                 if {k: v.shape for k, v in params.items()} != own_shapes:  # other widths: copy a block of its own
                     nearest = next((s for s in reversed(layout[:p]) if s is not None), None)
                     params = dict(block(own, nearest if nearest is not None else 0))
+                if fit:  # its norms are fitted in place below: own copies, never the template's tensors
+                    params = {k: v.clone() for k, v in params.items()}
                 for writer in (fam.o, fam.mlp_out):
                     for suffix in ("weight", "bias"):
                         if f"{writer}.{suffix}" in params:
                             params[f"{writer}.{suffix}"] = torch.zeros_like(params[f"{writer}.{suffix}"])
             state.update({f"{layers}.{p}.{k}": v for k, v in params.items()})
-        new.load_state_dict(state, strict=True)
+        # the new model takes the tensors themselves (no copy); nothing below writes into the ones it shares
+        new.load_state_dict(state, strict=True, assign=True)
+        if hasattr(new, "tie_weights"):
+            new.tie_weights()  # assigning gave tied weights one Parameter per name: one again, as the model expects
         new = new.to(next(model.parameters()).dtype).eval()
         if fam.post_ln and None in layout and fit:
             return new, self._fit_post_ln(model, new, layout, batches)

@@ -90,34 +90,42 @@ def permutation_of(matrix: torch.Tensor) -> torch.Tensor | None:
     return permutation
 
 
+#: Elements averaged at a time by :func:`weighted_average`: its float64 temporaries stay at a few MiB, whatever
+#: the size of the tensor (a vocabulary embedding would otherwise need three float64 copies of itself).
+AVERAGE_CHUNK = 1 << 20
+
+
 def weighted_average(tensors: Sequence[torch.Tensor], weights: Sequence[float]) -> torch.Tensor:
     """``sum_k weights[k] * tensors[k]`` (same shapes), accumulated in float64, returned in the first dtype.
 
-    The float64 sum runs through two reused buffers of at most :data:`AVERAGE_CHUNK` elements, so no float64 copy
-    of a whole tensor is ever allocated (an embedding matrix of a large vocabulary would need gigabytes).
+    Element-wise, so contiguous tensors are averaged :data:`AVERAGE_CHUNK` elements at a time, with the same
+    result as the whole tensor at once.
     """
     if len(tensors) != len(weights):
         raise ValueError(f"{len(tensors)} tensors but {len(weights)} weights.")
-    first = tensors[0]
-    if not first.is_floating_point():
-        return first.clone()
-    out = torch.empty(first.shape, dtype=first.dtype, device=first.device)
-    flat_out = out.view(-1)
-    flats = [t.reshape(-1) for t in tensors]
-    size = flat_out.numel()
-    buffers = torch.empty(2, min(size, AVERAGE_CHUNK), dtype=torch.float64, device=first.device)
-    for start in range(0, size, AVERAGE_CHUNK):
-        stop = min(start + AVERAGE_CHUNK, size)
-        acc, term = buffers[0, : stop - start], buffers[1, : stop - start]
-        acc.copy_(flats[0][start:stop]).mul_(float(weights[0]))
-        for flat, w in zip(flats[1:], weights[1:]):
-            acc.add_(term.copy_(flat[start:stop]).mul_(float(w)))  # product, then sum: two float64 roundings
-        flat_out[start:stop].copy_(acc)
+    if not tensors[0].is_floating_point():
+        return tensors[0].clone()
+    if tensors[0].numel() <= AVERAGE_CHUNK or not all(t.is_contiguous() for t in tensors):
+        return _average_chunk(tensors, weights)
+    out = torch.empty_like(tensors[0], memory_format=torch.contiguous_format)
+    flat_out, flat = out.view(-1), [t.view(-1) for t in tensors]
+    # two float64 buffers reused for every chunk; the same operations as _average_chunk, in place
+    acc = torch.empty(AVERAGE_CHUNK, dtype=torch.float64, device=out.device)
+    term = torch.empty_like(acc)
+    for start in range(0, flat_out.numel(), AVERAGE_CHUNK):
+        end = min(start + AVERAGE_CHUNK, flat_out.numel())
+        a, b = acc[: end - start].zero_(), term[: end - start]
+        for t, w in zip(flat, weights):
+            a.add_(b.copy_(t[start:end]).mul_(float(w)))
+        flat_out[start:end].copy_(a)
     return out
 
 
-#: Elements of each float64 buffer that :func:`weighted_average` accumulates through (8 MiB).
-AVERAGE_CHUNK = 1 << 20
+def _average_chunk(tensors: Sequence[torch.Tensor], weights: Sequence[float]) -> torch.Tensor:
+    acc = torch.zeros_like(tensors[0], dtype=torch.float64)
+    for t, w in zip(tensors, weights):
+        acc += float(w) * t.double()
+    return acc.to(tensors[0].dtype)
 
 
 __all__ = ["apply_plan", "permutation_of", "weighted_average"]

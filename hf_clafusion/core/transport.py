@@ -93,7 +93,9 @@ class ActivationStats:
         dev_b, dev_a = self.sum_b / n, self.sum_a / n  # mean minus shift: small, so no cancellation below
         var_b = (self.sq_b / n - dev_b.square()).clamp_min(0.0)
         var_a = (self.sq_a / n - dev_a.square()).clamp_min(0.0)
-        cov = (self.cross / n).sub_(torch.outer(dev_b, dev_a))  # in place: (n_B, n_A) temporaries are large
+        cov = self.cross / n
+        for rows in _row_blocks(cov):  # in place, a block of rows at a time: no (n_B, n_A) temporaries
+            cov[rows] -= dev_b[rows, None] * dev_a[None, :]
         mean_b, mean_a = self.shift_b.double() + dev_b, self.shift_a.double() + dev_a
         return mean_b, mean_a, var_b.sqrt(), var_a.sqrt(), cov
 
@@ -103,11 +105,12 @@ class ActivationStats:
         Formed as ``(mu_i - mu_j)^2 + (sigma_i - sigma_j)^2 + 2 (sigma_i sigma_j - cov_ij)``, every term
         non-negative.
         """
-        mean_b, mean_a, std_b, std_a, cov = self.moments()
-        spread = torch.outer(std_b, std_a).sub_(cov).clamp_min_(0.0).mul_(2.0)  # in place: one (n_B, n_A) buffer
-        del cov
-        sq = (mean_b[:, None] - mean_a[None, :]).square_().add_((std_b[:, None] - std_a[None, :]).square_())
-        return sq.add_(spread).sqrt_()
+        mean_b, mean_a, std_b, std_a, out = self.moments()
+        for rows in _row_blocks(out):  # the covariance is overwritten block by block with the distances
+            prod = std_b[rows, None] * std_a[None, :]
+            sq = (mean_b[rows, None] - mean_a[None, :]).square() + (std_b[rows, None] - std_a[None, :]).square()
+            out[rows] = (sq + 2.0 * (prod - out[rows]).clamp_min(0.0)).sqrt()
+        return out
 
     def live(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Boolean masks ``(n_B,)``, ``(n_A,)`` of the neurons that vary on the samples.
@@ -136,6 +139,13 @@ class ActivationStats:
         live_b, live_a = (mask.double() for mask in self.live())
         sq = live_b[:, None] + live_a[None, :] - 2.0 * self.correlations()
         return sq.clamp_min(0.0).sqrt()
+
+
+def _row_blocks(matrix: torch.Tensor, elements: int = 1 << 18) -> list[slice]:
+    """Slices of rows of ``matrix`` holding about ``elements`` entries each (element-wise work done per block
+    gives the same values as on the whole matrix, with temporaries of one block)."""
+    step = max(1, elements // max(1, matrix.shape[1]))
+    return [slice(start, start + step) for start in range(0, matrix.shape[0], step)]
 
 
 def weight_distances(weight_b: torch.Tensor, weight_a: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,177 @@
+"""Memory: what the pipeline shares with the parents and never writes into, streamed statistics, chunked averages."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+
+transformers = pytest.importorskip("transformers")
+transformers.logging.set_verbosity_error()
+
+from hf_clafusion import FusionConfig, fuse, fuse_pretrained  # noqa: E402
+from hf_clafusion.adapters import capture_outputs, get_adapter  # noqa: E402
+from hf_clafusion.core import ActivationStats, weighted_average  # noqa: E402
+from hf_clafusion.core.averaging import AVERAGE_CHUNK  # noqa: E402
+from hf_clafusion.fusion import (  # noqa: E402
+    Stopwatch,
+    align_segments,
+    balance_depths,
+    collect_group_statistics,
+    collect_layer_activations,
+    prepare,
+)
+
+
+CONFIG = FusionConfig(progress=False, repair=None, num_samples=16, batch_size=8)
+
+
+def bert(layers: int, seed: int) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    config = transformers.BertConfig(
+        vocab_size=64, hidden_size=32, num_hidden_layers=layers, num_attention_heads=4, intermediate_size=64
+    )
+    return transformers.BertModel(config, add_pooling_layer=False).eval()
+
+
+def llama(layers: int, seed: int) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    config = transformers.LlamaConfig(
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        tie_word_embeddings=True,
+    )
+    return transformers.LlamaForCausalLM(config).eval()
+
+
+def batch(n: int = 16) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(0)
+    mask = torch.ones(n, 12, dtype=torch.long)
+    mask[: n // 4, 8:] = 0
+    return {"input_ids": torch.randint(3, 64, (n, 12), generator=g), "attention_mask": mask}
+
+
+def pointers(model: torch.nn.Module) -> set[int]:
+    return {t.untyped_storage().data_ptr() for t in model.state_dict().values()}
+
+
+@pytest.mark.parametrize(
+    ("build", "overrides"),
+    [(bert, {}), (bert, {"unmatched": "identity"}), (llama, {})],
+    ids=["bert-closed-form", "bert-fitted-identity-blocks", "llama-tied-head"],
+)
+def test_fuse_never_writes_into_the_parents_and_the_fused_model_shares_no_storage_with_them(build, overrides):
+    deep, shallow = build(3, 0), build(2, 1)
+    shallow.train()  # a parent's mode is its own: fusing runs copies in eval mode
+    before = [{k: v.clone() for k, v in m.state_dict().items()} for m in (deep, shallow)]
+    fused = fuse([deep, shallow], batch(), CONFIG, **overrides).model
+    for model, saved in zip((deep, shallow), before):
+        assert all(torch.equal(v, saved[k]) for k, v in model.state_dict().items())
+    assert shallow.training and not deep.training
+    assert not pointers(fused) & (pointers(deep) | pointers(shallow))
+
+
+def test_a_float32_parent_is_prepared_on_its_own_storage_and_a_bf16_one_in_float32():
+    model = llama(2, 0)
+    prepared = get_adapter(model).prepare(model)
+    assert all(p.data_ptr() == q.data_ptr() for p, q in zip(prepared.parameters(), model.parameters()))
+    assert prepared.lm_head.weight is prepared.get_input_embeddings().weight  # tied weights stay tied
+    prepared.to(torch.float64)  # replacing the copy's tensors leaves the parent's alone
+    assert next(model.parameters()).dtype == torch.float32
+    half = llama(2, 0).to(torch.bfloat16)
+    converted = get_adapter(half).prepare(half)
+    assert {p.dtype for p in converted.parameters()} == {torch.float32}
+    assert {p.dtype for p in half.parameters()} == {torch.bfloat16}
+    assert converted.config.dtype == torch.bfloat16  # restored when the fused model is saved
+
+
+def test_a_balanced_model_holds_its_parents_tensors_except_in_inserted_blocks():
+    model, template = bert(2, 1), bert(3, 0)
+    adapter = get_adapter(model)
+    balanced, _ = adapter.insert_identity(model, [[0, None, 1]], template, fit=False)
+    own = model.state_dict()
+    state = balanced.state_dict()
+    for key in ("embeddings.word_embeddings.weight", "encoder.layer.0.intermediate.dense.weight"):
+        assert state[key].data_ptr() == own[key].data_ptr()
+    assert state["encoder.layer.2.intermediate.dense.weight"].data_ptr() == (
+        own["encoder.layer.1.intermediate.dense.weight"].data_ptr()
+    )
+    assert not state["encoder.layer.1.output.dense.weight"].any()  # an inserted block's residual writer is zero
+
+
+def test_streamed_group_statistics_equal_those_of_whole_batch_captures():
+    models, data = [bert(3, 0), bert(2, 1)], batch()
+    clock = Stopwatch()
+    run = prepare(models, data, CONFIG.replace(unmatched="identity"), clock=clock)
+    activations = collect_layer_activations(run, clock=clock)
+    balanced = balance_depths(run, align_segments(run, activations, clock=clock), activations, clock=clock)
+    streamed = collect_group_statistics(run, balanced, clock=clock)[1]
+    groups = [spec.groups for spec in balanced.specs]
+    reference = [ActivationStats() for _ in groups[1]]
+    with torch.no_grad():
+        for b in run.batches:
+            features = []
+            for model, spec in zip(balanced.models, groups):
+                names = list(dict.fromkeys(c for g in spec for c in g.captures))
+                with capture_outputs(model, names) as out:
+                    model(**b)
+                features.append({n: run.adapter.features(out[n], b) for n in names})
+            for stats, group_b, group_a in zip(reference, groups[1], groups[0]):
+                for name_b, name_a in zip(group_b.captures, group_a.captures):
+                    stats.update(features[1][name_b], features[0][name_a])
+    assert len(streamed) == len(reference)
+    for got, want in zip(streamed, reference):
+        assert got.count == want.count
+        for field in ("sum_b", "sum_a", "sq_b", "sq_a", "cross"):
+            assert torch.equal(getattr(got, field), getattr(want, field)), field
+
+
+def test_capture_outputs_hands_each_value_to_on_capture_in_forward_order():
+    model = torch.nn.Sequential(torch.nn.Linear(4, 5), torch.nn.ReLU(), torch.nn.Linear(5, 3))
+    seen = []
+    with capture_outputs(model, ["2", "0"], on_capture=lambda name, value: seen.append((name, value))) as store:
+        model(torch.randn(6, 4))
+    assert [name for name, _ in seen] == ["0", "2"]
+    assert [tuple(value.shape) for _, value in seen] == [(6, 5), (6, 3)]
+    assert store == {}
+
+
+def test_weighted_average_in_chunks_equals_the_whole_tensor_at_once():
+    g = torch.Generator().manual_seed(0)
+    tensors = [torch.randn(AVERAGE_CHUNK + 1000, generator=g).reshape(-1, 8) for _ in range(3)]
+    weights = [0.2, 0.3, 0.5]
+    whole = torch.zeros_like(tensors[0], dtype=torch.float64)
+    for t, w in zip(tensors, weights):
+        whole += w * t.double()
+    assert torch.equal(weighted_average(tensors, weights), whole.float())
+
+
+def test_a_folder_loaded_bf16_pair_fuses_to_the_weights_of_the_in_memory_pair(tmp_path):
+    parents = [llama(3, 0).to(torch.bfloat16), llama(2, 1).to(torch.bfloat16)]
+    for name, model in zip(("deep", "shallow"), parents):
+        model.save_pretrained(tmp_path / name)
+    in_memory = fuse(parents, batch(), CONFIG).model.state_dict()
+    loaded = fuse_pretrained([tmp_path / "deep", tmp_path / "shallow"], batch(), CONFIG).model.state_dict()
+    assert in_memory.keys() == loaded.keys()
+    assert all(torch.equal(v, loaded[k]) for k, v in in_memory.items())
+
+
+def test_activation_distances_computed_block_by_block_equal_the_whole_matrix_formula():
+    g = torch.Generator().manual_seed(0)
+    x = 3 * torch.randn(300, 700, generator=g) + 1  # 700 columns: blocks of 374 rows, the last one partial
+    stats = ActivationStats()
+    stats.update(x[:, torch.randperm(700, generator=g)][:, :600] + 0.1, x)
+    n = stats.count
+    dev_b, dev_a = stats.sum_b / n, stats.sum_a / n
+    std_b = (stats.sq_b / n - dev_b.square()).clamp_min(0.0).sqrt()
+    std_a = (stats.sq_a / n - dev_a.square()).clamp_min(0.0).sqrt()
+    cov = stats.cross / n - dev_b[:, None] * dev_a[None, :]
+    mean_b, mean_a = stats.shift_b.double() + dev_b, stats.shift_a.double() + dev_a
+    sq = (mean_b[:, None] - mean_a[None, :]).square() + (std_b[:, None] - std_a[None, :]).square()
+    whole = (sq + 2.0 * (std_b[:, None] * std_a[None, :] - cov).clamp_min(0.0)).sqrt()
+    assert torch.equal(stats.moments()[4], cov)
+    assert torch.equal(stats.distances(), whole)
