@@ -917,8 +917,10 @@ def repair_statistics(
             f"statistics (repair={run.config.repair!r}): {str(error).splitlines()[0]}. Pass inputs shaped as the "
             "models expect."
         ) from error
-    if outcome.mode is not None:
-        clock.timings["bn_reset" if outcome.mode == "bn" else "repair"] = time.perf_counter() - start
+    if outcome.mode is not None or outcome.tried:  # "auto"'s trial is timed even when it keeps no repair
+        clock.timings["bn_reset" if outcome.mode == "bn" and not outcome.tried else "repair"] = (
+            time.perf_counter() - start
+        )
     return outcome
 
 

@@ -23,6 +23,7 @@ Averaged networks suffer variance collapse: the fused model's channels are less 
 from __future__ import annotations
 
 import copy
+import dataclasses
 import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -49,11 +50,13 @@ class RepairOutcome:
         mode: the resolved mode (``"bn"``, ``"repair"`` or None; never ``"auto"``).
         bn_reset: whether BatchNorm running statistics were recomputed.
         corrected: number of repair points corrected (``"repair"`` mode).
+        tried: the candidates ``"auto"`` ran on copies before keeping ``mode`` (empty when no trial ran).
     """
 
     mode: str | None
     bn_reset: bool = False
     corrected: int = 0
+    tried: tuple[str | None, ...] = ()
 
 
 def identity_batchnorms(models: Sequence[nn.Module]) -> set[str]:
@@ -192,7 +195,7 @@ def repair_fused(
             trials.append((agreement, -len(trials), outcome, trial))
         _, _, outcome, best = max(trials, key=lambda t: t[:2])
         fused.load_state_dict(best.state_dict())
-    return outcome
+    return dataclasses.replace(outcome, tried=tuple(resolved))
 
 
 def _predictions(

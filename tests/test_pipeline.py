@@ -115,3 +115,12 @@ def test_stopwatch_records_a_stage_that_raises():
         raise ValueError("boom")
     assert list(clock.timings) == ["failing"]
     assert clock.timings["failing"] >= 0.0
+
+
+def test_the_auto_repair_trial_is_timed_even_when_it_keeps_no_repair():
+    deep, shallow = mlp(8, [12, 12, 12], 3, seed=1), mlp(8, [10], 3, seed=2)
+    result = fuse([deep, shallow], torch.randn(48, 8), progress=False, batch_size=48)
+    assert result.config.repair in (None, "repair")  # an MLP without BatchNorm: None and "repair" were tried
+    assert result.timings["repair"] > 0.0 and "bn_reset" not in result.timings
+    unrepaired = fuse([deep, shallow], torch.randn(48, 8), progress=False, batch_size=48, repair=None)
+    assert "repair" not in unrepaired.timings and "bn_reset" not in unrepaired.timings
