@@ -250,8 +250,9 @@ class FusionConfig(_DictMixin):
             "help": "Statistics repair of the fused model: `bn` (recompute BatchNorm running statistics), "
             "`repair` (REPAIR: per-channel affine corrections folded into the weights so every pre-activation and "
             "residual branch output has the parents' aligned mean and std), None (none, as the official code), or "
-            "`auto` (models with real BatchNorms: `bn` or `repair`, whichever agrees best with the parents' "
-            "ensemble on the data; others: `repair`; the resolved value is saved)."
+            "`auto` (models with real BatchNorms: `bn`, or `repair` where it agrees clearly better with the "
+            "parents' ensemble on the data; others: None or `repair` the same way; transformers: None; the resolved "
+            "value is saved)."
         },
     )
     repair_samples: int | None = field(

@@ -13,8 +13,9 @@ Averaged networks suffer variance collapse: the fused model's channels are less 
   where the layer has no bias). The fused model is measured in two forward passes over the data however many
   points it has (:func:`repair_statistics`): one that corrects every point on the fly with each batch's
   statistics (REPAIR's own scheme), one that refines the corrections.
-- ``"auto"``: the candidates are tried and the one whose predictions on the data agree best with the parents'
-  ensemble (weighted mean of logits) is kept, ties going to the first: ``("bn", "repair")`` where the fused
+- ``"auto"``: the candidates are tried and the first is kept unless another's predictions on the data agree with
+  the parents' ensemble (weighted mean of logits) clearly more often (:func:`clearly_better`, a paired sign
+  test): ``("bn", "repair")`` where the fused
   model has a BatchNorm that is not an identity in every parent, ``(None, "repair")`` without one (a scale-only
   correction, on layers without a bias, cannot move the means and can hurt), ``"bn"`` or None for families
   whose adapter sets ``auto_repair = False`` or has no repair points (a warning says so).
@@ -24,6 +25,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import math
 import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -83,8 +85,8 @@ def resolve_mode(
 
     ``"auto"`` gives ``("bn", "repair")`` for a model with a real BatchNorm and repair points, and
     ``(None, "repair")`` for a model with repair points and no real BatchNorm: each candidate is tried and the one
-    whose predictions agree best with the parents' ensemble on the data is kept (:func:`repair_fused`; ties keep
-    the first). Without BatchNorm the comparison with no repair matters: where layers have no bias the
+    whose predictions agree with the parents' ensemble on the data clearly more often than the first's replaces
+    it (:func:`repair_fused`, :func:`clearly_better`); otherwise the first is kept. Without BatchNorm the comparison with no repair matters: where layers have no bias the
     correction is scale-only and cannot move the means, and on the paper's bias-free MLP pair it costs about 2.6
     points (``docs/benchmarks.md``). Families whose adapter sets ``auto_repair = False`` resolve to ``"bn"`` or
     None.
@@ -183,19 +185,44 @@ def repair_fused(
     resolved = resolve_mode(mode, fused, parents, specs[anchor], auto_repair=type(adapter).auto_repair)
     if not isinstance(resolved, tuple):
         return apply(fused, resolved)
-    # "auto": keep the candidate whose predictions agree best with the parents' ensemble (ties: the first)
+    # "auto": the first candidate unless another agrees with the parents' ensemble clearly more often
     with torch.no_grad():
         runners = [closed_form[k][0] if k in closed_form else m for k, m in enumerate(parents)]
         ensemble = _predictions(runners, batches, adapter, weights)
-        trials = []
+        best: tuple[torch.Tensor, RepairOutcome, nn.Module] | None = None
         for candidate in resolved:
             trial = copy.deepcopy(fused)
             outcome = apply(trial, candidate)
-            agreement = float((_predictions([trial], batches, adapter, [1.0]) == ensemble).float().mean())
-            trials.append((agreement, -len(trials), outcome, trial))
-        _, _, outcome, best = max(trials, key=lambda t: t[:2])
-        fused.load_state_dict(best.state_dict())
+            hits = _predictions([trial], batches, adapter, [1.0]) == ensemble
+            if best is None or clearly_better(hits, best[0]):
+                best = (hits, outcome, trial)
+        _, outcome, kept = best
+        fused.load_state_dict(kept.state_dict())
     return dataclasses.replace(outcome, tried=tuple(resolved))
+
+
+def clearly_better(hits: torch.Tensor, reference: torch.Tensor) -> bool:
+    """Whether ``hits`` beats ``reference`` by more than the noise of a paired sign test.
+
+    Both are ``(samples,)`` booleans (a candidate's prediction agrees with the parents' ensemble). With ``wins``
+    the samples only ``hits`` gets right and ``losses`` those only ``reference`` gets right, the challenger wins
+    when ``wins - losses > sqrt(wins + losses)`` (one standard deviation of the difference under the hypothesis
+    that both are equally good): a difference of one or two samples in 200 does not replace the first candidate.
+
+    Example:
+        ```py
+        >>> import torch
+        >>> from hf_clafusion.repair import clearly_better
+        >>> reference = torch.tensor([True] * 10 + [False] * 10)
+        >>> clearly_better(torch.tensor([True] * 11 + [False] * 9), reference)  # one more sample: noise
+        False
+        >>> clearly_better(torch.tensor([True] * 14 + [False] * 6), reference)
+        True
+        ```
+    """
+    wins = int((hits & ~reference).sum())
+    losses = int((~hits & reference).sum())
+    return wins - losses > math.sqrt(wins + losses)
 
 
 def _predictions(
@@ -510,6 +537,7 @@ def _to(tensor: torch.Tensor | None, device: torch.device) -> torch.Tensor | Non
 
 __all__ = [
     "RepairOutcome",
+    "clearly_better",
     "identity_batchnorms",
     "measure",
     "measure_corrected_on_the_fly",

@@ -136,37 +136,55 @@ def test_a_permuted_copy_fuses_back_to_the_original_with_every_repair_mode(famil
     assert result.config.repair in ("bn", "repair", None)
 
 
-def test_auto_without_batchnorm_keeps_no_repair_or_repair_whichever_agrees_best_and_saves_it(tmp_path):
+def _sign_test_winner(first: str | None, second: str, hits: dict) -> str | None:
+    """The paired sign test of ``repair="auto"``, written out: ``second`` only with clearly more agreement."""
+    wins = int((hits[second] & ~hits[first]).sum())
+    losses = int((~hits[second] & hits[first]).sum())
+    return second if wins - losses > (wins + losses) ** 0.5 else first
+
+
+def test_clearly_better_needs_more_than_a_sample_or_two_of_difference():
+    from hf_clafusion.repair import clearly_better
+
+    reference = torch.zeros(200, dtype=torch.bool)
+    reference[:100] = True
+    one_more, many_more, swapped = reference.clone(), reference.clone(), reference.roll(50)
+    one_more[100] = True
+    many_more[100:120] = True
+    assert not clearly_better(one_more, reference) and clearly_better(many_more, reference)
+    assert not clearly_better(reference, reference) and not clearly_better(swapped, reference)  # 50 wins, 50 losses
+    assert not clearly_better(reference, many_more)
+
+
+def test_auto_without_batchnorm_keeps_no_repair_unless_repair_agrees_clearly_better_and_saves_it(tmp_path):
     x = torch.rand(64, 6, generator=torch.Generator().manual_seed(0))
     models = [mlp(6, [8, 8], 3, seed=0), mlp(6, [8], 3, seed=1)]
     config = FusionConfig(progress=False, num_samples=64)
     with torch.no_grad():
         ensemble = sum(m.eval()(x) for m in models).argmax(-1)
-        agreement = {}
-        for mode in (None, "repair"):
-            fused = fuse(models, x, config, repair=mode).model
-            agreement[mode] = float((fused(x).argmax(-1) == ensemble).float().mean())
+        hits = {
+            mode: fuse(models, x, config, repair=mode).model(x).argmax(-1) == ensemble for mode in (None, "repair")
+        }
         auto = fuse(models, x, config)
-    best = None if agreement[None] >= agreement["repair"] else "repair"  # ties keep the unrepaired model
+    best = _sign_test_winner(None, "repair", hits)
     assert (auto.config.repair, auto.bn_reset) == (best, False)
     auto.save_pretrained(tmp_path, processor=False)
     assert json.loads((tmp_path / "fusion_config.json").read_text())["config"]["repair"] == best
 
 
-def test_auto_on_a_batchnorm_net_keeps_the_mode_that_agrees_best_with_the_parents_ensemble():
+def test_auto_on_a_batchnorm_net_keeps_bn_unless_repair_agrees_clearly_better_with_the_parents_ensemble():
     x = torch.rand(128, 1, 8, 8, generator=torch.Generator().manual_seed(0))
     models = [cnn([8, 8, "M", 16, "M"], seed=0, hidden_fc=[16]), cnn([8, "M", 16, "M"], seed=1, hidden_fc=[16])]
     config = FusionConfig(progress=False, num_samples=128, batch_size=64)
     with torch.no_grad():
         ensemble = sum(m.eval()(x) for m in models).argmax(-1)
-        agreement = {}
-        for mode in ("bn", "repair"):
-            fused = fuse(models, x, config, repair=mode).model
-            agreement[mode] = float((fused(x).argmax(-1) == ensemble).float().mean())
+        hits = {
+            mode: fuse(models, x, config, repair=mode).model(x).argmax(-1) == ensemble for mode in ("bn", "repair")
+        }
         auto = fuse(models, x, config)
-        best = "bn" if agreement["bn"] >= agreement["repair"] else "repair"
+        best = _sign_test_winner("bn", "repair", hits)
         assert auto.config.repair == best and auto.bn_reset == (best == "bn")
-        assert float((auto.model(x).argmax(-1) == ensemble).float().mean()) == agreement[best]
+        assert torch.equal(auto.model(x).argmax(-1) == ensemble, hits[best])
 
 
 def test_repair_and_bn_recomputation_agree_on_a_batchnorm_net():
