@@ -178,12 +178,13 @@ class FusionConfig(_DictMixin):
         },
     )
     unmatched: Unmatched = field(
-        default="average",
+        default="transplant",
         metadata={
-            "help": "With `balancing='identity'`, the fused block where only the deeper anchor has one: `average` "
-            "(its residual writers scaled by the anchor's weight, the closed form of averaging with an identity "
-            "block), `transplant` (the anchor's block whole) or `identity` (identity blocks inserted and averaged "
-            "explicitly; families without the closed form always do this)."
+            "help": "With `balancing='identity'`, the fused block where only the deeper anchor has one: `transplant` "
+            "(the anchor's block whole; measured best, see docs/benchmarks.md), `average` (its residual writers "
+            "scaled by the anchor's weight, the closed form of averaging with an identity block, as CLAFusion) or "
+            "`identity` (identity blocks inserted and averaged explicitly; families without the closed form always "
+            "do this)."
         },
     )
     relu_approx: ReluApprox = field(
@@ -382,6 +383,7 @@ class FusionConfig(_DictMixin):
             num_samples=200,
             seed=21,
             repair=None,
+            unmatched="average",
         )
         base.update(overrides)
         return cls(**base)

@@ -88,7 +88,7 @@ def test_unmatched_blocks_are_the_anchor_block_with_writers_scaled_or_whole(fami
     deep, shallow = make(family, 4), make(family, 2, seed=1)
     batch = inputs(family, n=16)
     weights = (0.7, 0.3)
-    average = fuse([deep, shallow], batch, EXACT, weights=weights)
+    average = fuse([deep, shallow], batch, EXACT, weights=weights, unmatched="average")
     transplant = fuse([deep, shallow], batch, EXACT, weights=weights, unmatched="transplant")
     assert average.layer_alignment == [[0, 3]]
     anchor = get_adapter(deep).prepare(deep).state_dict()
