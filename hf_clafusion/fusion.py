@@ -618,7 +618,7 @@ def _stream_statistics(
                     "capture. Capture a module that runs once."
                 )
             seen.add(name)
-            features[(k, name)] = _subsample(run.adapter.features(value, batch), rows)
+            features[(k, name)] = core.evenly_spaced_rows(run.adapter.features(value, batch), rows)
             add_ready()
 
         with capture_outputs(runner[k], list(dict.fromkeys(rename[k].values())), on_capture=keep):
@@ -690,8 +690,8 @@ def transport_to_anchor(
                 else:
                     primary_b, primary_a = _primary_axis(group_b, work), _primary_axis(group_a, anchor_state)
                     cost = core.weight_distances(
-                        _neuron_rows(work[primary_b.param], primary_b),
-                        _neuron_rows(anchor_state[primary_a.param], primary_a),
+                        core.neuron_rows(work[primary_b.param], primary_b),
+                        core.neuron_rows(anchor_state[primary_a.param], primary_a),
                     )
                 heads = _heads(run.config, group_b, group_a, k)
                 if heads > 1:
@@ -962,17 +962,6 @@ def _result(
     )
 
 
-def _subsample(features: torch.Tensor, rows: int | None) -> torch.Tensor:
-    """At most ``rows`` of ``features`` ``(positions, channels)``, evenly spaced (``positions_per_sample``).
-
-    The rows kept depend only on the number of rows, so two models' features of one batch keep the same positions.
-    """
-    if rows is None or features.shape[0] <= rows:
-        return features
-    keep = torch.linspace(0, features.shape[0] - 1, rows, device=features.device).round().long()
-    return features.index_select(0, keep)
-
-
 def _primary_axis(group: Group, state: dict[str, torch.Tensor]) -> AxisRef:
     """The group's primary weight axis for the weight ground metric: its first ``"out"`` axis holding exactly the
     group's neurons (not a repeated or head-expanded one, e.g. grouped-query attention's query rows)."""
@@ -984,14 +973,6 @@ def _primary_axis(group: Group, state: dict[str, torch.Tensor]) -> AxisRef:
         f"Group {group.name!r} has no output axis of width {group.width} to compare weights on; use "
         "ground_metric='activations' for this model."
     )
-
-
-def _neuron_rows(tensor: torch.Tensor, axis: AxisRef) -> torch.Tensor:
-    """``tensor`` as ``(neurons, features)`` along ``axis`` (blocks of ``outer`` and ``inner`` positions folded into
-    the features), e.g. a ``(vocab, hidden)`` embedding as one row per hidden unit."""
-    moved = tensor.movedim(axis.axis, 0)
-    rows = moved.reshape(axis.outer, -1, axis.inner, *moved.shape[1:]).movedim(1, 0)
-    return rows.reshape(rows.shape[0], -1)
 
 
 def _bar(

@@ -566,12 +566,11 @@ class TransformersAdapter(Adapter):
     def layer_features(self, output: torch.Tensor, batch: Any) -> torch.Tensor:
         """Non-padding tokens as samples for the layer costs, at most :data:`LAYER_TOKENS_PER_SEQUENCE` per
         sequence on average (evenly spaced, so every layer of every model keeps the same tokens)."""
+        from ..core import evenly_spaced_rows
+
         tokens = self._tokens(output, batch)
         if output.ndim == 3:
-            cap = LAYER_TOKENS_PER_SEQUENCE * output.shape[0]
-            if tokens.shape[0] > cap:
-                keep = torch.linspace(0, tokens.shape[0] - 1, cap, device=tokens.device).round().long()
-                tokens = tokens[keep]
+            return evenly_spaced_rows(tokens, LAYER_TOKENS_PER_SEQUENCE * output.shape[0])
         return tokens
 
     def prepare_data(self, data: Any, models: Sequence[nn.Module], processor: Any = None, config: Any = None) -> Any:

@@ -3,7 +3,7 @@
 Nothing here knows about ``nn.Module``s, timm or transformers; shapes are documented per function.
 """
 
-from .averaging import apply_plan, permutation_of, weighted_average
+from .averaging import apply_plan, neuron_rows, permutation_of, weighted_average
 from .depth import (
     absorb_signed_input,
     fit_layernorm_identity,
@@ -28,6 +28,7 @@ from .similarity import (
     cca_cost_matrix,
     channels_as_features,
     cka_cost_matrix,
+    evenly_spaced_rows,
     index_cost_matrix,
     linear_cka,
     neuron_count_cost_matrix,
@@ -76,6 +77,7 @@ __all__ = [
     "chain_alignment",
     "channels_as_features",
     "cka_cost_matrix",
+    "evenly_spaced_rows",
     "expand_head_plan",
     "fit_layernorm_identity",
     "fit_post_ln_identity",
@@ -90,6 +92,7 @@ __all__ = [
     "merge_linear",
     "neuron_count_cost_matrix",
     "neuron_distances",
+    "neuron_rows",
     "permutation_of",
     "plan_maps",
     "random_alignment",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 
@@ -68,6 +69,16 @@ def apply_plan(
     return out.movedim(-1, axis).to(tensor.dtype)
 
 
+def neuron_rows(tensor: torch.Tensor, axis: Any) -> torch.Tensor:
+    """``tensor`` as ``(neurons, features)`` along ``axis`` (an object with ``axis``, ``inner`` and ``outer``, as
+    :class:`hf_clafusion.spec.AxisRef`): blocks of ``outer`` and ``inner`` positions are folded into the features,
+    the convention of :func:`apply_plan`; e.g. a ``(vocab, hidden)`` embedding read along axis 1 gives one row per
+    hidden unit."""
+    moved = tensor.movedim(axis.axis, 0)
+    rows = moved.reshape(axis.outer, -1, axis.inner, *moved.shape[1:]).movedim(1, 0)
+    return rows.reshape(rows.shape[0], -1)
+
+
 def permutation_of(matrix: torch.Tensor) -> torch.Tensor | None:
     """For a square 0/1 matrix with one 1 per row and column (a hard plan between equal widths), the row of the
     1 in each column, ``(n,)`` long; ``None`` for any other matrix."""
@@ -128,4 +139,4 @@ def _average_chunk(tensors: Sequence[torch.Tensor], weights: Sequence[float]) ->
     return acc.to(tensors[0].dtype)
 
 
-__all__ = ["apply_plan", "permutation_of", "weighted_average"]
+__all__ = ["apply_plan", "neuron_rows", "permutation_of", "weighted_average"]

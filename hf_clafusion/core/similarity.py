@@ -230,6 +230,18 @@ def channels_as_features(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
+def evenly_spaced_rows(features: torch.Tensor, rows: int | None) -> torch.Tensor:
+    """At most ``rows`` rows of ``features`` ``(samples, channels)``, evenly spaced; all of them for None.
+
+    The rows kept depend only on the number of rows, so features of several layers or models computed on one batch
+    keep the same samples (tokens, positions).
+    """
+    if rows is None or features.shape[0] <= rows:
+        return features
+    keep = torch.linspace(0, features.shape[0] - 1, rows, device=features.device).round().long()
+    return features.index_select(0, keep)
+
+
 def _neuron_matrix(t: torch.Tensor) -> torch.Tensor:
     return channels_as_features(t).double()
 
@@ -251,6 +263,7 @@ __all__ = [
     "cca_cost_matrix",
     "channels_as_features",
     "cka_cost_matrix",
+    "evenly_spaced_rows",
     "index_cost_matrix",
     "linear_cka",
     "neuron_count_cost_matrix",

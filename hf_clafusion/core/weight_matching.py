@@ -30,7 +30,7 @@ from typing import Protocol
 import torch
 
 from ..errors import ConfigError
-from .averaging import apply_plan
+from .averaging import apply_plan, neuron_rows
 from .transport import expand_head_plan, head_plan, plan_maps, solve_transport
 
 
@@ -265,8 +265,8 @@ def _similarity(params_b, params_a, groups, maps, owners, g, normalization) -> t
         moved = _transported(params_b[axis.param], owners[axis.param], maps, groups, skip=(g, axis))
         if moved is None:
             continue
-        rows_b = _neuron_rows(moved, axis).double()
-        rows_a = _neuron_rows(params_a[axis.param], axis).to(rows_b)
+        rows_b = neuron_rows(moved, axis).double()
+        rows_a = neuron_rows(params_a[axis.param], axis).to(rows_b)
         products = (rows_b @ rows_a.T).cpu()
         if axis.repeat > 1:  # (heads, repeat, dim) on both sides: the map acts identically on each repeat
             heads = max(group.heads, 1)
@@ -323,14 +323,6 @@ def _transported(tensor, refs, maps, groups, skip) -> torch.Tensor | None:
             matrix = expand_head_plan(matrix, max(groups[g].heads, 1), axis.repeat)
         out = apply_plan(out, axis.axis, matrix, inner=axis.inner, outer=axis.outer)
     return out
-
-
-def _neuron_rows(tensor: torch.Tensor, axis: MatchAxis) -> torch.Tensor:
-    """``tensor`` as ``(neurons, features)`` along ``axis``: blocks of ``outer`` and ``inner`` positions folded
-    into the features (a neuron repeated ``repeat`` times counts once per repeat)."""
-    moved = tensor.movedim(axis.axis, 0)
-    rows = moved.reshape(axis.outer, -1, axis.inner, *moved.shape[1:]).movedim(1, 0)
-    return rows.reshape(rows.shape[0], -1)
 
 
 __all__ = [
