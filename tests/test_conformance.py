@@ -27,13 +27,7 @@ EXACT = CONFIG.replace(repair=None)
 BY_NAME = {f.name: f for f in FACTORIES}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models run fastest on one thread."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(params=[f.name for f in FACTORIES])

@@ -16,12 +16,7 @@ from ._models import max_rel_error  # noqa: E402
 from .test_transformers import EXACT, POST_LN, PRE_LN, inputs, make  # noqa: E402
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _layers(model: torch.nn.Module) -> str:

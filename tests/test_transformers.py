@@ -21,13 +21,7 @@ from hf_clafusion.hub import load_pretrained  # noqa: E402
 from ._models import max_rel_error, permutation_matrix, permuted_copy, word_tokenizer  # noqa: E402
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models run fastest on one thread (the CI machine's cores are shared)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 EXACT = FusionConfig(progress=False, repair=None, num_samples=16, batch_size=8)
