@@ -109,34 +109,25 @@ AVERAGE_CHUNK = 1 << 20
 def weighted_average(tensors: Sequence[torch.Tensor], weights: Sequence[float]) -> torch.Tensor:
     """``sum_k weights[k] * tensors[k]`` (same shapes), accumulated in float64, returned in the first dtype.
 
-    Element-wise, so contiguous tensors are averaged :data:`AVERAGE_CHUNK` elements at a time, with the same
-    result as the whole tensor at once.
+    Element-wise, so the tensors are averaged :data:`AVERAGE_CHUNK` elements at a time through two reused float64
+    buffers, with the same result as the whole tensor at once (each product, then each sum, rounded in float64).
     """
     if len(tensors) != len(weights):
         raise ValueError(f"{len(tensors)} tensors but {len(weights)} weights.")
     if not tensors[0].is_floating_point():
         return tensors[0].clone()
-    if tensors[0].numel() <= AVERAGE_CHUNK or not all(t.is_contiguous() for t in tensors):
-        return _average_chunk(tensors, weights)
     out = torch.empty_like(tensors[0], memory_format=torch.contiguous_format)
-    flat_out, flat = out.view(-1), [t.view(-1) for t in tensors]
-    # two float64 buffers reused for every chunk; the same operations as _average_chunk, in place
-    acc = torch.empty(AVERAGE_CHUNK, dtype=torch.float64, device=out.device)
+    flat_out, flat = out.view(-1), [t.reshape(-1) for t in tensors]  # a copy only for non-contiguous tensors
+    size = flat_out.numel()
+    acc = torch.empty(min(size, AVERAGE_CHUNK), dtype=torch.float64, device=out.device)
     term = torch.empty_like(acc)
-    for start in range(0, flat_out.numel(), AVERAGE_CHUNK):
-        end = min(start + AVERAGE_CHUNK, flat_out.numel())
+    for start in range(0, size, AVERAGE_CHUNK):
+        end = min(start + AVERAGE_CHUNK, size)
         a, b = acc[: end - start].zero_(), term[: end - start]
         for t, w in zip(flat, weights):
             a.add_(b.copy_(t[start:end]).mul_(float(w)))
         flat_out[start:end].copy_(a)
     return out
-
-
-def _average_chunk(tensors: Sequence[torch.Tensor], weights: Sequence[float]) -> torch.Tensor:
-    acc = torch.zeros_like(tensors[0], dtype=torch.float64)
-    for t, w in zip(tensors, weights):
-        acc += float(w) * t.double()
-    return acc.to(tensors[0].dtype)
 
 
 __all__ = ["apply_plan", "neuron_rows", "permutation_of", "weighted_average"]
