@@ -28,9 +28,13 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
+import itertools
 import time
 import warnings
-from collections.abc import Iterable, Iterator, Sequence
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -483,9 +487,10 @@ def balance_identity(
         if any(None in layout for layout in layouts):
             t = _template_for(run.segments, k)
             if _has_closed_form(run, k, t):
-                balanced[k], _ = run.adapter.insert_identity(run.models[k], layouts, run.models[t], fit=False)
-                closed[k] = layouts
-                continue
+                candidate, _ = run.adapter.insert_identity(run.models[k], layouts, run.models[t], fit=False)
+                if run.adapter.unmatched_blocks(run.models[k], layouts, run.adapter.spec(candidate)) is not None:
+                    balanced[k], closed[k] = candidate, layouts
+                    continue
             balanced[k], errors = run.adapter.insert_identity(
                 run.models[k], layouts, run.models[t], batches=run.batches
             )
@@ -677,40 +682,92 @@ def transport_to_anchor(
             groups_b, groups_a = balanced.specs[k].groups, balanced.specs[run.anchor].groups
             plans[k], solvers[k] = {}, {}
             exact: dict[str, torch.Tensor] = {}  # float64 plans: the start of weight matching
-            for g, (group_b, group_a) in enumerate(
-                _bar(list(zip(groups_b, groups_a)), f"transport model {k}", run.config, unit="group")
+            jobs = [g for g, group_b in enumerate(groups_b) if group_b.name not in unmatched.groups]
+
+            # Activation costs are independent per group, so their plans are solved concurrently (EMD and the
+            # assignment release the GIL); weight costs read the tensors earlier plans moved, so they run in order.
+            independent = run.config.ground_metric in ("activations", "correlation")
+            solve = functools.partial(_group_plan, run, k, groups_b, groups_a, statistics, work, anchor_state)
+            solved = _in_order(solve, jobs, _transport_workers(len(jobs)) if independent else 1)
+            for g, (plan, solver, heads) in zip(
+                jobs, _bar(solved, f"transport model {k}", run.config, unit="group", total=len(jobs))
             ):
-                if group_b.name in unmatched.groups:
-                    continue  # inside an inserted block: replaced below in closed form
-                if run.config.ground_metric in ("activations", "correlation"):
-                    stats, statistics[k][g] = statistics[k][g], None  # free the (n_B, n_A) statistics once used
-                    correlation = run.config.ground_metric == "correlation"
-                    cost = stats.correlation_distances() if correlation else stats.distances()
-                    del stats
-                else:
-                    primary_b, primary_a = _primary_axis(group_b, work), _primary_axis(group_a, anchor_state)
-                    cost = core.weight_distances(
-                        core.neuron_rows(work[primary_b.param], primary_b),
-                        core.neuron_rows(anchor_state[primary_a.param], primary_a),
-                    )
-                heads = _heads(run.config, group_b, group_a, k)
-                if heads > 1:
-                    plan = core.head_plan(cost, heads, within=group_a.head_dims_free)
-                    solvers[k][group_a.name] = "heads"
-                else:
-                    solution = core.solve_transport(cost, solver=run.config.solver, reg=run.config.reg)
-                    plan = solution.plan
-                    solvers[k][group_a.name] = solution.solver
+                group_b, group_a = groups_b[g], groups_a[g]
+                solvers[k][group_a.name] = solver
                 _apply_group_plan(work, group_b, plan, heads, unmatched, run.config.plan_normalization)
                 plans[k][group_a.name] = plan.float().cpu()
                 if run.config.ground_metric == "weight_matching":
                     exact[group_a.name] = plan.double().cpu()
-                del cost, plan
+                del plan
             if run.config.ground_metric == "weight_matching":
                 work, plans[k], solvers[k] = _weight_matching(run, balanced, k, exact, solvers[k], unmatched)
             _closed_form_blocks(work, anchor_state, unmatched, run.config.unmatched)
             states[k] = work
     return Transported(states=states, plans=plans, solvers=solvers)
+
+
+def _group_plan(
+    run: Prepared,
+    k: int,
+    groups_b: Sequence[Group],
+    groups_a: Sequence[Group],
+    statistics: dict[int, list[core.ActivationStats | None]],
+    work: dict[str, torch.Tensor],
+    anchor_state: dict[str, torch.Tensor],
+    g: int,
+) -> tuple[torch.Tensor, str, int]:
+    """Group ``g``'s plan from model ``k`` to the anchor, the solver that computed it and the heads kept whole.
+
+    The cost is the distance between the group's activation statistics (consumed: ``statistics[k][g]`` is set to
+    ``None``) or between its primary weights in ``work``, which must already hold every earlier group's plan.
+    """
+    group_b, group_a = groups_b[g], groups_a[g]
+    if run.config.ground_metric in ("activations", "correlation"):
+        stats, statistics[k][g] = statistics[k][g], None  # free the (n_B, n_A) statistics once used
+        cost = stats.correlation_distances() if run.config.ground_metric == "correlation" else stats.distances()
+        del stats
+    else:
+        primary_b, primary_a = _primary_axis(group_b, work), _primary_axis(group_a, anchor_state)
+        cost = core.weight_distances(
+            core.neuron_rows(work[primary_b.param], primary_b),
+            core.neuron_rows(anchor_state[primary_a.param], primary_a),
+        )
+    heads = _heads(run.config, group_b, group_a, k)
+    if heads > 1:
+        return core.head_plan(cost, heads, within=group_a.head_dims_free), "heads", heads
+    solution = core.solve_transport(cost, solver=run.config.solver, reg=run.config.reg)
+    return solution.plan, solution.solver, heads
+
+
+def _transport_workers(jobs: int) -> int:
+    """Threads that solve independent transport plans at once: one per core torch may use, at most one per job."""
+    return max(1, min(torch.get_num_threads(), jobs))
+
+
+def _in_order(function: Callable[[Any], Any], items: Sequence[Any], workers: int) -> Iterator[Any]:
+    """``function(item)`` for every item, yielded in order, computed by up to ``workers`` threads.
+
+    At most ``2 * workers`` results are computed ahead of the one being consumed, so memory stays bounded
+    (a transport plan and its cost matrix per job in flight). ``workers=1`` runs everything in the caller's
+    thread. An exception raised by ``function`` is raised here, for the item it belongs to.
+    """
+    if workers <= 1:
+        yield from map(function, items)
+        return
+    with ThreadPoolExecutor(workers, thread_name_prefix="hf_clafusion") as pool:
+        pending: deque[Future] = deque()
+        upcoming = iter(items)
+        for item in itertools.islice(upcoming, 2 * workers):
+            pending.append(pool.submit(function, item))
+        try:
+            while pending:
+                result = pending.popleft().result()
+                for item in itertools.islice(upcoming, 1):
+                    pending.append(pool.submit(function, item))
+                yield result
+        finally:
+            for future in pending:
+                future.cancel()
 
 
 def _apply_group_plan(

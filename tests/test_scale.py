@@ -295,3 +295,58 @@ def test_positions_per_sample_must_be_a_positive_integer():
 
     with pytest.raises(ConfigError, match="positions_per_sample"):
         FusionConfig(positions_per_sample=0)
+
+
+def test_plans_solved_on_several_threads_equal_the_plans_solved_in_order(monkeypatch):
+    import threading
+
+    from hf_clafusion import fusion
+
+    deep, shallow = make("bert", 3, seed=0), make("bert", 2, seed=1)
+    batch = inputs("bert")
+    monkeypatch.setattr(fusion, "_transport_workers", lambda jobs: 1)
+    in_order = fuse([deep, shallow], batch, EXACT)
+    threads: set[str] = set()
+    solve = fusion._group_plan
+
+    def recording(*args):
+        threads.add(threading.current_thread().name)
+        return solve(*args)
+
+    monkeypatch.setattr(fusion, "_transport_workers", lambda jobs: 3)
+    monkeypatch.setattr(fusion, "_group_plan", recording)
+    threaded = fuse([deep, shallow], batch, EXACT)
+    assert len(threads) > 1 and all(name.startswith("hf_clafusion") for name in threads)
+    assert in_order.transport_plans.keys() == threaded.transport_plans.keys()
+    for k, plans in in_order.transport_plans.items():
+        assert plans.keys() == threaded.transport_plans[k].keys()
+        assert all(torch.equal(plan, threaded.transport_plans[k][name]) for name, plan in plans.items())
+    expected, got = in_order.model.state_dict(), threaded.model.state_dict()
+    assert all(torch.equal(expected[key], got[key]) for key in expected)
+
+
+def test_in_order_yields_results_in_order_keeps_a_bounded_lookahead_and_raises_where_the_item_failed():
+    import threading
+    import time
+
+    from hf_clafusion.fusion import _in_order
+
+    started: list[int] = []
+    lock = threading.Lock()
+
+    def work(item: int) -> int:
+        with lock:
+            started.append(item)
+        time.sleep(0.002 * (item % 3))
+        if item == 7:
+            raise ValueError("item 7")
+        return item * item
+
+    results = _in_order(work, list(range(10)), workers=2)
+    assert [next(results) for _ in range(3)] == [0, 1, 4]
+    time.sleep(0.05)
+    assert max(started) < 3 + 4  # at most 2 * workers items beyond those consumed were started
+    assert [next(results) for _ in range(4)] == [9, 16, 25, 36]
+    with pytest.raises(ValueError, match="item 7"):
+        next(results)
+    assert list(_in_order(lambda x: -x, [1, 2, 3], workers=1)) == [-1, -2, -3]

@@ -197,7 +197,8 @@ def auto_solver(n_b: int, n_a: int, cost: torch.Tensor | np.ndarray | None = Non
     So equal widths run ``"permutation"`` when at least :data:`ASSIGNMENT_DISTINCT_MINIMA` of the rows' argmin
     columns are distinct (an O(n^2) check; without ``cost``, always), and ``"emd"`` otherwise; different widths
     run ``"emd"`` (an assignment on replicated costs is exact too, but measured 4-6x slower). POT 0.9.7 ignores
-    ``ot.emd``'s ``numThreads`` (its network simplex is single-threaded), so no thread count is passed.
+    ``ot.emd``'s ``numThreads`` (its network simplex is single-threaded), so no thread count is passed; the
+    fusion pipeline solves independent groups' plans on several threads instead (both solvers release the GIL).
     """
     if n_b != n_a:
         return "emd"
