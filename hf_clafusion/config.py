@@ -405,7 +405,10 @@ class FinetuneConfig(_DictMixin):
     momentum: float = field(default=0.9, metadata={"help": "SGD momentum (the paper: 0.9)."})
     weight_decay: float = field(default=5e-4, metadata={"help": "Weight decay."})
     scheduler: Scheduler = field(
-        default="none", metadata={"help": "`none`, `multistep` or `cosine` (over `max_steps`, or all epochs)."}
+        default="cosine",
+        metadata={
+            "help": "`cosine` (to zero over `max_steps`, or all epochs), `multistep` or `none` (a constant rate)."
+        },
     )
     milestones: tuple[int, ...] = field(
         default=(), metadata={"help": "Epochs at which `multistep` multiplies the learning rate by `gamma`."}
@@ -520,6 +523,7 @@ class FinetuneConfig(_DictMixin):
             lr=0.01,
             momentum=0.9,
             weight_decay=5e-4,
+            scheduler="none",
             distill_temperature=20.0,
             distill_scaling="official",
         )

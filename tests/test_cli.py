@@ -333,7 +333,8 @@ def test_eval_fraction_holds_out_part_of_a_safetensors_file(parents, tmp_path, c
 def test_exponent_floats_without_a_dot_are_numbers_in_config_files_and_set(parents, tmp_path, capsys):
     deep, _, data = parents
     config = tmp_path / "finetune.yaml"
-    config.write_text("lr: 1e-3\nepochs: 1\n")  # plain YAML 1.1 reads 1e-3 as the string '1e-3'
+    # plain YAML 1.1 reads 1e-3 as the string '1e-3'; a constant rate, so the logged rate is the one set
+    config.write_text("lr: 1e-3\nepochs: 1\nscheduler: none\n")
     args = ["finetune", str(deep), "--data", str(data), "--config", str(config), "--set", "weight_decay=5e-4"]
     assert main([*args, "--output", str(tmp_path / "tuned"), "--quiet"]) == 0
     records = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith("{")]
