@@ -276,6 +276,8 @@ METHODS: dict[str, dict[str, Any]] = {
     "anchor='shallowest'": {"anchor": "shallowest"},
     "correlation cost": {"ground_metric": "correlation"},
     "unmatched='transplant'": {"unmatched": "transplant"},
+    "unmatched='average'": {"unmatched": "average"},
+    "unmatched='identity'": {"unmatched": "identity"},
     "weight cost (one pass)": {"ground_metric": "weights"},
     "weight matching": {"ground_metric": "weight_matching"},
     "sinkhorn reg=0.05": {"solver": "sinkhorn", "reg": 0.05},

@@ -183,8 +183,8 @@ class FusionConfig(_DictMixin):
             "help": "With `balancing='identity'`, the fused block where only the deeper anchor has one: `transplant` "
             "(the anchor's block whole; measured best, see docs/benchmarks.md), `average` (its residual writers "
             "scaled by the anchor's weight, the closed form of averaging with an identity block, as CLAFusion) or "
-            "`identity` (identity blocks inserted and averaged explicitly; families without the closed form always "
-            "do this)."
+            "`identity` (identity blocks inserted and averaged explicitly). Residual families (transformers; timm "
+            "ResNet, ViT, ConvNeXt) have the closed form; VGGs and plain torch MLPs/CNNs always average explicitly."
         },
     )
     relu_approx: ReluApprox = field(

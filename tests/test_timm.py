@@ -455,3 +455,88 @@ def test_vgg_deep_shallow_pair_fuses_and_round_trips(tmp_path):
     x = images(2, seed=3, family="vgg")
     with torch.no_grad():
         assert torch.allclose(reloaded(x), result.model(x), atol=1e-5)
+
+
+# --------------------------------------------------------------------------------------------- unmatched blocks
+
+#: Per residual family: the tensors an identity block zeroes (its residual writers), as state-dict key suffixes.
+WRITERS = {
+    "resnet-basic": (".bn2.weight", ".bn2.bias"),
+    "resnet-bottleneck": (".bn3.weight", ".bn3.bias"),
+    "vit": (".attn.proj.weight", ".attn.proj.bias", ".mlp.fc2.weight", ".mlp.fc2.bias"),
+    "convnext": (".gamma",),
+}
+CONTAINER = {"resnet-basic": "layer1", "resnet-bottleneck": "layer1", "vit": "blocks", "convnext": "stages.0.blocks"}
+
+
+@pytest.mark.parametrize("family", list(WRITERS))
+def test_unmatched_blocks_are_the_anchor_block_with_writers_scaled_or_whole(family):
+    """Where only the deeper anchor has a block, the fused block is the anchor's with its residual writers scaled
+    by the anchor's weight (``average``, the closed form of averaging with an identity block) or the anchor's
+    block whole (``transplant``); the closed form solves no plan inside it."""
+    deep, shallow = build(family, 3, seed=1), build(family, 2, seed=2)
+    x = images(32, family=family)
+    weights = (0.7, 0.3)
+    average = fuse([deep, shallow], x, EXACT, weights=weights, unmatched="average", layer_cost="index")
+    transplant = fuse([deep, shallow], x, EXACT, weights=weights, unmatched="transplant", layer_cost="index")
+    explicit = fuse([deep, shallow], x, EXACT, weights=weights, unmatched="identity", layer_cost="index")
+    assert average.layer_alignment[0] == [0, 2]  # block 1 of the anchor's first segment is unmatched
+    anchor = get_adapter(deep).prepare(deep).state_dict()
+    keys = [k for k in anchor if k.startswith(f"{CONTAINER[family]}.1.")]
+    writers = [k for k in keys if k.endswith(WRITERS[family])]
+    assert writers and len(writers) < len(keys)
+    for key in keys:
+        if key.endswith("num_batches_tracked"):
+            continue
+        scale = weights[0] if key in writers else 1.0
+        assert torch.allclose(average.model.state_dict()[key], scale * anchor[key], atol=1e-6), key
+        assert torch.equal(transplant.model.state_dict()[key], anchor[key]), key
+    inner = [name for name in explicit.transport_plans[1] if name.startswith(f"{CONTAINER[family]}.1.")]
+    assert inner and not any(name in average.transport_plans[1] for name in inner)
+    # matched blocks are averaged: not the anchor's
+    matched = [k for k in anchor if k.startswith(f"{CONTAINER[family]}.0.") and k.endswith("weight")]
+    assert any(not torch.allclose(average.model.state_dict()[k], anchor[k]) for k in matched)
+
+
+def test_closed_form_resnet_blocks_equal_the_explicit_identity_route_in_a_shared_basis():
+    """Where the shallow ResNet is the deep one minus a block, averaging an explicit identity block (a copy of the
+    anchor's block with its last BatchNorm zeroed) gives exactly the closed form."""
+    deep = build("resnet-basic", 3, seed=1)
+    with torch.no_grad():
+        deep.layer1[1].bn2.weight.mul_(1e-2)  # a block close to the identity: the alignment picks [0, 2]
+        deep.layer1[1].bn2.bias.mul_(1e-2)
+    shallow = copy.deepcopy(deep)
+    shallow.layer1 = torch.nn.Sequential(shallow.layer1[0], shallow.layer1[2])
+    x = images(32)
+    explicit = fuse([deep, shallow], x, EXACT, unmatched="identity")
+    closed = fuse([deep, shallow], x, EXACT, unmatched="average")
+    assert explicit.layer_alignment == closed.layer_alignment and closed.layer_alignment[0] == [0, 2]
+    a, b = explicit.model.state_dict(), closed.model.state_dict()
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.allclose(a[key].float(), b[key].float(), atol=1e-6), key
+
+
+def test_vgg_has_no_closed_form_and_fuses_through_explicit_identity_layers():
+    from hf_clafusion.adapters.timm import _vgg_rebuild  # noqa: F401  (VGG is rebuilt, not balanced per block)
+
+    adapter = TimmAdapter()
+    model = adapter.prepare(timm.create_model("vgg11", pretrained=False, num_classes=3, in_chans=1))
+    layouts = [list(range(d)) for d in depth(model)]
+    assert adapter.unmatched_blocks(model, layouts, adapter.spec(model)) is None
+
+
+def test_repair_of_a_closed_form_resnet_fusion_measures_the_shallow_parent_at_its_own_depth():
+    deep, shallow = build("resnet-basic", 3, seed=1), build("resnet-basic", 2, seed=2)
+    x = images(32)
+    closed = fuse([deep, shallow], x, EXACT, repair="repair", layer_cost="index")
+    explicit = fuse([deep, shallow], x, EXACT, repair="repair", layer_cost="index", unmatched="identity")
+    assert closed.config.repair == explicit.config.repair == "repair"
+    unrepaired = fuse([deep, shallow], x, EXACT, layer_cost="index").model.state_dict()
+    with torch.no_grad():
+        out = closed.model(x)
+    assert torch.isfinite(out).all()
+    state = closed.model.state_dict()
+    # the repair corrected the fused block that only the anchor has, and the averaged ones
+    assert not torch.allclose(state["layer1.1.bn2.weight"], unrepaired["layer1.1.bn2.weight"])
+    assert not torch.allclose(state["layer1.0.bn2.weight"], unrepaired["layer1.0.bn2.weight"])

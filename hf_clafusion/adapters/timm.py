@@ -51,7 +51,7 @@ from ..errors import (
     UnsupportedArchitectureError,
 )
 from ..spec import AxisRef, Group, LayerSpec, NetworkSpec, RepairPoint, SegmentSpec
-from .base import Adapter, register_adapter
+from .base import Adapter, UnmatchedBlocks, register_adapter
 from .files import check_weight_files
 
 
@@ -873,8 +873,9 @@ class TimmAdapter(Adapter):
             ) from error
 
     # -- depth balancing
-    def insert_identity(self, model, layouts, template, *, batches=None):
-        """The balanced copy and its identity errors: ``(model, {})``, since every timm identity block is exact."""
+    def insert_identity(self, model, layouts, template, *, batches=None, fit=True):
+        """The balanced copy and its identity errors: ``(model, {})``, since every timm identity block is exact
+        (``fit`` is accepted for the closed form of unmatched blocks; nothing here is fitted)."""
         family = _family(model)
         if family.rebuild is not None:
             return family.rebuild(model, layouts), {}
@@ -901,6 +902,59 @@ class TimmAdapter(Adapter):
                 ]
             )
         return _with_blocks(family, model, blocks), {}
+
+    def unmatched_blocks(self, model, layouts, balanced):
+        """Identity blocks of ResNet, ViT and ConvNeXt in closed form (``fusion_math.md`` §6.4); None for VGGs,
+        whose inserted layers are not residual blocks. The residual writers are those that
+        :meth:`insert_identity` zeroes: the last BatchNorm (ResNet), the attention and MLP output projections
+        (ViT), the layer scale or the MLP output (ConvNeXt)."""
+        family = _family(model)
+        if family.containers is None or family.identity_writers is None:
+            return None
+        inserted: dict[str, str] = {}  # inserted block prefix -> capture of the stream entering it
+        own: dict[str, str] = {}  # balanced block prefix -> the model's own block prefix
+        params, writers = set(), set()
+        for container, layout in zip(family.containers(model), layouts):
+            # the stream entering the segment: the capture before its first block in the stream group, if any
+            stream = next((g.captures for g in balanced.groups if f"{container}.0" in g.captures), ())
+            at = stream.index(f"{container}.0") if stream else 0
+            entering = stream[at - 1] if at > 0 else None
+            for p, choice in enumerate(layout):
+                prefix = f"{container}.{p}"
+                if choice is not None:
+                    own[prefix] = entering = f"{container}.{choice}"
+                    continue
+                if entering is None:
+                    return None  # nothing observes the stream entering this block: no closed form
+                inserted[prefix] = entering  # an inserted block's output is its input
+                block = _identity_block(family, model, container, None)
+                zeroed = {id(t) for t in family.identity_writers(block)}
+                for name, tensor in block.state_dict(keep_vars=True).items():
+                    params.add(f"{prefix}.{name}")
+                    if id(tensor) in zeroed:
+                        writers.add(f"{prefix}.{name}")
+
+        def block_of(key: str) -> str | None:
+            return next(
+                (b for b in (*inserted, *own) if key == b or key.startswith((f"{b}.", f"{b}:", f"{b}["))), None
+            )
+
+        def before_balancing(capture: str) -> str:
+            block = block_of(capture)
+            if block is None:
+                return capture
+            return inserted[block] if block in inserted else own[block] + capture[len(block) :]
+
+        groups, captures = set(), {}
+        for group in balanced.groups:
+            if all(block_of(axis.param) in inserted for axis in group.axes):
+                groups.add(group.name)  # inside an inserted block: no statistics, no plan
+                continue
+            captures.update({c: before_balancing(c) for c in group.captures})
+        for point in balanced.repair_points:  # those inside inserted blocks have no counterpart: not mapped
+            if block_of(point.capture) not in inserted:
+                captures[point.capture] = before_balancing(point.capture)
+        return UnmatchedBlocks(frozenset(groups), frozenset(params), frozenset(writers), captures)
 
     def merge_layers(self, model, keep, preactivations, relu_approx):
         """Experimental depth reduction: drop the blocks that cross-layer alignment left unmatched (not exact)."""
