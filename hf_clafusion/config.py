@@ -269,6 +269,15 @@ class FusionConfig(_DictMixin):
             "every position (see docs/transformers.md for the effect on the result)."
         },
     )
+    transport_threads: int | None = field(
+        default=None,
+        metadata={
+            "help": "Transport plans solved at once (with activation or correlation costs, whose plans are "
+            "independent); None = torch.get_num_threads() where a group has at least 2048 x 2048 neuron pairs, "
+            "else 1. Each running EMD holds about 4 n_B x n_A float64 values besides its cost: 1 uses the least "
+            "memory, more finish wide layers sooner (docs/transformers.md)."
+        },
+    )
     reset_bn_stats: bool | None = field(
         default=None,
         metadata={"help": "Deprecated alias of `repair`: True -> `repair='bn'`, False -> `repair=None`."},
@@ -333,6 +342,8 @@ class FusionConfig(_DictMixin):
             _check_int("repair_samples", self.repair_samples, 1)
         if self.positions_per_sample is not None:
             _check_int("positions_per_sample", self.positions_per_sample, 1)
+        if self.transport_threads is not None:
+            _check_int("transport_threads", self.transport_threads, 1)
         if isinstance(self.anchor, bool) or not (
             self.anchor in typing.get_args(Anchor) or (isinstance(self.anchor, int) and self.anchor >= 0)
         ):

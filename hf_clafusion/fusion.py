@@ -688,7 +688,13 @@ def transport_to_anchor(
             # assignment release the GIL); weight costs read the tensors earlier plans moved, so they run in order.
             independent = run.config.ground_metric in ("activations", "correlation")
             solve = functools.partial(_group_plan, run, k, groups_b, groups_a, statistics, work, anchor_state)
-            solved = _in_order(solve, jobs, _transport_workers(len(jobs)) if independent else 1)
+            solved = _in_order(
+                solve,
+                jobs,
+                _transport_workers(run.config, [groups_b[g].width * groups_a[g].width for g in jobs])
+                if independent
+                else 1,
+            )
             for g, (plan, solver, heads) in zip(
                 jobs, _bar(solved, f"transport model {k}", run.config, unit="group", total=len(jobs))
             ):
@@ -739,9 +745,19 @@ def _group_plan(
     return solution.plan, solution.solver, heads
 
 
-def _transport_workers(jobs: int) -> int:
-    """Threads that solve independent transport plans at once: one per core torch may use, at most one per job."""
-    return max(1, min(torch.get_num_threads(), jobs))
+#: With ``transport_threads=None``, plans are solved on several threads only when some group has at least this
+#: many ``n_B x n_A`` neuron pairs: below it an exact solve takes well under a second, and a second solver running
+#: at once would only add its working set to the peak memory (measured: ``docs/transformers.md``).
+CONCURRENT_TRANSPORT_PAIRS = 2048 * 2048
+
+
+def _transport_workers(config: FusionConfig, sizes: Sequence[int]) -> int:
+    """Threads that solve independent transport plans at once, for groups of ``sizes`` neuron pairs:
+    ``config.transport_threads``, or one per thread torch may use where a group is wide
+    (:data:`CONCURRENT_TRANSPORT_PAIRS`), else one; at most one per group."""
+    wide = max(sizes, default=0) >= CONCURRENT_TRANSPORT_PAIRS
+    threads = config.transport_threads or (torch.get_num_threads() if wide else 1)
+    return max(1, min(threads, len(sizes)))
 
 
 def _in_order(function: Callable[[Any], Any], items: Sequence[Any], workers: int) -> Iterator[Any]:

@@ -290,11 +290,13 @@ def test_positions_per_sample_covering_every_position_changes_nothing_and_fewer_
     assert any(not torch.equal(every[k], fewer[k]) for k in every)  # the statistics did see fewer positions
 
 
-def test_positions_per_sample_must_be_a_positive_integer():
+def test_positions_per_sample_and_transport_threads_must_be_positive_integers():
     from hf_clafusion import ConfigError, FusionConfig
 
     with pytest.raises(ConfigError, match="positions_per_sample"):
         FusionConfig(positions_per_sample=0)
+    with pytest.raises(ConfigError, match="transport_threads"):
+        FusionConfig(transport_threads=0)
 
 
 def test_plans_solved_on_several_threads_equal_the_plans_solved_in_order(monkeypatch):
@@ -304,8 +306,7 @@ def test_plans_solved_on_several_threads_equal_the_plans_solved_in_order(monkeyp
 
     deep, shallow = make("bert", 3, seed=0), make("bert", 2, seed=1)
     batch = inputs("bert")
-    monkeypatch.setattr(fusion, "_transport_workers", lambda jobs: 1)
-    in_order = fuse([deep, shallow], batch, EXACT)
+    in_order = fuse([deep, shallow], batch, EXACT, transport_threads=1)
     threads: set[str] = set()
     solve = fusion._group_plan
 
@@ -313,9 +314,8 @@ def test_plans_solved_on_several_threads_equal_the_plans_solved_in_order(monkeyp
         threads.add(threading.current_thread().name)
         return solve(*args)
 
-    monkeypatch.setattr(fusion, "_transport_workers", lambda jobs: 3)
     monkeypatch.setattr(fusion, "_group_plan", recording)
-    threaded = fuse([deep, shallow], batch, EXACT)
+    threaded = fuse([deep, shallow], batch, EXACT, transport_threads=3)
     assert len(threads) > 1 and all(name.startswith("hf_clafusion") for name in threads)
     assert in_order.transport_plans.keys() == threaded.transport_plans.keys()
     for k, plans in in_order.transport_plans.items():
@@ -350,3 +350,16 @@ def test_in_order_yields_results_in_order_keeps_a_bounded_lookahead_and_raises_w
     with pytest.raises(ValueError, match="item 7"):
         next(results)
     assert list(_in_order(lambda x: -x, [1, 2, 3], workers=1)) == [-1, -2, -3]
+
+
+def test_plans_run_on_several_threads_by_default_only_where_a_group_is_wide(monkeypatch):
+    from hf_clafusion import FusionConfig
+    from hf_clafusion.fusion import CONCURRENT_TRANSPORT_PAIRS, _transport_workers
+
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 4)
+    narrow, wide = [768 * 768, 1536 * 1536], [768 * 768, CONCURRENT_TRANSPORT_PAIRS]
+    assert _transport_workers(FusionConfig(), narrow) == 1  # fast solves: a second one would only add memory
+    assert _transport_workers(FusionConfig(), wide) == 2  # one per group at most
+    assert _transport_workers(FusionConfig(), wide * 3) == 4  # one per torch thread
+    assert _transport_workers(FusionConfig(transport_threads=3), narrow * 5) == 3
+    assert _transport_workers(FusionConfig(transport_threads=1), wide * 5) == 1
