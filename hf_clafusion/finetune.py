@@ -125,12 +125,15 @@ def _optimizer(model: nn.Module, config: FinetuneConfig) -> torch.optim.Optimize
     raise ConfigError(f"Unknown optimizer {config.optimizer!r}. Choose one of: 'sgd', 'adam', 'adamw'.")
 
 
-def _scheduler(optimizer, config: FinetuneConfig, steps_per_epoch: int):
+def _scheduler(optimizer, config: FinetuneConfig, steps_per_epoch: int, num_processes: int = 1):
+    """The learning-rate schedule, counted in scheduler steps: Accelerate steps a prepared scheduler once per
+    process for every optimiser step, so ``steps_per_epoch`` is the global number of batches per epoch (over the
+    accumulation steps) and ``max_steps`` optimiser steps are ``max_steps * num_processes`` scheduler steps."""
     if config.scheduler == "multistep":
         milestones = [m * steps_per_epoch for m in config.milestones]
         return torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=milestones, gamma=config.gamma)
     if config.scheduler == "cosine":
-        total = config.max_steps or config.epochs * steps_per_epoch
+        total = config.max_steps * num_processes if config.max_steps else config.epochs * steps_per_epoch
         return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(total, 1))
     return None
 
@@ -188,7 +191,7 @@ def _setup(
             check_labels(torch.tensor([0, data.max_label]), num_classes, what)
     optimizer = _optimizer(model, config)
     steps_per_epoch = math.ceil(len(train_loader) / config.gradient_accumulation_steps)
-    scheduler = _scheduler(optimizer, config, steps_per_epoch)
+    scheduler = _scheduler(optimizer, config, steps_per_epoch, accelerator.num_processes)
     prepared = accelerator.prepare(model, optimizer, train_loader, *([scheduler] if scheduler else []))
     model, optimizer, train_loader = prepared[:3]
     if eval_loader is not None:

@@ -228,3 +228,14 @@ def test_the_documented_accelerate_configs_parse_into_their_distributed_type(nam
     config = load_config_from_file(str(path))
     assert config.distributed_type.name == kind
     assert config.num_processes == config.num_machines * 8
+
+
+def test_the_cosine_horizon_counts_scheduler_steps_of_every_process():
+    """Accelerate steps a prepared scheduler once per process per optimiser step: max_steps optimiser steps on
+    N processes are N * max_steps scheduler steps; epochs are counted in global batches already."""
+    from hf_clafusion.finetune import _scheduler
+
+    optimizer = torch.optim.SGD(torch.nn.Linear(2, 2).parameters(), lr=0.1)
+    assert _scheduler(optimizer, FinetuneConfig(max_steps=5), 7, num_processes=2).T_max == 10
+    assert _scheduler(optimizer, FinetuneConfig(epochs=3), 7, num_processes=2).T_max == 21
+    assert _scheduler(optimizer, FinetuneConfig(scheduler="none"), 7) is None
