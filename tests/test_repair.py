@@ -284,7 +284,10 @@ def test_after_repair_every_point_has_its_target_and_identity_blocks_take_the_re
 
     x = images(64)
     deep, shallow = resnet([3, 1, 1, 1], seed=0), resnet([1, 1, 1, 1], seed=1)
-    result = fuse([deep, shallow], x, progress=False, repair="repair", num_samples=64, batch_size=64)
+    # the explicit route (identity blocks inserted and transported); the closed form is tested below
+    result = fuse(
+        [deep, shallow], x, progress=False, repair="repair", num_samples=64, batch_size=64, unmatched="identity"
+    )
     adapter = get_adapter(deep)
     balanced, _ = adapter.insert_identity(adapter.prepare(shallow), [[0, None, None], [0], [0], [0]], deep)
     parents = [adapter.prepare(deep), balanced]
@@ -299,6 +302,45 @@ def test_after_repair_every_point_has_its_target_and_identity_blocks_take_the_re
     index = [p.capture for p in points[0]].index("layer1.2.bn2")
     assert float(stats[1][index].std.max()) == 0.0
     torch.testing.assert_close(targets[index][1], stats[0][index].std)
+
+
+@pytest.mark.parametrize("unmatched", ["transplant", "average"])
+def test_repair_of_a_closed_form_resnet_fusion_gives_unmatched_blocks_the_anchors_statistics(unmatched):
+    """Closed form (timm ResNet): at repair points inside blocks only the anchor has, the repaired fused model has
+    the anchor's statistics; everywhere else it has the targets of both parents, the shallow one measured at its
+    own depth and carried by the transport plans."""
+    pytest.importorskip("timm")
+    from hf_clafusion import core
+    from hf_clafusion.repair import measure
+
+    from .test_timm import images, resnet
+
+    x = images(64)
+    deep, shallow = resnet([3, 1, 1, 1], seed=0), resnet([1, 1, 1, 1], seed=1)
+    config = dict(progress=False, num_samples=64, batch_size=64, unmatched=unmatched)
+    result = fuse([deep, shallow], x, repair="repair", **config)
+    assert result.config.repair == "repair" and "layer1.1.conv1" not in result.transport_plans[1]
+    adapter = get_adapter(deep)
+    anchor, own = adapter.prepare(deep), adapter.prepare(shallow)
+    points = adapter.spec(anchor).repair_points
+    inside = [p for p in points if p.capture.startswith(("layer1.1.", "layer1.2."))]
+    assert len(inside) == 4  # bn1 and bn2 of each of the two unmatched blocks
+    targets = measure(anchor, [p.capture for p in inside], [x], adapter)
+    after = measure(result.model, [p.capture for p in inside], [x], adapter)
+    for point, a, t in zip(inside, after, targets):
+        torch.testing.assert_close(a.mean, t.mean, rtol=1e-3, atol=1e-4, msg=point.capture)
+        torch.testing.assert_close(a.std, t.std, rtol=1e-3, atol=1e-4, msg=point.capture)
+    outside = [p for p in points if p not in inside]
+    mine = [p.capture for p in outside]  # the shallow parent has the same names outside layer1.1 and layer1.2
+    anchor_stats = measure(anchor, mine, [x], adapter)
+    shallow_stats = measure(own, mine, [x], adapter)
+    after = measure(result.model, mine, [x], adapter)
+    for point, a, s_a, s_b in zip(outside, after, anchor_stats, shallow_stats):
+        r_map = core.plan_maps(result.transport_plans[1][point.group].double(), result.config.plan_normalization)[0]
+        carried = [core.carry_statistics(v, r_map) for v in (s_b.mean, s_b.std)]
+        mean, std = core.repair_targets([s_a.mean, carried[0]], [s_a.std, carried[1]], [0.5, 0.5])
+        torch.testing.assert_close(a.mean.double(), mean.double(), rtol=1e-3, atol=1e-4, msg=point.capture)
+        torch.testing.assert_close(a.std.double(), std.double(), rtol=1e-3, atol=1e-4, msg=point.capture)
 
 
 # --------------------------------------------------------------------------------------------- transformers
