@@ -517,10 +517,8 @@ def test_closed_form_resnet_blocks_equal_the_explicit_identity_route_in_a_shared
         assert torch.allclose(a[key].float(), b[key].float(), atol=1e-6), key
 
 
-def test_vgg_has_no_closed_form_and_fuses_through_explicit_identity_layers():
-    from hf_clafusion.adapters.timm import _vgg_rebuild  # noqa: F401  (VGG is rebuilt, not balanced per block)
-
-    adapter = TimmAdapter()
+def test_vgg_has_no_closed_form_of_unmatched_blocks():
+    adapter = TimmAdapter()  # VGGs are rebuilt at the new depth, not balanced block by block
     model = adapter.prepare(timm.create_model("vgg11", pretrained=False, num_classes=3, in_chans=1))
     layouts = [list(range(d)) for d in depth(model)]
     assert adapter.unmatched_blocks(model, layouts, adapter.spec(model)) is None
