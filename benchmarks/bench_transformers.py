@@ -191,15 +191,15 @@ def worker(
         extra["positions_per_sample"] = positions
     config = FusionConfig(progress=False, num_samples=sequences, batch_size=batch_size, solver=solver, **extra)
 
-    # the floor is a float32 forward pass (the fusion runs in float32); parents loaded from bf16 folders are
-    # measured on float32 copies, freed before the fusion: a bf16 forward on a CPU without bf16 units is many
-    # times slower and would flatter the ratio
-    timed = [m.float() if next(m.parameters()).dtype != torch.float32 else m for m in (deep, shallow)]
+    # the floor is a float32 forward pass (the fusion runs in float32): parents loaded from bf16 folders are
+    # converted in place (they are freed before the fusion, which loads the folders itself); a bf16 forward on a
+    # CPU without bf16 units is many times slower and would flatter the ratio
+    deep, shallow = deep.float(), shallow.float()
 
     def floor() -> float:
         start = time.perf_counter()
         with torch.no_grad():
-            for model in timed:
+            for model in (deep, shallow):
                 for begin in range(0, sequences, batch_size):
                     model(**{k: v[begin : begin + batch_size] for k, v in data.items()})
         return time.perf_counter() - start
@@ -209,7 +209,7 @@ def worker(
     if folders is not None:  # the fusion loads its parents from the folders itself: measure from here
         import gc
 
-        del deep, shallow, timed
+        del deep, shallow
         gc.collect()
     _reset_peak()
     baseline = _peak_mib()

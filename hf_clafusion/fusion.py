@@ -436,43 +436,35 @@ def balance_depths(
         AlignmentError: the balanced models' segment depths or group counts differ (a bug).
     """
     with clock("balancing"):
-        layouts: dict[int, list[list[int | None]]] = {}
+        unmatched: dict[int, UnmatchedBlocks] = {}
         if run.config.balancing == "identity":
-            models, identity_errors, layouts = balance_identity(run, alignment)
+            models, identity_errors, unmatched = balance_identity(run, alignment)
         else:
             models, identity_errors = balance_merge(run, alignment, activations), {}
         models = tuple(m.to(run.device).eval() for m in models)
         specs = tuple(run.adapter.spec(m) for m in models)
         _check_balanced(specs, run.anchor)
-        unmatched = {k: _closed_form(run, k, layout, specs[k]) for k, layout in layouts.items()}
     return Balanced(models=models, specs=specs, identity_errors=identity_errors, unmatched=unmatched)
-
-
-def _closed_form(run: Prepared, k: int, layouts: list[list[int | None]], spec: NetworkSpec) -> UnmatchedBlocks:
-    blocks = run.adapter.unmatched_blocks(run.models[k], layouts, spec)
-    if blocks is None:  # balance_identity only hands out layouts the adapter can take in closed form
-        raise AlignmentError(f"Adapter {run.adapter.name!r} has no closed form for unmatched blocks; this is a bug.")
-    return blocks
 
 
 def balance_identity(
     run: Prepared, alignment: Alignment
-) -> tuple[list[nn.Module], dict[str, float], dict[int, list[list[int | None]]]]:
+) -> tuple[list[nn.Module], dict[str, float], dict[int, UnmatchedBlocks]]:
     """Insert identity layers into every model shallower than a segment's reference, where alignment leaves gaps.
 
     Where the closed form of ``fusion_math.md`` §6.4 applies (``config.unmatched`` is ``"average"`` or
     ``"transplant"``, the model is not the anchor, the anchor is the template of the inserted blocks and the
-    adapter has :meth:`~hf_clafusion.adapters.Adapter.unmatched_blocks`), the inserted blocks are placeholders
+    adapter gives :meth:`~hf_clafusion.adapters.Adapter.unmatched_blocks` for the layout), the inserted blocks are placeholders
     that later stages skip: nothing is fitted for them and no statistics are collected through them.
 
     Returns:
         The balanced models (the prepared model itself where nothing is inserted), the relative error of every
-        approximate identity block, keyed ``"model <k>, <segment>.<position>"``, and the layouts of the models
-        balanced for the closed form (model index -> per segment, the own layer at each position or ``None``).
+        approximate identity block, keyed ``"model <k>, <segment>.<position>"``, and the inserted blocks of the
+        models balanced for the closed form (model index -> :class:`~hf_clafusion.adapters.base.UnmatchedBlocks`).
     """
     balanced = list(run.models)
     identity_errors: dict[str, float] = {}
-    closed: dict[int, list[list[int | None]]] = {}
+    closed: dict[int, UnmatchedBlocks] = {}
     for k in range(len(run.models)):
         layouts = []
         for s, seg in enumerate(run.segments):
@@ -488,8 +480,9 @@ def balance_identity(
             t = _template_for(run.segments, k)
             if _has_closed_form(run, k, t):
                 candidate, _ = run.adapter.insert_identity(run.models[k], layouts, run.models[t], fit=False)
-                if run.adapter.unmatched_blocks(run.models[k], layouts, run.adapter.spec(candidate)) is not None:
-                    balanced[k], closed[k] = candidate, layouts
+                blocks = run.adapter.unmatched_blocks(run.models[k], layouts, run.adapter.spec(candidate))
+                if blocks is not None:
+                    balanced[k], closed[k] = candidate, blocks
                     continue
             balanced[k], errors = run.adapter.insert_identity(
                 run.models[k], layouts, run.models[t], batches=run.batches

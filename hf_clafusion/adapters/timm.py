@@ -919,6 +919,10 @@ class TimmAdapter(Adapter):
             stream = next((g.captures for g in balanced.groups if f"{container}.0" in g.captures), ())
             at = stream.index(f"{container}.0") if stream else 0
             entering = stream[at - 1] if at > 0 else None
+            if None in layout:  # the names of an identity block's tensors, and which of them it zeroes
+                block = family.reference_block(model, container)
+                zeroed = {id(t) for t in family.identity_writers(block)}
+                keys = {name: id(t) in zeroed for name, t in block.state_dict(keep_vars=True).items()}
             for p, choice in enumerate(layout):
                 prefix = f"{container}.{p}"
                 if choice is not None:
@@ -927,12 +931,8 @@ class TimmAdapter(Adapter):
                 if entering is None:
                     return None  # nothing observes the stream entering this block: no closed form
                 inserted[prefix] = entering  # an inserted block's output is its input
-                block = _identity_block(family, model, container, None)
-                zeroed = {id(t) for t in family.identity_writers(block)}
-                for name, tensor in block.state_dict(keep_vars=True).items():
-                    params.add(f"{prefix}.{name}")
-                    if id(tensor) in zeroed:
-                        writers.add(f"{prefix}.{name}")
+                params.update(f"{prefix}.{name}" for name in keys)
+                writers.update(f"{prefix}.{name}" for name, zero in keys.items() if zero)
 
         def block_of(key: str) -> str | None:
             return next(
