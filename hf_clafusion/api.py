@@ -12,7 +12,7 @@ from torch import nn
 from .adapters import find_loader
 from .config import FusionConfig
 from .errors import ClaFusionError
-from .fusion import fuse
+from .fusion import _fuse, _resolve_config
 from .hub import download_snapshot, folder_license, load_pretrained
 from .result import FusionResult
 
@@ -73,8 +73,12 @@ def fuse_pretrained(
         ```
     """
     resolved = [resolve_parent(item) for item in models_or_paths]
-    result = fuse([model for model, _ in resolved], data, config, processor=processor, **overrides)
-    for parent, (_, meta) in zip(result.parents, resolved):
+    metas = [meta for _, meta in resolved]
+    parents = [model for model, _ in resolved]
+    del resolved
+    # the list is handed over: a parent loaded here is freed once prepared, not held beside its float32 copy
+    result = _fuse(parents, data, _resolve_config(config, overrides), processor, release=True)
+    for parent, meta in zip(result.parents, metas):
         parent.update(meta)
     return result
 

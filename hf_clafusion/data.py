@@ -84,6 +84,14 @@ def take_rows(batch: Any, index: torch.Tensor | slice) -> Any:
     return {k: v[index] if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
 
 
+def densest_row(batch: Any) -> int:
+    """The row of a batch with the most attended positions (the largest ``attention_mask`` sum); 0 without a mask."""
+    mask = batch.get("attention_mask") if isinstance(batch, dict) else None
+    if not isinstance(mask, torch.Tensor) or mask.ndim < 2:
+        return 0
+    return int(mask.flatten(1).sum(1).argmax())
+
+
 def concat(parts: Sequence[Any]) -> Any:
     """Concatenate batches (tensors, or dicts of tensors with the same keys) along the first dimension."""
     if isinstance(parts[0], torch.Tensor):

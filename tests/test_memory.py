@@ -160,6 +160,88 @@ def test_a_folder_loaded_bf16_pair_fuses_to_the_weights_of_the_in_memory_pair(tm
     assert all(torch.equal(v, loaded[k]) for k, v in in_memory.items())
 
 
+def test_fuse_pretrained_frees_the_bf16_parents_it_loaded_once_their_float32_copies_exist(tmp_path, monkeypatch):
+    import gc
+    import weakref
+
+    import hf_clafusion.api as api
+    import hf_clafusion.fusion as fusion
+
+    for name, layers, seed in (("deep", 3, 0), ("shallow", 2, 1)):
+        llama(layers, seed).to(torch.bfloat16).save_pretrained(tmp_path / name)
+    loaded, alive = [], []
+
+    def load(folder, **kwargs):
+        model = api_load(folder, **kwargs)
+        loaded.append(weakref.ref(model))
+        return model
+
+    def layer_activations(run, **kwargs):  # the first stage after prepare
+        gc.collect()
+        alive.append([ref() is not None for ref in loaded])
+        return collect(run, **kwargs)
+
+    api_load, collect = api.load_pretrained, fusion.collect_layer_activations
+    monkeypatch.setattr(api, "load_pretrained", load)
+    monkeypatch.setattr(fusion, "collect_layer_activations", layer_activations)
+    user_model = llama(2, 2).to(torch.bfloat16)  # a parent passed as an object stays the caller's
+    result = fuse_pretrained([tmp_path / "deep", tmp_path / "shallow"], batch(), CONFIG)
+    assert alive == [[False, False]] and len(loaded) == 2
+    assert result.model.config.dtype == torch.bfloat16  # still saved in the parents' dtype
+    fuse_pretrained([tmp_path / "deep", user_model], batch(), CONFIG)
+    assert {p.dtype for p in user_model.parameters()} == {torch.bfloat16}
+    assert alive[1] == [False, False, False]
+
+
+def test_the_statistics_pass_runs_in_chunks_of_rows_when_a_batch_s_kept_captures_exceed_the_budget(monkeypatch):
+    import hf_clafusion.fusion as fusion
+
+    models, data = [bert(3, 0), bert(2, 1)], batch()  # 2 batches of 8 rows
+    rows = []
+    stream = fusion._stream_statistics
+
+    def spy(run, runner, rename, pairs, statistics, part, order):
+        rows.append(part["input_ids"].shape[0])
+        return stream(run, runner, rename, pairs, statistics, part, order)
+
+    monkeypatch.setattr(fusion, "_stream_statistics", spy)
+    whole = fuse(models, data, CONFIG)
+    assert rows == [8, 8]  # tiny captures fit: whole batches, as before
+    rows.clear()
+    monkeypatch.setattr(fusion, "_statistics_chunk_rows", lambda *args: 3)
+    chunked = fuse(models, data, CONFIG)
+    assert rows == [3, 3, 2, 3, 3, 2]
+    for name, plan in whole.transport_plans[1].items():
+        assert torch.equal(plan, chunked.transport_plans[1][name]), name
+    expected = whole.model.state_dict()
+    for name, tensor in chunked.model.state_dict().items():
+        torch.testing.assert_close(tensor, expected[name], rtol=1e-5, atol=1e-6)
+
+
+def test_the_statistics_chunk_is_the_budget_over_the_kept_captures_of_the_densest_row(monkeypatch):
+    import hf_clafusion.fusion as fusion
+
+    models, data = [bert(3, 0), bert(2, 1)], batch()
+    data = {key: value.repeat(1, 8) for key, value in data.items()}  # 96 tokens: captures outweigh the weights
+    clock = Stopwatch()
+    run = prepare(models, data, CONFIG, clock=clock)
+    model = run.models[1]
+    captures = list(dict.fromkeys(c for g in run.specs[1].groups for c in g.captures))
+    with torch.no_grad():
+        with capture_outputs(model, captures) as out:
+            model(**{k: v[4:5] for k, v in run.batches[0].items()})  # rows 0-3 are a third padding
+        per_row = sum(run.adapter.features(out[c], None).numel() * 4 for c in captures)
+    monkeypatch.setattr(fusion, "STATISTICS_CAPTURE_BYTES", 3 * per_row)  # above half the tiny parents' bytes
+    assert 3 * per_row > sum(4 * p.numel() for m in run.models for p in m.parameters()) // 2
+    with torch.no_grad():
+        chunk = fusion._statistics_chunk_rows(run, model, captures, 1)
+        assert chunk == 3  # 3 rows fit: 8 rows run as 3 + 3 + 2 (measured on a row without padding)
+        monkeypatch.setattr(fusion, "STATISTICS_CAPTURE_BYTES", 5 * per_row)
+        assert fusion._statistics_chunk_rows(run, model, captures, 1) == 4  # 5 fit: 4 + 4, not 5 + 3
+        monkeypatch.setattr(fusion, "STATISTICS_CAPTURE_BYTES", 8 * per_row)
+        assert fusion._statistics_chunk_rows(run, model, captures, 1) is None  # a whole batch fits
+
+
 def test_activation_distances_computed_block_by_block_equal_the_whole_matrix_formula():
     g = torch.Generator().manual_seed(0)
     x = 3 * torch.randn(300, 700, generator=g) + 1  # 700 columns: blocks of 374 rows, the last one partial

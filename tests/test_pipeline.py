@@ -124,3 +124,31 @@ def test_the_auto_repair_trial_is_timed_even_when_it_keeps_no_repair():
     assert result.timings["repair"] > 0.0 and "bn_reset" not in result.timings
     unrepaired = fuse([deep, shallow], torch.randn(48, 8), progress=False, batch_size=48, repair=None)
     assert "repair" not in unrepaired.timings and "bn_reset" not in unrepaired.timings
+
+
+def _pointers(model):
+    return {t.untyped_storage().data_ptr() for t in model.state_dict().values()}
+
+
+@pytest.mark.parametrize("repair", [None, "bn", "repair"])
+@pytest.mark.parametrize(
+    "build",
+    [
+        lambda: (mlp(8, [16, 14, 12, 16], 3, seed=1), mlp(8, [12, 10], 3, seed=2), torch.randn(64, 8)),
+        lambda: (cnn([8, 8, "M", 16, 16], seed=1), cnn([8, "M", 16], seed=2), torch.randn(64, 1, 8, 8)),
+    ],
+    ids=["mlp", "cnn-bn"],
+)
+def test_fuse_never_writes_into_sequential_parents_and_shares_no_storage_with_them(build, repair):
+    deep, shallow, data = build()
+    if repair == "bn" and not any(isinstance(m, torch.nn.BatchNorm2d) for m in deep):
+        repair = "auto"
+    deep.eval(), shallow.train()  # a parent's mode is its own: fusing runs copies in eval mode
+    before = [{k: v.clone() for k, v in m.state_dict().items()} for m in (deep, shallow)]
+    fused = fuse([deep, shallow], data, FusionConfig(repair=repair, progress=False)).model
+    for model, saved in zip((deep, shallow), before):
+        assert all(torch.equal(v, saved[k]) for k, v in model.state_dict().items())
+    assert shallow.training and not deep.training
+    assert not _pointers(fused) & (_pointers(deep) | _pointers(shallow))
+    prepared = get_adapter(deep).prepare(deep)
+    assert _pointers(prepared) == _pointers(deep)  # a float32 parent's weights are not copied

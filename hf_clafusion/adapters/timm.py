@@ -51,7 +51,7 @@ from ..errors import (
     UnsupportedArchitectureError,
 )
 from ..spec import AxisRef, Group, LayerSpec, NetworkSpec, RepairPoint, SegmentSpec
-from .base import Adapter, UnmatchedBlocks, register_adapter
+from .base import Adapter, UnmatchedBlocks, copy_sharing_storage, register_adapter
 from .files import check_weight_files
 
 
@@ -562,7 +562,7 @@ def _vgg_rebuild(model: nn.Module, layouts: Sequence[Sequence[int | None]]) -> n
         for choice in layout:
             if choice is not None:
                 conv, norm, act = chunk[choice]
-                new_layers += [copy.deepcopy(layers[i]) for i in (conv, norm, act) if i is not None]
+                new_layers += [copy_sharing_storage(layers[i]) for i in (conv, norm, act) if i is not None]
                 continue
             conv = nn.Conv2d(width, width, 3, padding=1)
             with torch.no_grad():
@@ -574,8 +574,8 @@ def _vgg_rebuild(model: nn.Module, layouts: Sequence[Sequence[int | None]]) -> n
                 norm.load_state_dict(identity_batchnorm(width, norm.eps))
                 new_layers.append(norm)
             new_layers.append(nn.ReLU(inplace=True))
-        new_layers.append(copy.deepcopy(layers[pools[s]]))
-    new = copy.deepcopy(model)
+        new_layers.append(copy_sharing_storage(layers[pools[s]]))
+    new = copy_sharing_storage(model)
     new.features = nn.Sequential(*new_layers)
     name = _vgg_name(new)
     if isinstance(getattr(new, "pretrained_cfg", None), dict) and new.pretrained_cfg.get("architecture"):
@@ -727,8 +727,9 @@ def _identity_block(family: Family, model: nn.Module, container: str, candidate:
 
 def _with_blocks(family: Family, model: nn.Module, blocks: Sequence[Sequence[nn.Module]]) -> nn.Module:
     """A copy of ``model`` whose segment ``s`` holds ``blocks[s]``, with the new depths recorded where timm
-    rebuilds the architecture from (``_model_args``) and in ``feature_info``."""
-    new = copy.deepcopy(model)
+    rebuilds the architecture from (``_model_args``) and in ``feature_info``. Shares the tensors of every
+    module it keeps with ``model``."""
+    new = copy_sharing_storage(model)
     for name, segment in zip(family.containers(model), blocks):
         _replace(new, name, nn.Sequential(*segment))
     depths = [len(segment) for segment in blocks]
@@ -798,7 +799,8 @@ class TimmAdapter(Adapter):
         return type(model).__module__.startswith("timm.")
 
     def prepare(self, model: nn.Module) -> nn.Module:
-        out = copy.deepcopy(model).eval()
+        # no weights are copied: the pipeline replaces a prepared model's tensors, never writes into them
+        out = copy_sharing_storage(model).eval()
         self.spec(out)  # refuse unsupported models and layers early
         return out
 
@@ -895,7 +897,7 @@ class TimmAdapter(Adapter):
             template_blocks = list(template.get_submodule(t_names[s]))
             blocks.append(
                 [
-                    copy.deepcopy(own[choice])
+                    copy_sharing_storage(own[choice])
                     if choice is not None
                     else _identity_block(family, model, name, template_blocks[p] if p < len(template_blocks) else None)
                     for p, choice in enumerate(layout)
@@ -975,7 +977,7 @@ class TimmAdapter(Adapter):
                     "first_fixed >= 1 (the default)."
                 )
             own = list(model.get_submodule(name))
-            blocks.append([copy.deepcopy(own[i]) for i in kept])
+            blocks.append([copy_sharing_storage(own[i]) for i in kept])
         return _with_blocks(family, model, blocks)
 
     # -- saving and loading in timm's own format

@@ -32,7 +32,7 @@ from ..core import (
 )
 from ..errors import AlignmentError, DataError, SaveError, UnsupportedArchitectureError
 from ..spec import AxisRef, Group, LayerSpec, NetworkSpec, RepairPoint, SegmentSpec
-from .base import Adapter, register_adapter
+from .base import Adapter, copy_sharing_storage, register_adapter
 from .files import check_safetensors
 
 
@@ -230,7 +230,8 @@ class SequentialAdapter(Adapter):
         return isinstance(model, nn.Sequential)
 
     def prepare(self, model: nn.Module) -> nn.Sequential:
-        layers = [copy.deepcopy(m) for m in _leaves(model)]
+        # no weights are copied: the pipeline replaces a prepared model's tensors, never writes into them
+        layers = [copy_sharing_storage(m) for m in _leaves(model)]
         _layout(layers)
         return nn.Sequential(*layers).eval()
 
