@@ -4,7 +4,8 @@ Run by hand (not a test), from the repository root, in the project's environment
 
     .venv/bin/python benchmarks/bench_quality.py                          # every pair, 3 seeds
     .venv/bin/python benchmarks/bench_quality.py --pairs mlp cnn --seeds 0  # part of it
-    .venv/bin/python benchmarks/bench_quality.py --output docs/quality.json
+    .venv/bin/python benchmarks/bench_quality.py --pairs minilm --seeds 1 --output minilm-1.json  # seed by seed
+    .venv/bin/python benchmarks/bench_quality.py --summarise minilm-0.json minilm-1.json minilm-2.json
 
 For each pair and seed the data are split into a parent-training part, a finetuning part that no parent saw and
 a test part (the official test set where there is one). Parents are trained on the first part (and cached under
@@ -449,8 +450,21 @@ def main() -> None:
     parser.add_argument("--methods", nargs="+", default=None, help="Subset of fusion methods (default: all).")
     parser.add_argument("--no-finetune", dest="finetune", action="store_false", help="One-shot columns only.")
     parser.add_argument("--cache", default=str(Path.home() / ".cache" / "hf_clafusion_bench"))
-    parser.add_argument("--output", default=None, help="Also write the raw results as JSON here.")
+    parser.add_argument("--output", default=None, help="Also write the raw results as JSON here (after every seed).")
+    parser.add_argument(
+        "--summarise",
+        nargs="+",
+        metavar="JSON",
+        help="Only print the tables of results written by --output (several files: their seeds are pooled per pair).",
+    )
     args = parser.parse_args()
+    if args.summarise:
+        pooled: dict[str, list] = {}
+        for file in args.summarise:
+            for name, per_seed in json.loads(Path(file).read_text()).items():
+                pooled.setdefault(name, []).extend(per_seed)
+        print("\n".join(summarise(name, per_seed) for name, per_seed in pooled.items()))
+        return
     torch.set_num_threads(max(1, torch.get_num_threads()))
     results: dict[str, list] = {}
     for name in args.pairs:
@@ -460,9 +474,9 @@ def main() -> None:
             print(f"{name}, seed {seed}")
             results[name].append(run_seed(name, seed, args))
             print(f"  done in {time.perf_counter() - start:.0f}s")
+            if args.output:  # after every seed: a long run stopped early keeps what it measured
+                Path(args.output).write_text(json.dumps(results, indent=1))
         print(summarise(name, results[name]), flush=True)
-        if args.output:
-            Path(args.output).write_text(json.dumps(results, indent=1))
     print("\n".join(summarise(name, per_seed) for name, per_seed in results.items()))
 
 

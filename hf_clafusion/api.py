@@ -12,7 +12,7 @@ from torch import nn
 from .adapters import find_loader
 from .config import FusionConfig
 from .errors import ClaFusionError
-from .fusion import _fuse, _resolve_config
+from .fusion import resolve_config, run_fusion
 from .hub import download_snapshot, folder_license, load_pretrained
 from .result import FusionResult
 
@@ -77,7 +77,7 @@ def fuse_pretrained(
     parents = [model for model, _ in resolved]
     del resolved
     # the list is handed over: a parent loaded here is freed once prepared, not held beside its float32 copy
-    result = _fuse(parents, data, _resolve_config(config, overrides), processor, release=True)
+    result = run_fusion(parents, data, resolve_config(config, overrides), processor, release=True)
     for parent, meta in zip(result.parents, metas):
         parent.update(meta)
     return result

@@ -119,10 +119,10 @@ def fuse(
         Nguyen et al., "On Cross-Layer Alignment for Model Fusion of Heterogeneous Neural Networks",
         ICASSP 2023 (arXiv 2110.15538); Singh & Jaggi, "Model Fusion via Optimal Transport", NeurIPS 2020.
     """
-    return _fuse(list(models), data, _resolve_config(config, overrides), processor)
+    return run_fusion(list(models), data, resolve_config(config, overrides), processor)
 
 
-def _fuse(
+def run_fusion(
     models: list[nn.Module], data: Any, config: FusionConfig, processor: Any, *, release: bool = False
 ) -> FusionResult:
     """:func:`fuse` on a list of parents; with ``release``, the caller hands the list over and :func:`prepare` drops
@@ -159,7 +159,7 @@ def align(
     Takes the same arguments as :func:`fuse`. Use it to preview which layers will be matched.
     """
     clock = Stopwatch()
-    run = prepare(models, data, _resolve_config(config, overrides), processor, clock=clock)
+    run = prepare(models, data, resolve_config(config, overrides), processor, clock=clock)
     activations = collect_layer_activations(run, clock=clock)
     alignment = align_segments(run, activations, clock=clock)
     return AlignmentPreview(pairs=alignment.pairs, timings=clock.timings, config=run.config)
@@ -1065,7 +1065,8 @@ def repair_statistics(
 # --------------------------------------------------------------------------------------------- internals
 
 
-def _resolve_config(config: FusionConfig | None, overrides: dict[str, Any]) -> FusionConfig:
+def resolve_config(config: FusionConfig | None, overrides: dict[str, Any]) -> FusionConfig:
+    """``config`` (``FusionConfig()`` when None) with ``overrides`` applied, as :func:`fuse` takes them."""
     if config is None:
         config = FusionConfig()
     if not isinstance(config, FusionConfig):
