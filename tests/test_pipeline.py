@@ -130,22 +130,32 @@ def _pointers(model):
     return {t.untyped_storage().data_ptr() for t in model.state_dict().values()}
 
 
-@pytest.mark.parametrize("repair", [None, "bn", "repair"])
+def _mlp_pair():
+    return mlp(8, [16, 14, 12, 16], 3, seed=1), mlp(8, [12, 10], 3, seed=2), torch.randn(64, 8)
+
+
+def _cnn_pair():
+    return cnn([8, 8, "M", 16, 16], seed=1), cnn([8, "M", 16], seed=2), torch.randn(64, 1, 8, 8)
+
+
 @pytest.mark.parametrize(
-    "build",
+    ("build", "overrides"),
     [
-        lambda: (mlp(8, [16, 14, 12, 16], 3, seed=1), mlp(8, [12, 10], 3, seed=2), torch.randn(64, 8)),
-        lambda: (cnn([8, 8, "M", 16, 16], seed=1), cnn([8, "M", 16], seed=2), torch.randn(64, 1, 8, 8)),
+        (_mlp_pair, {"repair": None}),
+        (_mlp_pair, {"repair": "repair"}),
+        (_mlp_pair, {"balancing": "merge"}),  # the deep parent's unmatched layers merged into their neighbours
+        (_cnn_pair, {"repair": None}),
+        (_cnn_pair, {"repair": "bn"}),
+        (_cnn_pair, {"repair": "repair"}),
     ],
-    ids=["mlp", "cnn-bn"],
+    ids=["mlp", "mlp-repair", "mlp-merge", "cnn-bn", "cnn-bn-recomputed", "cnn-bn-repair"],
 )
-def test_fuse_never_writes_into_sequential_parents_and_shares_no_storage_with_them(build, repair):
+def test_fuse_never_writes_into_sequential_parents_and_shares_no_storage_with_them(build, overrides):
     deep, shallow, data = build()
-    if repair == "bn" and not any(isinstance(m, torch.nn.BatchNorm2d) for m in deep):
-        repair = "auto"
-    deep.eval(), shallow.train()  # a parent's mode is its own: fusing runs copies in eval mode
+    deep.eval()
+    shallow.train()  # a parent's mode is its own: fusing runs copies in eval mode
     before = [{k: v.clone() for k, v in m.state_dict().items()} for m in (deep, shallow)]
-    fused = fuse([deep, shallow], data, FusionConfig(repair=repair, progress=False)).model
+    fused = fuse([deep, shallow], data, FusionConfig(progress=False, **overrides)).model
     for model, saved in zip((deep, shallow), before):
         assert all(torch.equal(v, saved[k]) for k, v in model.state_dict().items())
     assert shallow.training and not deep.training
