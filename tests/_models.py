@@ -69,6 +69,27 @@ def randomize_bn(model: nn.Module, seed: int = 0) -> None:
             m.bias.data.copy_(0.1 * torch.randn(n, generator=g))
 
 
+def storage_pointers(model: nn.Module) -> set[int]:
+    """The storages behind a model's parameters and buffers."""
+    return {t.untyped_storage().data_ptr() for t in model.state_dict().values()}
+
+
+def fuse_leaves_parents_alone(deep: nn.Module, shallow: nn.Module, fuse_pair) -> nn.Module:
+    """Fuse ``deep`` (in eval mode) and ``shallow`` (in train mode: a parent's mode is its own) with
+    ``fuse_pair(deep, shallow)``, and check that fusing wrote into neither parent, kept their modes, gave a fused
+    model on storage of its own, and that preparing the float32 ``deep`` copies none of its weights."""
+    deep.eval()
+    shallow.train()
+    before = [{k: v.clone() for k, v in m.state_dict().items()} for m in (deep, shallow)]
+    fused = fuse_pair(deep, shallow)
+    for model, saved in zip((deep, shallow), before):
+        assert all(torch.equal(v, saved[k]) for k, v in model.state_dict().items())
+    assert shallow.training and not deep.training
+    assert not storage_pointers(fused) & (storage_pointers(deep) | storage_pointers(shallow))
+    assert storage_pointers(get_adapter(deep).prepare(deep)) == storage_pointers(deep)
+    return fused
+
+
 def permutation_matrix(perm: torch.Tensor) -> torch.Tensor:
     """The ``(n, n)`` transport plan of a permutation: new neuron ``j`` is old neuron ``perm[j]``."""
     n = perm.numel()
