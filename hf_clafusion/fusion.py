@@ -28,6 +28,8 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import ctypes
+import ctypes.util
 import functools
 import itertools
 import time
@@ -65,7 +67,7 @@ from .errors import (
     InvalidWeightsError,
 )
 from .repair import RepairOutcome, repair_fused
-from .result import AlignmentPreview, FusionResult, PairAlignment, describe_parent
+from .result import AlignmentPreview, FusionResult, PairAlignment, TransportPlans, describe_parent
 from .spec import AxisRef, Group, NetworkSpec
 
 
@@ -134,6 +136,7 @@ def run_fusion(
     alignment = align_segments(run, activations, clock=clock)
     balanced = balance_depths(run, alignment, activations, clock=clock)
     del activations  # read by alignment and balancing only
+    return_freed_memory()
     statistics = collect_group_statistics(run, balanced, clock=clock)
     transported = transport_to_anchor(run, balanced, statistics, clock=clock)
     with clock("averaging"):
@@ -296,13 +299,14 @@ class Transported:
 
     Attributes:
         states: model index -> its aligned state dict (the anchor's own state dict for the anchor).
-        plans: non-anchor model index -> anchor group name -> its ``(n_model, n_anchor)`` float plan on CPU.
+        plans: non-anchor model index -> anchor group name -> its ``(n_model, n_anchor)`` float plan on CPU (a
+            :class:`~hf_clafusion.result.TransportPlans`: exact plans are kept sparse, dense when read).
         solvers: non-anchor model index -> anchor group name -> the solver that computed its plan (``"heads"``
             for head-structured plans; what ``solver="auto"`` chose otherwise).
     """
 
     states: dict[int, dict[str, torch.Tensor]]
-    plans: dict[int, dict[str, torch.Tensor]]
+    plans: dict[int, TransportPlans]
     solvers: dict[int, dict[str, str]] = field(default_factory=dict)
 
 
@@ -602,20 +606,23 @@ def collect_group_statistics(
             for begin in range(0, rows, chunk or rows):
                 part = batch if chunk is None else take_rows(batch, slice(begin, begin + chunk))
                 _stream_statistics(run, runner, rename, pairs, statistics, part, order)
+                return_freed_memory()  # the captures just freed, or the next chunk's land on new pages
     return statistics
 
 
 #: The statistics pass keeps the captures of the first model it runs until the other model's forward pass has read
-#: them. A batch whose kept captures would take more than this many bytes, or more than half the parents' float32
-#: bytes if that is larger, runs in equal chunks of rows that fit: the same statistics up to float rounding, and
-#: memory bounded whatever the batch size and sequence length. The bound is generous because smaller forward
-#: passes are slower on CPU (BERT-base at 256 tokens: 16 rows per pass instead of 32 cost about 10 %, 6 rows 30 %).
-STATISTICS_CAPTURE_BYTES = 2**30
+#: them. A batch whose kept captures would take more than a third of the float32 bytes of the parents and the fused
+#: model (the memory target's unit), or more than this many bytes if that is larger, runs in equal chunks of rows
+#: that fit: the same statistics up to float rounding, and memory bounded whatever the batch size and sequence
+#: length. A third leaves room for the float64 statistics and the forward pass within 1.25x those bytes (BERT-base
+#: at 256 tokens: 3 x 11 rows, peak 1.21x; 2 x 16 rows, 1.40x); it is not lower because smaller forward passes are
+#: slower on CPU (6 rows per pass: about 30 %).
+STATISTICS_CAPTURE_BYTES = 2**28
 
 
 def _statistics_chunk_rows(run: Prepared, model: nn.Module, captures: list[str], k: int) -> int | None:
     """Rows per forward pass of the statistics pass, or None for whole batches (when a batch's kept captures fit
-    :data:`STATISTICS_CAPTURE_BYTES`), from the captures of a one-row forward pass of ``model`` (model ``k``, whose
+    the budget of :data:`STATISTICS_CAPTURE_BYTES`), from the captures of a one-row forward pass of ``model`` (model ``k``, whose
     captures are kept) on the row of the first batch with the most attended positions."""
     rows = max(num_rows(b) for b in run.batches)
     if rows < 2:
@@ -632,8 +639,8 @@ def _statistics_chunk_rows(run: Prepared, model: nn.Module, captures: list[str],
 
     with capture_outputs(model, captures, on_capture=measure):
         _forward(run.adapter, model, probe, k)
-    weights = sum(4 * p.numel() for m in run.models for p in m.parameters())
-    fit = max(1, max(STATISTICS_CAPTURE_BYTES, weights // 2) // max(size, 1))
+    weights = sum(4 * p.numel() for m in [*run.models, run.models[run.anchor]] for p in m.parameters())
+    fit = max(1, max(STATISTICS_CAPTURE_BYTES, weights // 3) // max(size, 1))
     if fit >= rows:
         return None
     chunks = -(-rows // fit)
@@ -730,14 +737,16 @@ def transport_to_anchor(
     ``"correlation"``) or from the distances between the groups' primary weights, and is applied to every axis of
     the group. With ``ground_metric="weight_matching"`` these one-pass weight plans are the start of Git Re-Basin
     weight matching (:func:`hf_clafusion.core.weight_matching`), whose plans replace them. The statistics
-    are consumed: each entry of ``statistics`` is set to ``None`` once its plan is computed, to free the
-    ``(n_model, n_anchor)`` matrices early.
+    are consumed: each is turned into its float32 cost (:func:`_group_costs`) before any plan is solved, and
+    each cost is dropped once its plan is computed, to free the ``(n_model, n_anchor)`` matrices early.
     """
     anchor_state = balanced.models[run.anchor].state_dict()
-    plans: dict[int, dict[str, torch.Tensor]] = {}
+    plans: dict[int, TransportPlans] = {}
     solvers: dict[int, dict[str, str]] = {}
     states: dict[int, dict[str, torch.Tensor]] = {run.anchor: anchor_state}
     with clock("transport"):
+        costs = _group_costs(run, statistics)
+        return_freed_memory()  # the statistics pass's captures and the float64 moments
         for k in range(len(run.models)):
             if k == run.anchor:
                 continue
@@ -745,14 +754,14 @@ def transport_to_anchor(
             work = dict(balanced.models[k].state_dict())
             unmatched = balanced.unmatched.get(k, UnmatchedBlocks())
             groups_b, groups_a = balanced.specs[k].groups, balanced.specs[run.anchor].groups
-            plans[k], solvers[k] = {}, {}
+            plans[k], solvers[k] = TransportPlans(), {}
             exact: dict[str, torch.Tensor] = {}  # float64 plans: the start of weight matching
             jobs = [g for g, group_b in enumerate(groups_b) if group_b.name not in unmatched.groups]
 
             # Activation costs are independent per group, so their plans are solved concurrently (EMD and the
             # assignment release the GIL); weight costs read the tensors earlier plans moved, so they run in order.
             independent = run.config.ground_metric in ("activations", "correlation")
-            solve = functools.partial(_group_plan, run, k, groups_b, groups_a, statistics, work, anchor_state)
+            solve = functools.partial(_group_plan, run, k, groups_b, groups_a, costs, work, anchor_state)
             solved = _in_order(
                 solve,
                 jobs,
@@ -766,7 +775,7 @@ def transport_to_anchor(
                 group_b, group_a = groups_b[g], groups_a[g]
                 solvers[k][group_a.name] = solver
                 _apply_group_plan(work, group_b, plan, heads, unmatched, run.config.plan_normalization)
-                plans[k][group_a.name] = plan.float().cpu()
+                plans[k][group_a.name] = plan
                 if run.config.ground_metric == "weight_matching":
                     exact[group_a.name] = plan.double().cpu()
                 del plan
@@ -777,26 +786,52 @@ def transport_to_anchor(
     return Transported(states=states, plans=plans, solvers=solvers)
 
 
+def _group_costs(
+    run: Prepared, statistics: dict[int, list[core.ActivationStats | None]]
+) -> dict[int, list[torch.Tensor | None]]:
+    """Each group's ``(n_model, n_anchor)`` activation cost from its statistics, stored in float32; the statistics
+    are consumed (each entry set to ``None`` as soon as its cost exists).
+
+    The distances are formed in float64 from the central moments, so nothing cancels, and only then rounded: a
+    relative error of 6e-8 per entry, below that of the float32 activations they summarise. Every group waits for
+    its plan as a float32 cost instead of float64 cross moments, half the memory (BERT-base 12 + 6: 232 MiB instead
+    of 464 MiB when the plans start).
+    """
+    correlation = run.config.ground_metric == "correlation"
+    costs: dict[int, list[torch.Tensor | None]] = {}
+    for k, per_group in statistics.items():
+        costs[k] = []
+        for g, stats in enumerate(per_group):
+            per_group[g] = None
+            if stats is None:
+                costs[k].append(None)
+                continue
+            cost = stats.correlation_distances() if correlation else stats.distances()
+            del stats
+            costs[k].append(cost.float())
+            del cost
+    return costs
+
+
 def _group_plan(
     run: Prepared,
     k: int,
     groups_b: Sequence[Group],
     groups_a: Sequence[Group],
-    statistics: dict[int, list[core.ActivationStats | None]],
+    costs: dict[int, list[torch.Tensor | None]],
     work: dict[str, torch.Tensor],
     anchor_state: dict[str, torch.Tensor],
     g: int,
 ) -> tuple[torch.Tensor, str, int]:
     """Group ``g``'s plan from model ``k`` to the anchor, the solver that computed it and the heads kept whole.
 
-    The cost is the distance between the group's activation statistics (consumed: ``statistics[k][g]`` is set to
-    ``None``) or between its primary weights in ``work``, which must already hold every earlier group's plan.
+    The cost is the group's activation cost from :func:`_group_costs` (consumed: ``costs[k][g]`` is set to
+    ``None``) or the distance between its primary weights in ``work``, which must already hold every earlier
+    group's plan.
     """
     group_b, group_a = groups_b[g], groups_a[g]
     if run.config.ground_metric in ("activations", "correlation"):
-        stats, statistics[k][g] = statistics[k][g], None  # free the (n_B, n_A) statistics once used
-        cost = stats.correlation_distances() if run.config.ground_metric == "correlation" else stats.distances()
-        del stats
+        cost, costs[k][g] = costs[k][g].double(), None  # free the float32 cost once used
     else:
         primary_b, primary_a = _primary_axis(group_b, work), _primary_axis(group_a, anchor_state)
         cost = core.weight_distances(
@@ -886,7 +921,7 @@ def _weight_matching(
     one_pass: dict[str, torch.Tensor],
     one_pass_solvers: dict[str, str],
     unmatched: UnmatchedBlocks,
-) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], dict[str, str]]:
+) -> tuple[dict[str, torch.Tensor], TransportPlans, dict[str, str]]:
     """Git Re-Basin weight matching of model ``k`` to the anchor, from the one-pass weight plans
     (:func:`hf_clafusion.core.weight_matching`), then the final plans applied to ``k``'s balanced state.
 
@@ -919,10 +954,10 @@ def _weight_matching(
         seed=run.config.seed,
     )
     work = dict(balanced.models[k].state_dict())
-    plans, solvers = {}, {}
+    plans, solvers = TransportPlans(), {}
     for (b, a), h, plan, ran in zip(pairs, heads, found.plans, found.solvers):
         _apply_group_plan(work, b, plan.to(run.device), h, unmatched, run.config.plan_normalization)
-        plans[a.name] = plan.float().cpu()
+        plans[a.name] = plan
         solvers[a.name] = ran if ran != "init" else one_pass_solvers[a.name]  # the one-pass plan was kept
     return work, plans, solvers
 
@@ -1063,6 +1098,29 @@ def repair_statistics(
 
 
 # --------------------------------------------------------------------------------------------- internals
+
+
+@functools.cache
+def _malloc_trim() -> Callable[[int], int] | None:
+    name = ctypes.util.find_library("c")
+    try:
+        return ctypes.CDLL(name).malloc_trim if name else None
+    except (OSError, AttributeError):  # not glibc (musl, macOS, Windows): nothing to call
+        return None
+
+
+def return_freed_memory() -> None:
+    """Hand the heap's free pages back to the operating system (glibc's ``malloc_trim``; nothing elsewhere).
+
+    glibc serves allocations below its mmap threshold (which grows to 32 MiB as large buffers are freed) from the
+    heap and keeps their pages when they are freed: after a stage drops its activations, the process would still
+    hold them until exit. Called between stages, where a stage's captures have just been dropped: on a BERT-base
+    12 + 6 pair the statistics pass's freed captures were 240 MiB of resident memory that the transport stage,
+    where the peak is, would otherwise have added its solvers' memory to.
+    """
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
 
 
 def resolve_config(config: FusionConfig | None, overrides: dict[str, Any]) -> FusionConfig:

@@ -11,7 +11,7 @@ transformers.logging.set_verbosity_error()
 
 from hf_clafusion import FusionConfig, fuse, fuse_pretrained  # noqa: E402
 from hf_clafusion.adapters import capture_outputs, get_adapter  # noqa: E402
-from hf_clafusion.core import ActivationStats, weighted_average  # noqa: E402
+from hf_clafusion.core import ActivationStats, solve_transport, weighted_average  # noqa: E402
 from hf_clafusion.core.averaging import AVERAGE_CHUNK  # noqa: E402
 from hf_clafusion.fusion import (  # noqa: E402
     Stopwatch,
@@ -20,7 +20,9 @@ from hf_clafusion.fusion import (  # noqa: E402
     collect_group_statistics,
     collect_layer_activations,
     prepare,
+    transport_to_anchor,
 )
+from hf_clafusion.result import TransportPlans  # noqa: E402
 
 from ._models import fuse_leaves_parents_alone  # noqa: E402
 
@@ -222,8 +224,9 @@ def test_the_statistics_chunk_is_the_budget_over_the_kept_captures_of_the_denses
         with capture_outputs(model, captures) as out:
             model(**{k: v[4:5] for k, v in run.batches[0].items()})  # rows 0-3 are a third padding
         per_row = sum(run.adapter.features(out[c], None).numel() * 4 for c in captures)
-    monkeypatch.setattr(fusion, "STATISTICS_CAPTURE_BYTES", 3 * per_row)  # above half the tiny parents' bytes
-    assert 3 * per_row > sum(4 * p.numel() for m in run.models for p in m.parameters()) // 2
+    monkeypatch.setattr(fusion, "STATISTICS_CAPTURE_BYTES", 3 * per_row)  # above a third of the tiny weights' bytes
+    weights = [*run.models, run.models[run.anchor]]  # parents and the fused model (the anchor's shape)
+    assert 3 * per_row > sum(4 * p.numel() for m in weights for p in m.parameters()) // 3
     with torch.no_grad():
         chunk = fusion._statistics_chunk_rows(run, model, captures, 1)
         assert chunk == 3  # 3 rows fit: 8 rows run as 3 + 3 + 2 (measured on a row without padding)
@@ -248,3 +251,75 @@ def test_activation_distances_computed_block_by_block_equal_the_whole_matrix_for
     whole = (sq + 2.0 * (std_b[:, None] * std_a[None, :] - cov).clamp_min(0.0)).sqrt()
     assert torch.equal(stats.moments()[4], cov)
     assert torch.equal(stats.distances(), whole)
+
+
+@pytest.mark.parametrize("metric", ["activations", "correlation"])
+def test_group_costs_are_kept_in_float32_and_give_the_plans_of_the_float64_distances(metric):
+    """The statistics become float32 costs before any plan is solved (half the memory of the float64 moments), and
+    the exact plans solved from them are those of the float64 distances."""
+    from hf_clafusion.fusion import _group_costs
+
+    models, data = [bert(3, 0), bert(2, 1)], batch()
+    config = CONFIG.replace(ground_metric=metric, unmatched="identity")
+    clock = Stopwatch()
+    run = prepare(models, data, config, clock=clock)
+    activations = collect_layer_activations(run, clock=clock)
+    balanced = balance_depths(run, align_segments(run, activations, clock=clock), activations, clock=clock)
+    statistics = collect_group_statistics(run, balanced, clock=clock)
+    reference = [
+        None if stats is None else (stats.correlation_distances() if metric == "correlation" else stats.distances())
+        for stats in statistics[1]
+    ]
+    costs = _group_costs(run, statistics)[1]
+    assert all(stats is None for stats in statistics[1])  # consumed
+    assert sum(cost is not None for cost in costs) >= 4
+    for cost, want in zip(costs, reference):
+        if want is None:
+            assert cost is None
+            continue
+        assert cost.dtype == torch.float32 and cost.shape == want.shape
+        torch.testing.assert_close(cost.double(), want, rtol=1e-7, atol=1e-7 * float(want.max()))
+        for solver in ("emd", "auto"):
+            got = solve_transport(cost.double(), solver=solver).plan
+            assert torch.equal(got, solve_transport(want, solver=solver).plan), solver
+
+
+def test_exact_plans_are_kept_sparse_and_read_back_as_the_dense_plans_the_fusion_applied():
+    models, data = [bert(3, 0), bert(2, 1)], batch()
+    clock = Stopwatch()
+    run = prepare(models, data, CONFIG, clock=clock)
+    activations = collect_layer_activations(run, clock=clock)
+    balanced = balance_depths(run, align_segments(run, activations, clock=clock), activations, clock=clock)
+    transported = transport_to_anchor(run, balanced, collect_group_statistics(run, balanced, clock=clock), clock=clock)
+    plans = transported.plans[1]
+    assert isinstance(plans, TransportPlans) and len(plans) >= 4
+    for name, plan in plans.items():
+        n_model, n_anchor = plan.shape
+        assert plans.is_compact(name), name
+        assert plan.layout == torch.strided and plan.dtype == torch.float32
+        assert int(torch.count_nonzero(plan)) <= n_model + n_anchor - 1  # a vertex of the transport polytope
+        torch.testing.assert_close(plan.sum(), torch.tensor(1.0), rtol=1e-5, atol=1e-6)
+        assert torch.equal(plans[name], plan)  # read twice, the same plan
+    dense = sum(plan.numel() * 4 for plan in plans.values())
+    assert plans.nbytes() < dense / 2
+
+    # what a dict of dense plans held is what the mapping gives back
+    result = fuse(models, data, CONFIG)
+    for name, plan in result.transport_plans[1].items():
+        assert torch.equal(plan, plans[name]), name
+
+
+def test_transport_plans_keep_a_dense_plan_dense_and_round_trip_sparse_ones_exactly():
+    g = torch.Generator().manual_seed(0)
+    soft = torch.rand(6, 5, generator=g)
+    soft /= soft.sum()
+    hard = torch.zeros(6, 6)
+    hard[torch.arange(6), torch.randperm(6, generator=g)] = 1 / 6
+    plans = TransportPlans({"soft": soft, "hard": hard.double()})
+    assert not plans.is_compact("soft") and plans.is_compact("hard")
+    assert torch.equal(plans["soft"], soft) and torch.equal(plans["hard"], hard)
+    assert plans["hard"].dtype == torch.float32
+    assert list(plans) == ["soft", "hard"] and len(plans) == 2
+    assert plans.nbytes() == soft.numel() * 4 + 6 * (2 * 8 + 4)
+    del plans["soft"]
+    assert list(plans.keys()) == ["hard"] and "TransportPlans({'hard': (6, 6)})" == repr(plans)
