@@ -439,6 +439,14 @@ class FinetuneConfig(_DictMixin):
         default=None, metadata={"help": "Dataset column holding the model input (default: every non-label column)."}
     )
     label_column: str = field(default="label", metadata={"help": "Dataset column holding the class labels."})
+    keep_best: bool = field(
+        default=False,
+        metadata={
+            "help": "With an `eval_dataset`: end with the weights of the evaluation with the highest accuracy, the "
+            "model before training included (the earliest among ties; `transformers`' `load_best_model_at_end`). "
+            "Keeps one CPU copy of the weights. After `resume_from`, only the epochs run since count."
+        },
+    )
     checkpoint_dir: str | None = field(
         default=None, metadata={"help": "Folder for `accelerator.save_state` checkpoints, written after each epoch."}
     )

@@ -45,12 +45,15 @@ class FinetuneResult:
     """The finetuned model (the input model, trained in place) and one metrics record per epoch.
 
     ``initial_evaluation`` is the evaluation of the model before training (with an ``eval_dataset``, when not
-    resuming), the reference of the accuracy-drop warning.
+    resuming), the reference of the accuracy-drop warning. ``kept_epoch`` is the epoch whose weights the model
+    holds: the last one, or with ``keep_best`` the one with the best evaluation accuracy (0: the model before
+    training).
     """
 
     model: nn.Module
     history: list[dict[str, Any]] = field(default_factory=list)
     initial_evaluation: dict[str, float] | None = None
+    kept_epoch: int | None = None
 
 
 def distillation_loss(
@@ -398,6 +401,13 @@ def finetune(
     columns = {"label_column": config.label_column, "input_column": config.input_column}
     train = labelled_dataset(train_dataset, **columns, what="training")
     evaluation = None if eval_dataset is None else labelled_dataset(eval_dataset, **columns, what="evaluation")
+    if config.keep_best and evaluation is None:
+        raise ConfigError(
+            "keep_best=True keeps the weights with the best evaluation accuracy, but no eval_dataset was given. "
+            "Pass a validation split as eval_dataset (hf-clafusion finetune: --eval-split or --eval-fraction), or "
+            "set keep_best=False.",
+            field="keep_best",
+        )
     teachers = [] if teacher is None else ([teacher] if isinstance(teacher, nn.Module) else list(teacher))
     run = _setup(model, train, evaluation, teachers, config)
 
@@ -409,6 +419,9 @@ def finetune(
     initial = None
     if run.eval_loader is not None and config.resume_from is None:
         initial = _evaluate(run, config)
+    best = _Best()
+    if config.keep_best and initial is not None:
+        best.offer(run, initial["eval_accuracy"], 0)
     for epoch in range(state["epoch"], config.epochs):
         skip = state["batch_in_epoch"] if epoch == state["epoch"] else 0
         train_loss, global_step, batch_index, stop = _train_epoch(run, config, epoch, skip, global_step, history)
@@ -421,6 +434,8 @@ def finetune(
         if run.eval_loader is not None:
             record.update(_evaluate(run, config))
             _warn_if_collapsed(initial, record, config, run)
+            if config.keep_best:
+                best.offer(run, record["eval_accuracy"], epoch + 1)
         history.append(record)
         if config.log_with:
             run.accelerator.log({k: v for k, v in record.items() if k != "epoch"}, step=global_step)
@@ -433,7 +448,30 @@ def finetune(
     if config.log_with:
         run.accelerator.end_training()
     run.accelerator.wait_for_everyone()
-    return FinetuneResult(run.accelerator.unwrap_model(run.model).eval(), history, initial)
+    model = run.accelerator.unwrap_model(run.model)
+    kept = history[-1]["epoch"] if history else state["epoch"]
+    if best.state is not None and best.epoch != kept:
+        model.load_state_dict(best.state)  # every process chose the same epoch: the accuracy is gathered
+        kept = best.epoch
+    return FinetuneResult(model.eval(), history, initial, kept_epoch=kept)
+
+
+class _Best:
+    """The best evaluation so far and a CPU copy of the weights that reached it (``keep_best``)."""
+
+    def __init__(self) -> None:
+        self.accuracy = -math.inf
+        self.epoch: int | None = None
+        self.state: dict[str, torch.Tensor] | None = None
+
+    def offer(self, run: _Training, accuracy: float, epoch: int) -> None:
+        """Keep the model's weights if ``accuracy`` beats every earlier one (ties keep the earlier epoch)."""
+        if accuracy <= self.accuracy:
+            return
+        self.state = None  # the previous copy goes before the new one is made
+        weights = run.accelerator.unwrap_model(run.model).state_dict()
+        self.state = {name: tensor.detach().to("cpu", copy=True) for name, tensor in weights.items()}
+        self.accuracy, self.epoch = accuracy, epoch
 
 
 def _check_process_state() -> None:

@@ -230,6 +230,9 @@ class FusionResult(_AlignmentMixin):
         evaluation_dataset: the evaluation data set's name (the card's ``model-index``).
         evaluation_task: the ``model-index`` task type of the evaluation.
         finetune_history: per-epoch records of :func:`~hf_clafusion.finetune`, once :meth:`record_finetune` ran.
+        finetune_kept_epoch: the finetuning epoch whose weights :attr:`model` holds (0: before finetuning; with
+            ``FinetuneConfig.keep_best``, the best evaluated one); None before finetuning or in older records
+            (the last epoch).
     """
 
     model: nn.Module
@@ -248,6 +251,7 @@ class FusionResult(_AlignmentMixin):
     evaluation_dataset: str | None = None
     evaluation_task: str = "image-classification"
     finetune_history: list[dict[str, Any]] = field(default_factory=list)
+    finetune_kept_epoch: int | None = None
 
     def record_evaluation(
         self, report: Any, *, dataset: str | None = None, fused: str | None = None, task: str = "image-classification"
@@ -278,6 +282,7 @@ class FusionResult(_AlignmentMixin):
         """
         self.model = finetune_result.model
         self.finetune_history = list(finetune_result.history)
+        self.finetune_kept_epoch = getattr(finetune_result, "kept_epoch", None)
         for row in self.evaluation:
             row["fused"] = False
 
@@ -315,6 +320,7 @@ class FusionResult(_AlignmentMixin):
             "evaluation_dataset": self.evaluation_dataset,
             "evaluation_task": self.evaluation_task,
             "finetune": self.finetune_history,
+            "finetune_kept_epoch": self.finetune_kept_epoch,
         }
 
     @classmethod
@@ -354,6 +360,7 @@ class FusionResult(_AlignmentMixin):
             evaluation_dataset=record.get("evaluation_dataset"),
             evaluation_task=record.get("evaluation_task", "image-classification"),
             finetune_history=record.get("finetune", []),
+            finetune_kept_epoch=record.get("finetune_kept_epoch"),
         )
 
     def summary(self) -> str:
@@ -382,7 +389,14 @@ class FusionResult(_AlignmentMixin):
         for where, error in self.identity_errors.items():
             lines.append(f"  approximate identity block ({where}): relative error {error:.2%} on the calibration data")
         if self.finetune_history:
-            lines.append(f"  finetuned for {len(self.finetune_history)} epoch(s); saved weights: after the last one")
+            kept = self.finetune_kept_epoch
+            last = self.finetune_history[-1].get("epoch")
+            if kept is None or kept == last:
+                weights = "after the last one"
+            else:
+                weights = "before finetuning" if kept == 0 else f"after epoch {kept}"
+                weights += " (the best evaluation accuracy, keep_best)"
+            lines.append(f"  finetuned for {len(self.finetune_history)} epoch(s); saved weights: {weights}")
             for record in self.finetune_history:
                 line = f"    epoch {record.get('epoch')}: train loss {record.get('train_loss', float('nan')):.4f}"
                 if "eval_accuracy" in record:

@@ -12,6 +12,13 @@ from hf_clafusion import FinetuneConfig, finetune
 from tests._models import mlp
 
 
+def _digest(model: torch.nn.Module) -> str:
+    digest = hashlib.sha256()
+    for key, value in sorted(model.state_dict().items()):
+        digest.update(key.encode() + value.detach().cpu().numpy().tobytes())
+    return digest.hexdigest()
+
+
 def main(out: Path) -> None:
     g = torch.Generator().manual_seed(0)
     x, xe = torch.randn(192, 8, generator=g), torch.randn(101, 8, generator=g)
@@ -20,14 +27,22 @@ def main(out: Path) -> None:
         mlp(8, [16], 2), (x, y), (xe, ye), FinetuneConfig(epochs=1, batch_size=24, lr=0.1, progress=False)
     )
     state = PartialState()  # after the Accelerator: it reads ACCELERATE_USE_CPU, a bare PartialState does not
-    digest = hashlib.sha256()
-    for key, value in sorted(result.model.state_dict().items()):
-        digest.update(key.encode() + value.detach().cpu().numpy().tobytes())
+    start = _digest(result.model)
+    # keep_best on wrong labels: every later epoch is worse, so each process must end with the start's weights
+    kept = finetune(
+        result.model,
+        (x, 1 - y),
+        (xe, ye),
+        FinetuneConfig(epochs=2, batch_size=24, lr=0.5, progress=False, keep_best=True, scheduler="none"),
+    )
     report = {
         "world_size": state.num_processes,
-        "weights": digest.hexdigest(),
+        "weights": start,
         "eval_samples": result.history[-1]["eval_samples"],
         "steps": result.history[-1]["step"],
+        "start_weights": start,
+        "kept_epoch": kept.kept_epoch,
+        "kept_weights": _digest(kept.model),
     }
     (out / f"rank{state.process_index}.json").write_text(json.dumps(report))
     # Tear gloo down before the interpreter exits: an open process group aborts at exit now and then

@@ -87,6 +87,24 @@ def test_finetuning_makes_the_recorded_evaluation_stale(result):
     assert "## Finetuning" in card.text and "| 1 | 0.5000 |" in card.text
 
 
+def test_the_card_and_summary_say_which_epoch_s_weights_were_kept(result):
+    history = [
+        {"epoch": 1, "step": 3, "train_loss": 0.5, "eval_accuracy": 0.9, "eval_loss": 0.3},
+        {"epoch": 2, "step": 6, "train_loss": 0.4, "eval_accuracy": 0.8, "eval_loss": 0.4},
+    ]
+    result.record_finetune(FinetuneResult(result.model, history, kept_epoch=2))
+    text = build_model_card(result).text
+    assert "those after the last epoch (epoch 2)" in text and "reached at epoch 1; those weights were not" in text
+    assert "saved weights: after the last one" in result.summary()
+    result.record_finetune(FinetuneResult(result.model, history, kept_epoch=1))
+    text = build_model_card(result).text
+    assert "The saved weights are those after epoch 1, which had the best evaluation accuracy" in text
+    assert "after the last epoch" not in text and "the last epoch was 2" in text
+    assert "saved weights: after epoch 1 (the best evaluation accuracy, keep_best)" in result.summary()
+    result.record_finetune(FinetuneResult(result.model, history, kept_epoch=0))
+    assert "The saved weights are those before finetuning" in build_model_card(result).text
+
+
 def test_the_card_tells_how_to_load_from_where_it_lives(result):
     assert 'load_pretrained("me/fused-mlp")' in build_model_card(result, load_path="me/fused-mlp").text
 
@@ -113,6 +131,7 @@ def recorded(result):
     """The result with every recorded field away from its default, so a dropped field cannot go unnoticed."""
     result.record_evaluation(result.evaluation, dataset="toy", task="text-classification")
     result.finetune_history = [{"epoch": 1, "step": 3, "train_loss": 0.5}]
+    result.finetune_kept_epoch = 1
     result.identity_errors = {"0.1": 0.01}
     result.bn_reset = True
     defaults = FusionResult(result.model, [], {}, {}, {}, FusionConfig(), "", 0, [])

@@ -95,6 +95,51 @@ def test_an_accuracy_collapse_after_an_epoch_is_warned_about():
         finetune(model, (x, flipped), (tx, ty), config=CONFIG.replace(epochs=3))
 
 
+def _accuracy(model, x, y):
+    with torch.no_grad():
+        return float((model(x).argmax(-1) == y).float().mean())
+
+
+def test_keep_best_ends_with_the_weights_of_the_best_evaluation_the_start_included():
+    x, y = _data(384)
+    tx, ty = _data(256, seed=5)
+    trained = mlp(8, [32], 3, seed=1)
+    finetune(trained, (x, y), config=CONFIG.replace(epochs=10))
+    before = {k: v.clone() for k, v in trained.state_dict().items()}
+    flipped = (y + 1) % 3  # every epoch on wrong labels is worse than the start
+    config = CONFIG.replace(epochs=3, keep_best=True)
+    with pytest.warns(Warning):  # the collapse warning still fires: it reports what training did
+        out = finetune(trained, (x, flipped), (tx, ty), config)
+    assert (
+        out.kept_epoch == 0 and max(r["eval_accuracy"] for r in out.history) < out.initial_evaluation["eval_accuracy"]
+    )
+    assert all(torch.equal(v, before[k]) for k, v in out.model.state_dict().items())
+    assert _accuracy(out.model, tx, ty) == pytest.approx(out.initial_evaluation["eval_accuracy"])
+
+    model = mlp(8, [32], 3, seed=1)
+    model.load_state_dict(before)
+    with pytest.warns(Warning):
+        plain = finetune(model, (x, flipped), (tx, ty), config.replace(keep_best=False))
+    assert plain.kept_epoch == 3 and not torch.equal(plain.model.state_dict()["0.weight"], before["0.weight"])
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_keep_best_keeps_the_earliest_epoch_with_the_highest_evaluation_accuracy(seed):
+    x, y = _data(384, seed=seed)
+    noisy = torch.where(torch.rand(len(y), generator=torch.Generator().manual_seed(seed)) < 0.3, (y + 1) % 3, y)
+    tx, ty = _data(128, seed=7)
+    config = CONFIG.replace(epochs=5, lr=0.3, keep_best=True)
+    out = finetune(mlp(8, [16], 3, seed=seed), (x, noisy), (tx, ty), config)
+    accuracies = [out.initial_evaluation["eval_accuracy"]] + [r["eval_accuracy"] for r in out.history]
+    assert out.kept_epoch == accuracies.index(max(accuracies))
+    assert _accuracy(out.model, tx, ty) == pytest.approx(max(accuracies))
+
+
+def test_keep_best_needs_an_evaluation_split():
+    with pytest.raises(ConfigError, match=r"keep_best=True .* no eval_dataset was given.*--eval-split"):
+        finetune(mlp(8, [16], 3), _data(), config=CONFIG.replace(keep_best=True))
+
+
 def test_a_few_steps_lower_the_training_loss():
     result = finetune(mlp(8, [16], 3), _data(), _data(64, seed=1), CONFIG.replace(epochs=6, lr=0.1))
     losses = [h["train_loss"] for h in result.history]
@@ -201,6 +246,9 @@ def test_two_cpu_processes_stay_in_sync(tmp_path):
     assert reports[0]["weights"] == reports[1]["weights"]  # gradients were synchronised
     assert reports[0]["eval_samples"] == reports[1]["eval_samples"] == 101  # gathered once, no duplicates
     assert reports[0]["steps"] == 4  # 192 samples / (2 processes x 24) per step
+    # keep_best: every process keeps the same epoch (the gathered accuracy), here the start, with its weights
+    assert reports[0]["kept_epoch"] == reports[1]["kept_epoch"] == 0
+    assert reports[0]["kept_weights"] == reports[1]["kept_weights"] == reports[0]["start_weights"]
 
 
 @pytest.mark.skipif(sys.platform != "linux", reason="gloo CPU processes")
