@@ -66,7 +66,8 @@ class Pair:
 
 
 def _subset(split: Split, idx: torch.Tensor) -> Split:
-    return Split(split.x[idx], split.y[idx])
+    x = {k: v[idx] for k, v in split.x.items()} if isinstance(split.x, dict) else split.x[idx]
+    return Split(x, split.y[idx])
 
 
 def _partition(x: torch.Tensor, y: torch.Tensor, sizes: tuple[int, int], seed: int) -> tuple[Split, Split, Split]:
@@ -285,6 +286,8 @@ METHODS: dict[str, dict[str, Any]] = {
     "sinkhorn reg=0.1": {"solver": "sinkhorn", "reg": 0.1},
     "chain alignment": {"alignment": "chain"},
     "random alignment": {"alignment": "random"},
+    "last_fixed=0": {"last_fixed": 0},
+    "first_fixed=0, last_fixed=0": {"first_fixed": 0, "last_fixed": 0},
     "positions_per_sample=6": {"positions_per_sample": 6},
 }
 
@@ -389,7 +392,14 @@ def run_seed(name: str, seed: int, args: argparse.Namespace) -> dict[str, dict[s
 
     if args.finetune and fused_default is not None:
         budget = pair.finetune
-        tune = _as_data(pair.finetune_train)
+        tune, validation = _as_data(pair.finetune_train), None
+        if args.keep_best:  # every model: the same training part, the same validation part, its best epoch kept
+            n = len(pair.finetune_train.y)
+            order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+            held = int(round(args.keep_best * n))
+            tune = _as_data(_subset(pair.finetune_train, order[held:]))
+            validation = _as_data(_subset(pair.finetune_train, order[:held]))
+            budget = budget.replace(keep_best=True)
         runs = {
             "default": (fused_default, None),
             "deep parent": (copy.deepcopy(pair.deep), None),
@@ -399,8 +409,10 @@ def run_seed(name: str, seed: int, args: argparse.Namespace) -> dict[str, dict[s
         }
         for row, (model, teacher) in runs.items():  # the fused model is copied before "default" trains it
             start = time.perf_counter()
-            out = finetune(model, tune, None, budget, teacher=teacher)
+            out = finetune(model, tune, validation, budget, teacher=teacher)
             rows.setdefault(row, {})["+finetune"] = accuracy(out.model, test)
+            if args.keep_best:
+                rows[row]["kept epoch"] = out.kept_epoch
             rows[row]["finetune seconds"] = time.perf_counter() - start
     return rows
 
@@ -449,6 +461,14 @@ def main() -> None:
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--methods", nargs="+", default=None, help="Subset of fusion methods (default: all).")
     parser.add_argument("--no-finetune", dest="finetune", action="store_false", help="One-shot columns only.")
+    parser.add_argument(
+        "--keep-best",
+        type=float,
+        default=None,
+        metavar="FRACTION",
+        help="Hold out this fraction of the finetuning split as validation for every model and keep its best epoch "
+        "(FinetuneConfig.keep_best); the rest trains. Default: train on all of it, keep the last epoch.",
+    )
     parser.add_argument("--cache", default=str(Path.home() / ".cache" / "hf_clafusion_bench"))
     parser.add_argument("--output", default=None, help="Also write the raw results as JSON here (after every seed).")
     parser.add_argument(

@@ -255,8 +255,18 @@ def main() -> None:
     parser.add_argument(
         "--unmatched", help="FusionConfig.unmatched (average, transplant, identity); default: its default"
     )
+    parser.add_argument(
+        "--capture-bytes",
+        type=int,
+        default=None,
+        help="hf_clafusion.fusion.STATISTICS_CAPTURE_BYTES, the floor of the statistics pass's capture budget",
+    )
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.capture_bytes is not None:
+        from hf_clafusion import fusion
+
+        fusion.STATISTICS_CAPTURE_BYTES = args.capture_bytes
     if args.worker:
         row = worker(
             args.worker, args.sequences, args.tokens, args.batch_size, args.solver, args.unmatched, args.positions
@@ -276,6 +286,7 @@ def main() -> None:
         command += ["--tokens", str(args.tokens), "--batch-size", str(args.batch_size), "--solver", args.solver]
         command += ["--unmatched", args.unmatched] if args.unmatched else []
         command += ["--positions", str(args.positions)] if args.positions else []
+        command += ["--capture-bytes", str(args.capture_bytes)] if args.capture_bytes is not None else []
         done = subprocess.run(command, capture_output=True, text=True)
         if done.returncode:
             print(f"{case}: failed\n{done.stderr[-2000:]}", file=sys.stderr)

@@ -615,15 +615,16 @@ def collect_group_statistics(
 #: model (the memory target's unit), or more than this many bytes if that is larger, runs in equal chunks of rows
 #: that fit: the same statistics up to float rounding, and memory bounded whatever the batch size and sequence
 #: length. A third leaves room for the float64 statistics and the forward pass within 1.25x those bytes (BERT-base
-#: at 256 tokens: 3 x 11 rows, peak 1.21x; 2 x 16 rows, 1.40x); it is not lower because smaller forward passes are
-#: slower on CPU (6 rows per pass: about 30 %).
-STATISTICS_CAPTURE_BYTES = 2**28
+#: at 256 tokens: 3 x 11 rows, peak 1.21x; 2 x 16 rows, 1.40x; MiniLM at 128 tokens: 2 x 16 rows, 0.91-1.09x, whole
+#: batches 1.13-1.30x); it is not lower because smaller forward passes are slower on CPU (6 rows per pass: about
+#: 30 %). The floor of 64 MiB keeps small models' batches whole.
+STATISTICS_CAPTURE_BYTES = 2**26
 
 
 def _statistics_chunk_rows(run: Prepared, model: nn.Module, captures: list[str], k: int) -> int | None:
     """Rows per forward pass of the statistics pass, or None for whole batches (when a batch's kept captures fit
-    the budget of :data:`STATISTICS_CAPTURE_BYTES`), from the captures of a one-row forward pass of ``model`` (model ``k``, whose
-    captures are kept) on the row of the first batch with the most attended positions."""
+    the budget of :data:`STATISTICS_CAPTURE_BYTES`), from the captures of a one-row forward pass of ``model``
+    (model ``k``, whose captures are kept) on the row of the first batch with the most attended positions."""
     rows = max(num_rows(b) for b in run.batches)
     if rows < 2:
         return None
