@@ -282,7 +282,7 @@ class FusionResult(_AlignmentMixin):
         """
         self.model = finetune_result.model
         self.finetune_history = list(finetune_result.history)
-        self.finetune_kept_epoch = getattr(finetune_result, "kept_epoch", None)
+        self.finetune_kept_epoch = finetune_result.kept_epoch
         for row in self.evaluation:
             row["fused"] = False
 
