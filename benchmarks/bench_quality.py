@@ -6,6 +6,7 @@ Run by hand (not a test), from the repository root, in the project's environment
     .venv/bin/python benchmarks/bench_quality.py --pairs mlp cnn --seeds 0  # part of it
     .venv/bin/python benchmarks/bench_quality.py --pairs minilm --seeds 1 --output minilm-1.json  # seed by seed
     .venv/bin/python benchmarks/bench_quality.py --summarise minilm-0.json minilm-1.json minilm-2.json
+    .venv/bin/python benchmarks/bench_quality.py --pairs resnet --parent-data skewed  # parents with different data
 
 For each pair and seed the data are split into a parent-training part, a finetuning part that no parent saw and
 a test part (the official test set where there is one). Parents are trained on the first part (and cached under
@@ -14,7 +15,9 @@ a test part (the official test set where there is one). Parents are trained on t
 - **one-shot**: test accuracy right after fusion (or of the parent / ensemble as they are);
 - **+finetune**: test accuracy after the same finetuning budget (same ``FinetuneConfig``, epochs, data and data
   order) given to the fused model, to each parent and to the shallow parent distilled from both parents. The
-  final epoch is reported: nothing is selected on the test split.
+  final epoch is reported: nothing is selected on the test split. ``--finetune-methods`` finetunes the models of
+  other fusion methods too. The ensemble's +finetune is the ensemble of the two finetuned parents: what the parents
+  know together after the budget, the most a fused model of their knowledge could be expected to reach.
 
 A seed fixes the split, the initialisations, the calibration subset and the data order, and is shared by every
 method, so differences are paired: the summary gives mean +- std over seeds of each method and of its paired
@@ -60,6 +63,8 @@ class Pair:
     parent_lr: float
     finetune: FinetuneConfig
     shallow_epochs: int | None = None  # parent training epochs of the shallow model, if not parent_epochs
+    # per-model training parts ("deep", "shallow", "deep2") when the parents do not share parents_train
+    parent_parts: dict[str, Split] | None = None
 
 
 # --------------------------------------------------------------------------------------------- data and pairs
@@ -75,6 +80,30 @@ def _partition(x: torch.Tensor, y: torch.Tensor, sizes: tuple[int, int], seed: i
     a, b = sizes
     whole = Split(x, y)
     return _subset(whole, perm[:a]), _subset(whole, perm[a : a + b]), _subset(whole, perm[a + b :])
+
+
+def skew_parents(pair: Pair, seed: int, share: float = 0.8) -> Pair:
+    """Give the parents different data, as when models trained by different parties are fused.
+
+    The parent-training part is split in two: the first half of the classes goes to the deep model with probability
+    ``share`` (to the shallow one otherwise), the second half the other way round. Each parent sees every class but
+    is strong on half of them, so their knowledge is complementary (the heterogeneous-data setting of Singh & Jaggi,
+    "Model Fusion via Optimal Transport", NeurIPS 2020, Section 5.2). ``deep2``, the same-depth fusion partner,
+    trains on the shallow model's part. Parents train twice as many epochs (the same number of steps). The
+    finetuning and test parts are unchanged; fusion is calibrated on the (mixed) parent-training part.
+    """
+    y = pair.parents_train.y
+    num_classes = int(y.max()) + 1
+    first = y < num_classes // 2
+    draw = torch.rand(len(y), generator=torch.Generator().manual_seed(10_000 + seed))
+    to_deep = torch.where(first, draw < share, draw >= share)
+    deep_part = _subset(pair.parents_train, to_deep.nonzero().squeeze(1))
+    other_part = _subset(pair.parents_train, (~to_deep).nonzero().squeeze(1))
+    pair.parent_parts = {"deep": deep_part, "shallow": other_part, "deep2": other_part}
+    pair.parent_epochs *= 2
+    if pair.shallow_epochs:
+        pair.shallow_epochs *= 2
+    return pair
 
 
 def _mlp_no_bias(in_features: int, hidden: list[int], num_classes: int) -> nn.Sequential:
@@ -289,6 +318,8 @@ METHODS: dict[str, dict[str, Any]] = {
     "last_fixed=0": {"last_fixed": 0},
     "first_fixed=0, last_fixed=0": {"first_fixed": 0, "last_fixed": 0},
     "positions_per_sample=6": {"positions_per_sample": 6},
+    "weights=(0.7, 0.3)": {"weights": (0.7, 0.3)},
+    "weights=(0.9, 0.1)": {"weights": (0.9, 0.1)},
 }
 
 
@@ -338,7 +369,8 @@ def _cached_parents(name: str, seed: int, pair: Pair, cache: Path) -> None:
     for offset, (key, model) in enumerate(models.items()):
         start = time.perf_counter()
         epochs = pair.shallow_epochs if key == "shallow" and pair.shallow_epochs else pair.parent_epochs
-        train_parent(model, pair.parents_train, epochs, pair.parent_lr, seed * 10 + offset)
+        data = pair.parent_parts[key] if pair.parent_parts else pair.parents_train
+        train_parent(model, data, epochs, pair.parent_lr, seed * 10 + offset)
         print(f"  trained {name}/{key} (seed {seed}) in {time.perf_counter() - start:.0f}s")
     cache.mkdir(parents=True, exist_ok=True)
     torch.save({key: model.state_dict() for key, model in models.items()}, path)
@@ -360,11 +392,17 @@ def _calibration(pair: Pair, num: int = 200) -> Any:
     return {k: v[:num] for k, v in x.items()} if isinstance(x, dict) else x[:num]
 
 
+def _key(name: str, args: argparse.Namespace) -> str:
+    return name if args.parent_data == "shared" else f"{name}-{args.parent_data}"
+
+
 def run_seed(name: str, seed: int, args: argparse.Namespace) -> dict[str, dict[str, float]]:
     import copy
 
     pair = PAIRS[name](seed)
-    _cached_parents(name, seed, pair, Path(args.cache))
+    if args.parent_data == "skewed":
+        pair = skew_parents(pair, seed)
+    _cached_parents(_key(name, args), seed, pair, Path(args.cache))
     calibration = _calibration(pair)
     rows: dict[str, dict[str, float]] = {}
     test = pair.test
@@ -373,6 +411,7 @@ def run_seed(name: str, seed: int, args: argparse.Namespace) -> dict[str, dict[s
     ensemble = evaluate([pair.deep, pair.shallow], _as_data(test))
     rows["ensemble"] = {"one-shot": float(ensemble[-1].accuracy)}
     fused_default = None
+    fused_others: dict[str, nn.Module] = {}  # methods of --finetune-methods, finetuned beside the default
     for method, overrides in METHODS.items():
         if args.methods and method not in args.methods:
             continue
@@ -386,6 +425,8 @@ def run_seed(name: str, seed: int, args: argparse.Namespace) -> dict[str, dict[s
         rows[method] = {"one-shot": accuracy(result.model, test), "seconds": time.perf_counter() - start}
         if method == "default":
             fused_default = result.model
+        elif method in (args.finetune_methods or ()):
+            fused_others[method] = result.model
     config = _config({}, seed)
     same = fuse([pair.deep, pair.deep2], calibration, config)
     rows["same-depth fusion (deep + deep)"] = {"one-shot": accuracy(same.model, test)}
@@ -406,14 +447,20 @@ def run_seed(name: str, seed: int, args: argparse.Namespace) -> dict[str, dict[s
             "shallow parent": (copy.deepcopy(pair.shallow), None),
             "shallow distilled from both": (copy.deepcopy(pair.shallow), [pair.deep, pair.shallow]),
             "fused distilled from both": (copy.deepcopy(fused_default), [pair.deep, pair.shallow]),
+            **{method: (model, None) for method, model in fused_others.items()},
         }
+        tuned = {}
         for row, (model, teacher) in runs.items():  # the fused model is copied before "default" trains it
             start = time.perf_counter()
             out = finetune(model, tune, validation, budget, teacher=teacher)
+            tuned[row] = out.model
             rows.setdefault(row, {})["+finetune"] = accuracy(out.model, test)
             if args.keep_best:
                 rows[row]["kept epoch"] = out.kept_epoch
             rows[row]["finetune seconds"] = time.perf_counter() - start
+        # the headroom: what the parents know together after the same budget (two models' cost at inference)
+        both = evaluate([tuned["deep parent"], tuned["shallow parent"]], _as_data(test))
+        rows["ensemble"]["+finetune"] = float(both[-1].accuracy)
     return rows
 
 
@@ -460,6 +507,14 @@ def main() -> None:
     parser.add_argument("--pairs", nargs="+", default=list(PAIRS), choices=list(PAIRS))
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--methods", nargs="+", default=None, help="Subset of fusion methods (default: all).")
+    parser.add_argument(
+        "--finetune-methods",
+        nargs="+",
+        default=None,
+        choices=list(METHODS),
+        metavar="METHOD",
+        help="Also finetune the models fused by these methods with the same budget (the default's always is).",
+    )
     parser.add_argument("--no-finetune", dest="finetune", action="store_false", help="One-shot columns only.")
     parser.add_argument(
         "--keep-best",
@@ -468,6 +523,13 @@ def main() -> None:
         metavar="FRACTION",
         help="Hold out this fraction of the finetuning split as validation for every model and keep its best epoch "
         "(FinetuneConfig.keep_best); the rest trains. Default: train on all of it, keep the last epoch.",
+    )
+    parser.add_argument(
+        "--parent-data",
+        choices=["shared", "skewed"],
+        default="shared",
+        help="shared: every parent trains on the same part (default). skewed: the deep parent sees mostly the first "
+        "half of the classes and the shallow one mostly the second half (80/20), so their knowledge is complementary.",
     )
     parser.add_argument("--cache", default=str(Path.home() / ".cache" / "hf_clafusion_bench"))
     parser.add_argument("--output", default=None, help="Also write the raw results as JSON here (after every seed).")
@@ -488,15 +550,16 @@ def main() -> None:
     torch.set_num_threads(max(1, torch.get_num_threads()))
     results: dict[str, list] = {}
     for name in args.pairs:
-        results[name] = []
+        key = _key(name, args)
+        results[key] = []
         for seed in args.seeds:
             start = time.perf_counter()
-            print(f"{name}, seed {seed}")
-            results[name].append(run_seed(name, seed, args))
+            print(f"{key}, seed {seed}")
+            results[key].append(run_seed(name, seed, args))
             print(f"  done in {time.perf_counter() - start:.0f}s")
             if args.output:  # after every seed: a long run stopped early keeps what it measured
                 Path(args.output).write_text(json.dumps(results, indent=1))
-        print(summarise(name, results[name]), flush=True)
+        print(summarise(key, results[key]), flush=True)
     print("\n".join(summarise(name, per_seed) for name, per_seed in results.items()))
 
 
