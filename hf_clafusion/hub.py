@@ -208,7 +208,7 @@ def build_model_card(
         evaluation=result.evaluation,
         finetune=result.finetune_history,
         finetune_best=best_epoch(result.finetune_history),
-        finetune_kept=result.finetune_kept_epoch,
+        finetune_kept=result.kept_earlier_epoch,
     )
 
 

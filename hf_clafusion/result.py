@@ -363,6 +363,15 @@ class FusionResult(_AlignmentMixin):
             finetune_kept_epoch=record.get("finetune_kept_epoch"),
         )
 
+    @property
+    def kept_earlier_epoch(self) -> int | None:
+        """The finetuning epoch whose weights :attr:`model` holds when ``keep_best`` kept one before the last
+        (0: the weights before finetuning); None when the model holds the last epoch's weights or was not
+        finetuned. The summary and the model card both read it."""
+        if not self.finetune_history or self.finetune_kept_epoch is None:
+            return None
+        return None if self.finetune_kept_epoch == self.finetune_history[-1].get("epoch") else self.finetune_kept_epoch
+
     def summary(self) -> str:
         """A human-readable report: parents, fused depth and widths, alignment per segment, timings."""
         lines = [f"CLAFusion of {len(self.parents)} {self.adapter} models (anchor: model {self.anchor})"]
@@ -389,9 +398,8 @@ class FusionResult(_AlignmentMixin):
         for where, error in self.identity_errors.items():
             lines.append(f"  approximate identity block ({where}): relative error {error:.2%} on the calibration data")
         if self.finetune_history:
-            kept = self.finetune_kept_epoch
-            last = self.finetune_history[-1].get("epoch")
-            if kept is None or kept == last:
+            kept = self.kept_earlier_epoch
+            if kept is None:
                 weights = "after the last one"
             else:
                 weights = "before finetuning" if kept == 0 else f"after epoch {kept}"
