@@ -23,7 +23,7 @@ from .errors import ConfigError
 
 
 LayerCost = Literal["cka", "cka_minibatch", "cca", "wasserstein", "neuron_count", "index"]
-AlignmentMethod = Literal["cla", "chain", "random"]
+AlignmentMethod = Literal["cla", "chain", "random", "auto"]
 Balancing = Literal["identity", "merge"]
 Unmatched = Literal["average", "transplant", "identity"]
 ReluApprox = Literal["sum", "majority", "avg"]
@@ -155,8 +155,10 @@ class FusionConfig(_DictMixin):
     alignment: AlignmentMethod = field(
         default="cla",
         metadata={
-            "help": "`cla`: the dynamic programme. `chain` (layer `k` -> layer `k`) and `random` (seeded, honours the "
-            "fixed layers) are baselines."
+            "help": "`cla`: the dynamic programme. `auto`: fuse with `cla`'s alignment and with `chain`'s where they "
+            "differ, and keep the one whose predictions on the calibration data agree most often with the parents' "
+            "ensemble (CLA's on ties; the resolved value is saved). `chain` (layer `k` -> layer `k`) "
+            "and `random` (seeded, honours the fixed layers) are baselines."
         },
     )
     first_fixed: int = field(

@@ -22,6 +22,9 @@ elsewhere, and a :class:`Stopwatch` records the seconds of each stage under a fi
 8. :func:`repair_statistics` (``bn_reset`` or ``repair``): the statistics step after averaging
    (``FusionConfig.repair``: BatchNorm recomputation or REPAIR corrections folded into the weights,
    :mod:`hf_clafusion.repair`).
+
+With ``alignment="auto"``, steps 4-8 run once for CLA's alignment and once for chain's where the two differ, and
+:class:`AlignmentTrial` (``alignment_trial``) keeps one of the two fused models.
 """
 
 from __future__ import annotations
@@ -32,12 +35,14 @@ import ctypes
 import ctypes.util
 import functools
 import itertools
+import tempfile
 import time
 import warnings
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -66,7 +71,7 @@ from .errors import (
     IncompatibleModelsError,
     InvalidWeightsError,
 )
-from .repair import RepairOutcome, repair_fused
+from .repair import RepairOutcome, predictions, repair_fused
 from .result import AlignmentPreview, FusionResult, PairAlignment, TransportPlans, describe_parent
 from .spec import AxisRef, Group, NetworkSpec
 
@@ -133,20 +138,35 @@ def run_fusion(
     clock = Stopwatch()
     run = prepare(models, data, config, processor, clock=clock, release=release)
     activations = collect_layer_activations(run, clock=clock)
-    alignment = align_segments(run, activations, clock=clock)
-    balanced = balance_depths(run, alignment, activations, clock=clock)
-    del activations  # read by alignment and balancing only
-    return_freed_memory()
-    statistics = collect_group_statistics(run, balanced, clock=clock)
-    transported = transport_to_anchor(run, balanced, statistics, clock=clock)
-    with clock("averaging"):
-        tensors = average(transported.states, run.weights, anchor=run.anchor, release=True)
-        total = len(transported.states[run.anchor])
-        fused = load_fused(
-            balanced.models[run.anchor], _bar(tensors, "averaging", run.config, unit="tensor", total=total)
-        )
-    repaired = repair_statistics(fused, run, balanced, transported, clock=clock)
-    return _result(run, alignment, balanced, transported, fused, repaired, clock)
+    candidates, no_trial = candidate_alignments(run, activations, clock=clock)
+    with AlignmentTrial(run, clock) if len(candidates) > 1 else contextlib.nullcontext() as trial:
+        built = []
+        for i, alignment in enumerate(candidates):
+            last = i == len(candidates) - 1
+            balanced = balance_depths(run, alignment, activations, clock=clock)
+            if last:
+                activations = None  # read by alignment and balancing only
+                return_freed_memory()
+            statistics = collect_group_statistics(run, balanced, clock=clock)
+            transported = transport_to_anchor(run, balanced, statistics, clock=clock)
+            del statistics
+            with clock("averaging"):
+                tensors = average(transported.states, run.weights, anchor=run.anchor, release=True)
+                total = len(transported.states[run.anchor])
+                fused = load_fused(
+                    balanced.models[run.anchor], _bar(tensors, "averaging", run.config, unit="tensor", total=total)
+                )
+            repaired = repair_statistics(fused, run, balanced, transported, clock=clock)
+            # what the result reads of a candidate; its balanced parents go (they are the largest part)
+            built.append(Built(alignment, balanced.identity_errors, transported, fused, repaired))
+            del balanced, transported, fused
+            if trial is not None:
+                trial.measure(built[-1], spill=not last)
+            return_freed_memory()
+        kept, record = trial.keep(built) if trial is not None else (built[0], {})
+    if no_trial is not None:
+        record = {"tried": ["cla"], "kept": "cla", "skipped": no_trial}
+    return _result(run, kept, record, clock)
 
 
 def align(
@@ -160,6 +180,9 @@ def align(
     """Cross-layer alignment only: the layer costs, the alignment and its plot, without fusing.
 
     Takes the same arguments as :func:`fuse`. Use it to preview which layers will be matched.
+
+    With ``alignment="auto"``, the preview is CLA's alignment: which of CLA's and chain's :func:`fuse` keeps is
+    only known once both are fused.
     """
     clock = Stopwatch()
     run = prepare(models, data, resolve_config(config, overrides), processor, clock=clock)
@@ -310,6 +333,25 @@ class Transported:
     solvers: dict[int, dict[str, str]] = field(default_factory=dict)
 
 
+@dataclass(frozen=True)
+class Built:
+    """One fused model and what the result reports of it (one per candidate alignment, :func:`run_fusion`).
+
+    Attributes:
+        alignment: the layer alignment it was fused with.
+        identity_errors: ``Balanced.identity_errors`` of its depth balancing.
+        transported: its plans and solvers (the states are emptied by averaging).
+        fused: the fused model, repaired.
+        repaired: what the statistics step did.
+    """
+
+    alignment: Alignment
+    identity_errors: dict[str, float]
+    transported: Transported
+    fused: nn.Module
+    repaired: RepairOutcome
+
+
 # --------------------------------------------------------------------------------------------- stages
 
 
@@ -432,8 +474,35 @@ def collect_layer_activations(run: Prepared, *, clock: Stopwatch) -> LayerActiva
     return LayerActivations(full=full, minibatch=minibatch)
 
 
-def align_segments(run: Prepared, activations: LayerActivations, *, clock: Stopwatch) -> Alignment:
-    """Cross-layer alignment of every non-reference model to each segment's reference, segment by segment."""
+def candidate_alignments(
+    run: Prepared, activations: LayerActivations, *, clock: Stopwatch
+) -> tuple[list[Alignment], str | None]:
+    """The alignments to fuse with: ``config.alignment``'s; for ``"auto"``, CLA's and, where it differs, chain's.
+
+    Returns:
+        The alignments, and why ``"auto"`` fuses with CLA's alone although chain's differs (None otherwise): its
+        trial compares predictions with the parents' ensemble, which needs a prediction head.
+    """
+    alignment = align_segments(run, activations, clock=clock)
+    if run.config.alignment != "auto":
+        return [alignment], None
+    chain = align_segments(run, activations, clock=clock, method="chain")
+    if chain.local == alignment.local:
+        return [alignment], None
+    if not run.adapter.predicts(run.models[run.anchor]):
+        name = type(run.models[run.anchor]).__name__
+        return [alignment], f"{name} has no prediction head: its outputs cannot be compared with an ensemble's"
+    return [alignment, chain], None
+
+
+def align_segments(
+    run: Prepared, activations: LayerActivations, *, clock: Stopwatch, method: str | None = None
+) -> Alignment:
+    """Cross-layer alignment of every non-reference model to each segment's reference, segment by segment.
+
+    ``method`` replaces ``config.alignment`` (``"auto"`` aligns as ``"cla"``).
+    """
+    method = method or run.config.alignment
     with clock("layer_alignment"):
         num_segments = len(run.segments)
         by_pair: dict[tuple[int, int], PairAlignment] = {}
@@ -442,8 +511,9 @@ def align_segments(run: Prepared, activations: LayerActivations, *, clock: Stopw
             deep, shallow = _roles(run.segments[s], k, ref)
             m, n = run.segments[s].depths[deep], run.segments[s].depths[shallow]
             cost = _segment_cost(run, activations, s, k, ref, deep, shallow)
-            mapping = _segment_alignment(run, cost, m, n, s)
-            _warn_if_costs_tie(run.config, cost, m, n, s, k, ref)
+            mapping = _segment_alignment(run, cost, m, n, s, method)
+            if method == "cla":
+                _warn_if_costs_tie(run.config, cost, m, n, s, k, ref)
             local[(s, k)] = mapping
             pair = by_pair.get((k, ref)) or by_pair.get((ref, k))
             if pair is None:  # reported as (aligned model, the anchor or the other model)
@@ -1098,6 +1168,103 @@ def repair_statistics(
     return outcome
 
 
+#: Fused models of at least this many bytes wait on disk while ``alignment="auto"`` fuses the next candidate.
+TRIAL_SPILL_BYTES = 64 * 2**20
+
+
+class AlignmentTrial:
+    """Keep one of the models fused with the candidate alignments (``alignment="auto"``); a context manager.
+
+    The kept one is the one whose predictions on the statistics-repair data (the calibration data unless
+    ``repair_samples`` is set) agree most often with the parents' ensemble (weighted mean of logits, each parent at
+    its own depth); a tie keeps the first (CLA's alignment). Unlike ``repair="auto"``'s sign test, no candidate is
+    favoured beyond ties: neither alignment is better across families. On residual networks whose segments have
+    two shallow blocks CLA has no choice to make (the first and the last are fixed) and chain's alignment fuses
+    better on the benchmark pairs; on plain MLPs, and where a shallow model is a subset of the deep one's layers,
+    CLA's does (``docs/benchmarks.md``).
+
+    A candidate is measured as soon as it is fused. One that is not the last, of at least
+    :data:`TRIAL_SPILL_BYTES`, then waits in a temporary file while the next is
+    fused, its tensors emptied, so the trial does not hold two fused models in memory; leaving the context deletes
+    the files.
+    """
+
+    def __init__(self, run: Prepared, clock: Stopwatch) -> None:
+        self.run, self.clock = run, clock
+        self.batches = run.repair_batches or run.batches
+        self.agreement: list[int] = []
+        self.spilled: dict[int, Path] = {}
+        self._folder: tempfile.TemporaryDirectory | None = None
+        with clock("alignment_trial"), torch.no_grad():
+            self.ensemble = predictions(run.models, self.batches, run.adapter, run.weights)
+
+    def __enter__(self) -> AlignmentTrial:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._folder is not None:
+            self._folder.cleanup()
+
+    def measure(self, built: Built, *, spill: bool) -> None:
+        """Count the samples where ``built``'s prediction agrees with the ensemble; spill it to disk if asked."""
+        with self.clock("alignment_trial"), torch.no_grad():
+            hits = predictions([built.fused], self.batches, self.run.adapter, [1.0]) == self.ensemble
+            self.agreement.append(int(hits.sum()))
+            if spill and _module_bytes(built.fused) >= TRIAL_SPILL_BYTES:
+                if self._folder is None:
+                    self._folder = tempfile.TemporaryDirectory(prefix="hf_clafusion_trial_")
+                path = Path(self._folder.name) / f"candidate-{len(self.agreement) - 1}.pt"
+                spill_module(built.fused, path)
+                self.spilled[len(self.agreement) - 1] = path
+
+    def keep(self, built: Sequence[Built]) -> tuple[Built, dict[str, Any]]:
+        """The candidate with the most agreement (the first on ties), back in memory, and the trial's record: the
+        methods tried, the one kept, each one's agreement with the ensemble (a fraction) and the number of samples."""
+        methods = ["cla", "chain"][: len(built)]
+        best = self.agreement.index(max(self.agreement))
+        if best in self.spilled:
+            with self.clock("alignment_trial"):
+                restore_module(built[best].fused, self.spilled[best], self.run.device)
+        samples = int(self.ensemble.numel())
+        record = {
+            "tried": methods,
+            "kept": methods[best],
+            "agreement": {m: a / samples for m, a in zip(methods, self.agreement)},
+            "samples": samples,
+        }
+        return built[best], record
+
+
+def _module_bytes(module: nn.Module) -> int:
+    return sum(t.numel() * t.element_size() for t in itertools.chain(module.parameters(), module.buffers()))
+
+
+def spill_module(module: nn.Module, path: Path) -> None:
+    """Write every parameter and buffer of ``module`` (non-persistent buffers too) to ``path`` and free their memory.
+
+    Each tensor keeps its object and gets an empty ``data``, so tied parameters stay tied; :func:`restore_module`
+    fills them again.
+    """
+    tensors = _named_tensors(module)
+    torch.save({name: t.detach() for name, t in tensors.items()}, path)
+    for tensor in tensors.values():
+        tensor.data = torch.empty(0, dtype=tensor.dtype, device=tensor.device)
+
+
+def restore_module(module: nn.Module, path: Path, device: torch.device) -> None:
+    """Undo :func:`spill_module`: every tensor of ``module`` filled from ``path``, on ``device``."""
+    saved = torch.load(path, map_location=device, weights_only=True)
+    for name, tensor in _named_tensors(module).items():
+        tensor.data = saved.pop(name)
+
+
+def _named_tensors(module: nn.Module) -> dict[str, torch.Tensor]:
+    """Every parameter and buffer of ``module`` once (a tied one under its first name)."""
+    tensors: dict[str, torch.Tensor] = {f"parameter:{n}": t for n, t in module.named_parameters()}
+    tensors.update({f"buffer:{n}": t for n, t in module.named_buffers()})
+    return tensors
+
+
 # --------------------------------------------------------------------------------------------- internals
 
 
@@ -1135,28 +1302,26 @@ def resolve_config(config: FusionConfig | None, overrides: dict[str, Any]) -> Fu
     return config.replace(**overrides) if overrides else config
 
 
-def _result(
-    run: Prepared,
-    alignment: Alignment,
-    balanced: Balanced,
-    transported: Transported,
-    fused: nn.Module,
-    repaired: RepairOutcome,
-    clock: Stopwatch,
-) -> FusionResult:
+def _result(run: Prepared, kept: Built, trial: dict[str, Any], clock: Stopwatch) -> FusionResult:
+    config = run.config.replace(repair=kept.repaired.mode)  # the resolved values, as saved in fusion_config.json
+    if trial:
+        config = config.replace(alignment=trial["kept"])
+    elif config.alignment == "auto":
+        config = config.replace(alignment="cla")  # CLA's alignment is chain's: nothing to try
     return FusionResult(
-        model=fused,
-        pairs=alignment.pairs,
-        transport_plans=transported.plans,
-        transport_solvers=transported.solvers,
+        model=kept.fused,
+        pairs=kept.alignment.pairs,
+        transport_plans=kept.transported.plans,
+        transport_solvers=kept.transported.solvers,
         timings=dict(clock.timings),
         calibration=run.calibration.provenance,
-        config=run.config.replace(repair=repaired.mode),  # the resolved mode, as saved in fusion_config.json
+        config=config,
         adapter=run.adapter.name,
         anchor=run.anchor,
         parents=list(run.parents),
-        bn_reset=repaired.bn_reset,
-        identity_errors=balanced.identity_errors,
+        bn_reset=kept.repaired.bn_reset,
+        identity_errors=kept.identity_errors,
+        alignment_trial=trial,
     )
 
 
@@ -1294,7 +1459,7 @@ def _segment_cost(
     return fn(acts_deep, acts_shallow).cpu()
 
 
-def _segment_alignment(run: Prepared, cost: torch.Tensor, m: int, n: int, segment: int) -> list[int]:
+def _segment_alignment(run: Prepared, cost: torch.Tensor, m: int, n: int, segment: int, method: str) -> list[int]:
     config = run.config
     if m == n:
         return list(range(n))
@@ -1307,16 +1472,16 @@ def _segment_alignment(run: Prepared, cost: torch.Tensor, m: int, n: int, segmen
             f"{config.first_fixed} + last_fixed={config.last_fixed}. Lower them (values up to 1 are "
             "relaxed automatically on short segments)."
         )
-    if config.alignment == "chain":
+    if method == "chain":
         return core.chain_alignment(m, n)
-    if config.alignment == "random":
+    if method == "random":
         return core.random_alignment(m, n, first_fixed=first, last_fixed=last, seed=config.seed + segment)
     return core.align_layers(cost, first_fixed=first, last_fixed=last)
 
 
 def _warn_if_costs_tie(config: FusionConfig, cost: torch.Tensor, m: int, n: int, s: int, k: int, ref: int) -> None:
     """Warn when every layer cost of a segment that needs an alignment choice is the same: the choice is arbitrary."""
-    if m == n or config.alignment != "cla" or config.layer_cost in ("index", "neuron_count") or cost.numel() < 2:
+    if m == n or config.layer_cost in ("index", "neuron_count") or cost.numel() < 2:
         return
     spread = float(cost.max() - cost.min())
     if spread <= 1e-6 * max(1.0, float(cost.abs().max())):

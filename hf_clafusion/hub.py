@@ -202,6 +202,7 @@ def build_model_card(
         parents=result.parents,
         num_parameters=sum(t.numel() for t in result.model.parameters()),
         alignment_rows=alignment_rows,
+        alignment_trial=result.alignment_trial,
         config_yaml=yaml.safe_dump(result.config.to_dict(), sort_keys=False),
         calibration=calibration,
         load_path=load_path,

@@ -188,12 +188,12 @@ def repair_fused(
     # "auto": the first candidate unless another agrees with the parents' ensemble clearly more often
     with torch.no_grad():
         runners = [closed_form[k][0] if k in closed_form else m for k, m in enumerate(parents)]
-        ensemble = _predictions(runners, batches, adapter, weights)
+        ensemble = predictions(runners, batches, adapter, weights)
         best: tuple[torch.Tensor, RepairOutcome, nn.Module] | None = None
         for candidate in resolved:
             trial = copy.deepcopy(fused)
             outcome = apply(trial, candidate)
-            hits = _predictions([trial], batches, adapter, [1.0]) == ensemble
+            hits = predictions([trial], batches, adapter, [1.0]) == ensemble
             if best is None or clearly_better(hits, best[0]):
                 best = (hits, outcome, trial)
         _, outcome, kept = best
@@ -225,10 +225,10 @@ def clearly_better(hits: torch.Tensor, reference: torch.Tensor) -> bool:
     return wins - losses > math.sqrt(wins + losses)
 
 
-def _predictions(
+def predictions(
     models: Sequence[nn.Module], batches: Sequence[Any], adapter: Adapter, weights: Sequence[float]
 ) -> torch.Tensor:
-    """Argmax of the weighted mean of the models' logits over ``batches``, flattened."""
+    """Argmax of the weighted mean of the models' logits over ``batches``, flattened (what ``"auto"`` trials compare)."""
     out = []
     for batch in batches:
         logits = sum(w * _logits(adapter, m, batch) for w, m in zip(weights, models))

@@ -233,6 +233,10 @@ class FusionResult(_AlignmentMixin):
         finetune_kept_epoch: the finetuning epoch whose weights :attr:`model` holds (0: before finetuning; with
             ``FinetuneConfig.keep_best``, the best evaluated one); None before finetuning or in older records
             (the last epoch).
+        alignment_trial: with ``alignment="auto"`` where CLA's and chain's alignments differ: ``tried`` (the
+            methods), ``kept`` (also in :attr:`config`), ``agreement`` (per method, the fraction of samples on which
+            its fused model's prediction agrees with the parents' ensemble) and ``samples``; for models without a
+            prediction head, ``tried`` and ``kept`` are ``"cla"`` and ``skipped`` says why. Empty otherwise.
     """
 
     model: nn.Module
@@ -252,6 +256,7 @@ class FusionResult(_AlignmentMixin):
     evaluation_task: str = "image-classification"
     finetune_history: list[dict[str, Any]] = field(default_factory=list)
     finetune_kept_epoch: int | None = None
+    alignment_trial: dict[str, Any] = field(default_factory=dict)
 
     def record_evaluation(
         self, report: Any, *, dataset: str | None = None, fused: str | None = None, task: str = "image-classification"
@@ -321,6 +326,7 @@ class FusionResult(_AlignmentMixin):
             "evaluation_task": self.evaluation_task,
             "finetune": self.finetune_history,
             "finetune_kept_epoch": self.finetune_kept_epoch,
+            "alignment_trial": dict(self.alignment_trial),
         }
 
     @classmethod
@@ -361,6 +367,7 @@ class FusionResult(_AlignmentMixin):
             evaluation_task=record.get("evaluation_task", "image-classification"),
             finetune_history=record.get("finetune", []),
             finetune_kept_epoch=record.get("finetune_kept_epoch"),
+            alignment_trial=record.get("alignment_trial", {}),
         )
 
     @property
@@ -385,6 +392,15 @@ class FusionResult(_AlignmentMixin):
             f"  layer cost {cfg.layer_cost}, alignment {cfg.alignment}, balancing {cfg.balancing}, solver {cfg.solver}, "
             f"ground metric {cfg.ground_metric}, {self.calibration.get('num_samples')} calibration samples"
         )
+        trial = self.alignment_trial
+        if trial.get("skipped"):
+            lines.append(f"  alignment auto: cla without a trial ({trial['skipped']})")
+        elif trial:
+            tried = ", ".join(f"{m} {100 * trial['agreement'][m]:.1f} %" for m in trial["tried"])
+            lines.append(
+                f"  alignment auto: agreement with the parents' ensemble on {trial['samples']} samples: {tried}; "
+                f"kept {trial['kept']}"
+            )
         ran = Counter(name for groups in self.transport_solvers.values() for name in groups.values())
         if ran:
             counts = ", ".join(f"{name} ({n} group{'s' if n > 1 else ''})" for name, n in sorted(ran.items()))

@@ -134,6 +134,12 @@ def recorded(result):
     result.finetune_kept_epoch = 1
     result.identity_errors = {"0.1": 0.01}
     result.bn_reset = True
+    result.alignment_trial = {
+        "tried": ["cla", "chain"],
+        "kept": "chain",
+        "agreement": {"cla": 0.5, "chain": 0.75},
+        "samples": 4,
+    }
     defaults = FusionResult(result.model, [], {}, {}, {}, FusionConfig(), "", 0, [])
     for f in dataclasses.fields(FusionResult):
         if f.name not in ("model", "transport_plans", "anchor"):  # the anchor is model 0, which is the default

@@ -193,6 +193,14 @@ class Adapter(ABC):
             return (), dict(batch)
         return (batch,), {}
 
+    def predicts(self, model: nn.Module) -> bool:
+        """Whether ``model`` (prepared) ends in a prediction head whose outputs mean the same in every parent (class
+        or token logits), so that the parents' outputs average into an ensemble's; ``FusionConfig(alignment="auto")``
+        compares candidate fused models with that ensemble. Default: True (the output layer is never permuted, so
+        its units are the same in every parent). A family with headless models (hidden states, pooled features:
+        each parent's in its own neuron basis) returns False for them."""
+        return True
+
     def logits(self, output: Any) -> torch.Tensor:
         """The logits tensor ``(B, C)`` (or ``(B, T, C)``) from a model output."""
         if isinstance(output, torch.Tensor):

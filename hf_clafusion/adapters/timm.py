@@ -804,6 +804,9 @@ class TimmAdapter(Adapter):
         self.spec(out)  # refuse unsupported models and layers early
         return out
 
+    def predicts(self, model: nn.Module) -> bool:
+        return getattr(model, "num_classes", 1) > 0  # num_classes=0: pooled features, no classifier
+
     def spec(self, model: nn.Module) -> NetworkSpec:
         family = _family(model)
         segments, groups, points = family.spec(model)

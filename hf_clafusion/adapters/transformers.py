@@ -543,6 +543,11 @@ class TransformersAdapter(Adapter):
             kwargs.setdefault("use_cache", False)
         return (), kwargs
 
+    def predicts(self, model: nn.Module) -> bool:
+        # a model with a head (ForSequenceClassification, ForCausalLM, ...) holds its base model under
+        # ``base_model_prefix``; a base model (BertModel) is its own base and outputs hidden states
+        return getattr(model, "base_model", model) is not model
+
     def logits(self, output: Any) -> torch.Tensor:
         if hasattr(output, "logits") and output.logits is not None:
             return output.logits
