@@ -314,7 +314,7 @@ METHODS: dict[str, dict[str, Any]] = {
     "sinkhorn reg=0.05": {"solver": "sinkhorn", "reg": 0.05},
     "sinkhorn reg=0.1": {"solver": "sinkhorn", "reg": 0.1},
     "chain alignment": {"alignment": "chain"},
-    "alignment='auto'": {"alignment": "auto"},
+    "alignment='cla'": {"alignment": "cla"},
     "random alignment": {"alignment": "random"},
     "last_fixed=0": {"last_fixed": 0},
     "first_fixed=0, last_fixed=0": {"first_fixed": 0, "last_fixed": 0},

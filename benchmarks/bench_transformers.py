@@ -162,7 +162,14 @@ def _llama_1b_folders() -> tuple[str, str]:
 
 
 def worker(
-    case: str, sequences: int, tokens: int, batch_size: int, solver: str, unmatched: str | None, positions: int | None
+    case: str,
+    sequences: int,
+    tokens: int,
+    batch_size: int,
+    solver: str,
+    unmatched: str | None,
+    positions: int | None,
+    alignment: str | None = None,
 ) -> dict:
     import statistics
 
@@ -189,6 +196,8 @@ def worker(
     extra = {"unmatched": unmatched} if unmatched else {}  # older versions have no `unmatched`
     if positions:
         extra["positions_per_sample"] = positions
+    if alignment:
+        extra["alignment"] = alignment
     config = FusionConfig(progress=False, num_samples=sequences, batch_size=batch_size, solver=solver, **extra)
 
     # the floor is a float32 forward pass (the fusion runs in float32): parents loaded from bf16 folders are
@@ -240,6 +249,8 @@ def worker(
         "weights_mib": weight_mib + fused_mib,
         "identity_errors": result.identity_errors,
         "alignment": result.layer_alignment,
+        "alignment_method": result.config.alignment,
+        "alignment_trial": getattr(result, "alignment_trial", {}),
         "load": [load_before, os.getloadavg()[0]],
     }
 
@@ -252,6 +263,12 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--solver", default="auto", help="FusionConfig.solver (auto, emd, sinkhorn, permutation)")
     parser.add_argument("--positions", type=int, default=None, help="FusionConfig.positions_per_sample")
+    parser.add_argument(
+        "--alignment",
+        help="FusionConfig.alignment (auto, cla, chain); default: its default. 'auto' fuses twice where CLA's and "
+        "chain's alignments differ and the models have a prediction head (the Llama cases; the BERT cases are "
+        "headless); 'cla' measures one fusion",
+    )
     parser.add_argument(
         "--unmatched", help="FusionConfig.unmatched (average, transplant, identity); default: its default"
     )
@@ -269,7 +286,14 @@ def main() -> None:
         fusion.STATISTICS_CAPTURE_BYTES = args.capture_bytes
     if args.worker:
         row = worker(
-            args.worker, args.sequences, args.tokens, args.batch_size, args.solver, args.unmatched, args.positions
+            args.worker,
+            args.sequences,
+            args.tokens,
+            args.batch_size,
+            args.solver,
+            args.unmatched,
+            args.positions,
+            args.alignment,
         )
         print(json.dumps(row))
         return
@@ -286,6 +310,7 @@ def main() -> None:
         command += ["--tokens", str(args.tokens), "--batch-size", str(args.batch_size), "--solver", args.solver]
         command += ["--unmatched", args.unmatched] if args.unmatched else []
         command += ["--positions", str(args.positions)] if args.positions else []
+        command += ["--alignment", args.alignment] if args.alignment else []
         command += ["--capture-bytes", str(args.capture_bytes)] if args.capture_bytes is not None else []
         done = subprocess.run(command, capture_output=True, text=True)
         if done.returncode:
@@ -295,13 +320,13 @@ def main() -> None:
         rows.append(row)
         print(f"{case}: {json.dumps(row)}", file=sys.stderr)
     print(
-        "| case | unmatched | positions per sequence | plans | fusion s | floor s | ratio | extra MiB "
+        "| case | alignment | unmatched | positions per sequence | plans | fusion s | floor s | ratio | extra MiB "
         "| parents + fused MiB | ratio | load avg |"
     )
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         print(
-            f"| {r['case']} | {r['unmatched']} | {r['positions']} | "
+            f"| {r['case']} | {_alignment(r)} | {r['unmatched']} | {r['positions']} | "
             + ", ".join(f"{n} {k}" for k, n in r["solvers"].items())
             + f" | {r['fusion_s']:.1f} | {r['floor_s']:.1f} | "
             f"{r['fusion_s'] / r['floor_s']:.1f}x | {r['extra_mib']:.0f} | {r['weights_mib']:.0f} | "
@@ -310,6 +335,16 @@ def main() -> None:
     print("\nStages (s):")
     for r in rows:
         print(f"- {r['case']}: " + ", ".join(f"{k} {v:.1f}" for k, v in r["timings"].items()))
+
+
+def _alignment(row: dict) -> str:
+    """The alignment method kept, with what ``"auto"``'s trial did."""
+    trial = row.get("alignment_trial") or {}
+    if trial.get("skipped"):
+        return f"{row['alignment_method']} (auto, no trial: no head)"
+    if trial:
+        return f"{row['alignment_method']} (auto, {' vs '.join(trial['tried'])})"
+    return row.get("alignment_method", "?")
 
 
 if __name__ == "__main__":

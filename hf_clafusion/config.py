@@ -153,9 +153,9 @@ class FusionConfig(_DictMixin):
         },
     )
     alignment: AlignmentMethod = field(
-        default="cla",
+        default="auto",
         metadata={
-            "help": "`cla`: the dynamic programme. `auto`: fuse with `cla`'s alignment and with `chain`'s where they "
+            "help": "`cla`: the dynamic programme. `auto` (default): fuse with `cla`'s alignment and with `chain`'s where they "
             "differ, and keep the one whose predictions on the calibration data agree most often with the parents' "
             "ensemble (CLA's on ties; the resolved value is saved). `chain` (layer `k` -> layer `k`) "
             "and `random` (seeded, honours the fixed layers) are baselines."

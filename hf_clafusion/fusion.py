@@ -512,7 +512,7 @@ def align_segments(
             m, n = run.segments[s].depths[deep], run.segments[s].depths[shallow]
             cost = _segment_cost(run, activations, s, k, ref, deep, shallow)
             mapping = _segment_alignment(run, cost, m, n, s, method)
-            if method == "cla":
+            if method in ("cla", "auto"):  # where the costs choose
                 _warn_if_costs_tie(run.config, cost, m, n, s, k, ref)
             local[(s, k)] = mapping
             pair = by_pair.get((k, ref)) or by_pair.get((ref, k))

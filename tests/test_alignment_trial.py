@@ -184,3 +184,22 @@ def test_spilling_the_first_candidate_changes_nothing_and_leaves_no_file(cla_pai
     assert spilled.alignment_trial["kept"] == "cla"  # the first candidate: spilled, then restored
     assert _states_equal(spilled.model, kept_in_memory.model)
     assert list(tmp_path.iterdir()) == []  # the temporary folder is gone
+
+
+def test_a_causal_lm_pair_is_tried_on_its_token_predictions_and_saves(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    from .test_transformers import inputs, make
+
+    deep, shallow, batch = make("llama", 4, seed=0), make("llama", 2, seed=1), inputs("llama")
+    config = CONFIG.replace(num_samples=16, batch_size=8)
+    auto = fuse([deep, shallow], batch, config, alignment="auto")
+    trial = auto.alignment_trial
+    assert trial["tried"] == ["cla", "chain"] and trial["samples"] == batch["input_ids"].numel()  # every token
+    kept = fuse([deep, shallow], batch, config, alignment=trial["kept"])
+    assert auto.layer_alignment == kept.layer_alignment and _states_equal(auto.model, kept.model)
+    auto.save_pretrained(tmp_path / "fused", processor=False)
+    reloaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "fused").eval()
+    with torch.no_grad():
+        assert torch.allclose(reloaded(**batch).logits, auto.model(**batch).logits, atol=1e-5)
+    saved = (tmp_path / "fused" / "fusion_config.json").read_text()
+    assert '"alignment_trial"' in saved and f'"alignment": "{trial["kept"]}"' in saved

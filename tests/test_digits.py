@@ -32,7 +32,7 @@ def test_different_depth_pair_fuses_with_the_requested_depth(digits, balancing):
     (x, y), (x_test, y_test) = digits
     deep = train(mlp(64, [48, 40, 32, 24, 16], 10, seed=1), x, y, epochs=10, seed=1)
     shallow = train(mlp(64, [48, 40, 32], 10, seed=2), x, y, epochs=10, seed=2)
-    result = fuse([deep, shallow], x, FusionConfig(progress=False, balancing=balancing))
+    result = fuse([deep, shallow], x, FusionConfig(progress=False, balancing=balancing, alignment="cla"))
     linears = [m for m in result.model if isinstance(m, torch.nn.Linear)]
     assert len(linears) == (6 if balancing == "identity" else 4)
     # the anchor (the deeper model) gives the widths; merge keeps its matched layers 0, 1 and 4

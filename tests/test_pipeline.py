@@ -39,7 +39,7 @@ def _run_stages(models, data, config):
 def test_the_stages_called_by_hand_give_the_model_fuse_gives(balancing):
     deep, shallow = mlp(8, [16, 14, 12, 16], 3, seed=1), mlp(8, [12, 10], 3, seed=2)
     x = torch.randn(64, 8)
-    config = FusionConfig(balancing=balancing, repair=None, progress=False)
+    config = FusionConfig(balancing=balancing, repair=None, progress=False, alignment="cla")  # one candidate
     _, alignment, _, transported, fused, clock = _run_stages([deep, shallow], x, config)
     result = fuse([deep, shallow], x, config)
     assert [p.alignment for p in alignment.pairs] == [p.alignment for p in result.pairs]

@@ -24,7 +24,9 @@ from ._models import max_rel_error, permutation_matrix, permuted_copy, word_toke
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-EXACT = FusionConfig(progress=False, repair=None, num_samples=16, batch_size=8)
+# CLA's alignment (first and last layers matched): the structural tests check what it gives; alignment="auto"'s
+# choice between it and chain's is tested in test_alignment_trial.py
+EXACT = FusionConfig(progress=False, repair=None, num_samples=16, batch_size=8, alignment="cla")
 VOCAB = 96
 
 # ----------------------------------------------------------------------------------------------- tiny models
