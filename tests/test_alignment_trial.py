@@ -203,3 +203,21 @@ def test_a_causal_lm_pair_is_tried_on_its_token_predictions_and_saves(tmp_path):
         assert torch.allclose(reloaded(**batch).logits, auto.model(**batch).logits, atol=1e-5)
     saved = (tmp_path / "fused" / "fusion_config.json").read_text()
     assert '"alignment_trial"' in saved and f'"alignment": "{trial["kept"]}"' in saved
+
+
+def test_three_models_are_tried_together(trained_pair):
+    deep, shallow, x = trained_pair
+    (train_x, train_y), _ = digits_split(seed=0)
+    third = train(mlp(64, [20, 20], 10, seed=7), train_x, train_y, epochs=8, seed=7)
+    models = [deep, shallow, third]
+    auto = fuse(models, x, CONFIG, alignment="auto")
+    assert auto.alignment_trial["tried"] == ["cla", "chain"]
+    kept = fuse(models, x, CONFIG, alignment=auto.alignment_trial["kept"])
+    assert auto.layer_alignments == kept.layer_alignments and _states_equal(auto.model, kept.model)
+    with torch.no_grad():
+        ensemble = sum(m(x) for m in models).argmax(-1)  # equal weights
+        agreement = {
+            m: int((fuse(models, x, CONFIG, alignment=m).model(x).argmax(-1) == ensemble).sum()) / len(x)
+            for m in ("cla", "chain")
+        }
+    assert auto.alignment_trial["agreement"] == pytest.approx(agreement, abs=1e-12)
