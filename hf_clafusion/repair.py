@@ -36,6 +36,7 @@ from torch import nn
 
 from . import core
 from .adapters.base import Adapter, UnmatchedBlocks, capture_outputs, reset_batchnorm_stats
+from .data import num_rows, take_rows
 from .errors import AlignmentError, ClaFusionWarning, UnsupportedArchitectureError
 from .spec import NetworkSpec, RepairPoint
 
@@ -225,14 +226,37 @@ def clearly_better(hits: torch.Tensor, reference: torch.Tensor) -> bool:
     return wins - losses > math.sqrt(wins + losses)
 
 
+#: Logits of at most about this many bytes per model are alive at once in :func:`predictions`: a language model's
+#: ``(rows, tokens, vocabulary)`` logits would otherwise be the largest tensor of the whole fusion.
+PREDICTION_BYTES = 64 * 2**20
+
+
 def predictions(
     models: Sequence[nn.Module], batches: Sequence[Any], adapter: Adapter, weights: Sequence[float]
 ) -> torch.Tensor:
-    """Argmax of the weighted mean of the models' logits over ``batches``, flattened (what ``"auto"`` trials compare)."""
-    out = []
-    for batch in batches:
-        logits = sum(w * _logits(adapter, m, batch) for w, m in zip(weights, models))
-        out.append(logits.argmax(-1).flatten())
+    """Argmax of the weighted mean of the models' logits over ``batches``, flattened (what ``"auto"`` trials compare).
+
+    A batch whose logits would exceed :data:`PREDICTION_BYTES` runs in chunks of rows (the bytes per row are measured
+    on one row first); a classifier's batch runs whole. The weighted sum is formed in place, in the models' order.
+    """
+    if not batches:
+        return torch.zeros(0, dtype=torch.long)
+    with torch.no_grad():
+        first = take_rows(batches[0], slice(0, 1))
+        row_bytes = max(_logits(adapter, m, first).nbytes for m in models)
+        step = max(1, PREDICTION_BYTES // max(1, row_bytes))
+        out = []
+        for batch in batches:
+            rows = num_rows(batch)
+            for start in range(0, rows, step):
+                part = batch if step >= rows else take_rows(batch, slice(start, start + step))
+                total = None
+                for w, m in zip(weights, models):
+                    logits = _logits(adapter, m, part).mul_(w)
+                    total = logits if total is None else total.add_(logits)
+                    del logits
+                out.append(total.argmax(-1).flatten())
+                del total
     return torch.cat(out)
 
 
