@@ -1222,6 +1222,9 @@ class AlignmentTrial:
         methods tried, the one kept, each one's agreement with the ensemble (a fraction) and the number of samples."""
         methods = ["cla", "chain"][: len(built)]
         best = self.agreement.index(max(self.agreement))
+        for i, candidate in enumerate(built):
+            if i != best:
+                release_tensors(candidate.fused)  # before the kept one is read back
         if best in self.spilled:
             with self.clock("alignment_trial"):
                 restore_module(built[best].fused, self.spilled[best], self.run.device)
@@ -1245,9 +1248,13 @@ def spill_module(module: nn.Module, path: Path) -> None:
     Each tensor keeps its object and gets an empty ``data``, so tied parameters stay tied; :func:`restore_module`
     fills them again.
     """
-    tensors = _named_tensors(module)
-    torch.save({name: t.detach() for name, t in tensors.items()}, path)
-    for tensor in tensors.values():
+    torch.save({name: t.detach() for name, t in _named_tensors(module).items()}, path)
+    release_tensors(module)
+
+
+def release_tensors(module: nn.Module) -> None:
+    """Free the memory of every parameter and buffer of ``module``: each keeps its object, with empty ``data``."""
+    for tensor in _named_tensors(module).values():
         tensor.data = torch.empty(0, dtype=tensor.dtype, device=tensor.device)
 
 
