@@ -340,7 +340,7 @@ class Built:
     Attributes:
         alignment: the layer alignment it was fused with.
         identity_errors: ``Balanced.identity_errors`` of its depth balancing.
-        transported: its plans and solvers (the states are emptied by averaging).
+        transported: its plans and solvers (averaging empties the non-anchor states; the anchor's are the parent's).
         fused: the fused model, repaired.
         repaired: what the statistics step did.
     """
