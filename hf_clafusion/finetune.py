@@ -38,14 +38,16 @@ from .errors import ClaFusionWarning, ConfigError, TrainingDivergedError
 
 
 STATE_FILE = "trainer_state.json"
+#: With ``keep_best``, a checkpoint's copy of the weights of the best evaluation so far.
+BEST_FILE = "best_model.safetensors"
 
 
 @dataclass
 class FinetuneResult:
     """The finetuned model (the input model, trained in place) and one metrics record per epoch.
 
-    ``initial_evaluation`` is the evaluation of the model before training (with an ``eval_dataset``, when not
-    resuming), the reference of the accuracy-drop warning. ``kept_epoch`` is the epoch whose weights the model
+    ``initial_evaluation`` is the evaluation of the model before training (with an ``eval_dataset``; a resumed run
+    reads it from its checkpoint), the reference of the accuracy-drop warning. ``kept_epoch`` is the epoch whose weights the model
     holds: the last one, or with ``keep_best`` the one with the best evaluation accuracy (0: the model before
     training).
     """
@@ -232,7 +234,7 @@ def _loss(run: _Training, inputs: Any, labels: torch.Tensor, config: FinetuneCon
 
 
 def _train_epoch(
-    run: _Training, config: FinetuneConfig, epoch: int, skip: int, global_step: int, history: list
+    run: _Training, config: FinetuneConfig, epoch: int, skip: int, global_step: int, history: list, saved: _Saved
 ) -> tuple[float, int, int, bool]:
     """One epoch (from batch ``skip`` on, when resuming): ``(train_loss, global_step, batches_done, stopped)``.
 
@@ -276,7 +278,7 @@ def _train_epoch(
         if accelerator.sync_gradients:
             global_step += 1
             if config.checkpoint_steps and global_step % config.checkpoint_steps == 0:
-                _save_checkpoint(accelerator, config, epoch, batch_index, global_step, history)
+                _save_checkpoint(accelerator, config, epoch, batch_index, global_step, history, saved)
             if config.max_steps is not None and global_step >= config.max_steps:
                 stop = True
                 break
@@ -412,19 +414,24 @@ def finetune(
     run = _setup(model, train, evaluation, teachers, config)
 
     state = {"epoch": 0, "batch_in_epoch": 0, "global_step": 0, "history": []}
+    best = _Best()
     if config.resume_from is not None:
-        state = _resume(run.accelerator, config)
+        state, folder = _resume(run.accelerator, config)
+        if config.keep_best:
+            best.load(folder, state)  # the best evaluation before the interruption still competes
     history: list[dict[str, Any]] = state["history"]
     global_step = state["global_step"]
-    initial = None
+    initial = state.get("initial_evaluation")  # the reference of the collapse warning survives a resume
     if run.eval_loader is not None and config.resume_from is None:
         initial = _evaluate(run, config)
-    best = _Best()
-    if config.keep_best and initial is not None:
-        best.offer(run, initial["eval_accuracy"], 0)
+        if config.keep_best:
+            best.offer(run, initial["eval_accuracy"], 0)
+    saved = _Saved(best, initial)
     for epoch in range(state["epoch"], config.epochs):
         skip = state["batch_in_epoch"] if epoch == state["epoch"] else 0
-        train_loss, global_step, batch_index, stop = _train_epoch(run, config, epoch, skip, global_step, history)
+        train_loss, global_step, batch_index, stop = _train_epoch(
+            run, config, epoch, skip, global_step, history, saved
+        )
         record: dict[str, Any] = {
             "epoch": epoch + 1,
             "step": global_step,
@@ -442,7 +449,7 @@ def finetune(
         if config.checkpoint_dir is not None:
             finished = not stop or batch_index >= len(run.train_loader)
             next_epoch, next_batch = (epoch + 1, 0) if finished else (epoch, batch_index)
-            _save_checkpoint(run.accelerator, config, next_epoch, next_batch, global_step, history)
+            _save_checkpoint(run.accelerator, config, next_epoch, next_batch, global_step, history, saved)
         if stop:
             break
     if config.log_with:
@@ -457,7 +464,11 @@ def finetune(
 
 
 class _Best:
-    """The best evaluation so far and a CPU copy of the weights that reached it (``keep_best``)."""
+    """The best evaluation so far and a CPU copy of the weights that reached it (``keep_best``).
+
+    Checkpoints carry it (:data:`BEST_FILE` beside the training state), so a resumed run still ends with the best
+    weights of the epochs before its interruption.
+    """
 
     def __init__(self) -> None:
         self.accuracy = -math.inf
@@ -472,6 +483,28 @@ class _Best:
         weights = run.accelerator.unwrap_model(run.model).state_dict()
         self.state = {name: tensor.detach().to("cpu", copy=True) for name, tensor in weights.items()}
         self.accuracy, self.epoch = accuracy, epoch
+
+    def record(self) -> dict[str, Any] | None:
+        """What the training state file says of it (None before any evaluation)."""
+        return None if self.state is None else {"epoch": self.epoch, "eval_accuracy": self.accuracy}
+
+    def load(self, folder: Path, state: dict[str, Any]) -> None:
+        """The best weights a checkpoint saved, if it saved any (checkpoints without ``keep_best`` hold none)."""
+        record = state.get("best")
+        if record is None or not (folder / BEST_FILE).is_file():
+            return
+        from safetensors.torch import load_file
+
+        self.state = load_file(str(folder / BEST_FILE))
+        self.accuracy, self.epoch = float(record["eval_accuracy"]), int(record["epoch"])
+
+
+@dataclass
+class _Saved:
+    """What a checkpoint keeps besides Accelerate's state: the best weights so far and the start's evaluation."""
+
+    best: _Best
+    initial: dict[str, float] | None
 
 
 def _check_process_state() -> None:
@@ -517,16 +550,27 @@ def _num_classes(model: nn.Module, adapter, loader: DataLoader, config: Finetune
 # ------------------------------------------------------------------------------------------------- checkpoints
 
 
-def _save_checkpoint(accelerator, config: FinetuneConfig, epoch: int, batch: int, step: int, history: list) -> None:
+def _save_checkpoint(
+    accelerator, config: FinetuneConfig, epoch: int, batch: int, step: int, history: list, saved: _Saved
+) -> None:
+    """Accelerate's state, then the best weights (``keep_best``), then the training state file, which is written last:
+    a folder without it is not a checkpoint (an interrupted save is never resumed from)."""
     folder = Path(config.checkpoint_dir) / f"checkpoint-{step:08d}"
     accelerator.save_state(str(folder))
     if accelerator.is_main_process:
         state = {"epoch": epoch, "batch_in_epoch": batch, "global_step": step, "history": history}
+        if saved.initial is not None:
+            state["initial_evaluation"] = saved.initial
+        if saved.best.state is not None:
+            from safetensors.torch import save_file
+
+            save_file(saved.best.state, str(folder / BEST_FILE))
+            state["best"] = saved.best.record()
         (folder / STATE_FILE).write_text(json.dumps(state, indent=2) + "\n")
     accelerator.wait_for_everyone()
 
 
-def _resume(accelerator, config: FinetuneConfig) -> dict[str, Any]:
+def _resume(accelerator, config: FinetuneConfig) -> tuple[dict[str, Any], Path]:
     if config.resume_from == "latest":
         folder = _latest_checkpoint(Path(config.checkpoint_dir))
         if folder is None:
@@ -538,7 +582,7 @@ def _resume(accelerator, config: FinetuneConfig) -> dict[str, Any]:
             f"Cannot resume from {str(folder)!r}: it is not a finetune checkpoint ({STATE_FILE} missing)."
         )
     accelerator.load_state(str(folder))
-    return json.loads((folder / STATE_FILE).read_text())
+    return json.loads((folder / STATE_FILE).read_text()), folder
 
 
 __all__ = ["FinetuneResult", "distillation_loss", "finetune"]

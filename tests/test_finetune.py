@@ -1,5 +1,6 @@
 """finetune: the Accelerate loop, exact resume, distillation, bad input, and two CPU processes (gloo)."""
 
+import importlib
 import json
 import os
 import subprocess
@@ -14,6 +15,9 @@ from hf_clafusion import ConfigError, DataError, FinetuneConfig, finetune
 from hf_clafusion.finetune import distillation_loss
 
 from ._models import cpu_launch_command, mlp
+
+
+hf_finetune = importlib.import_module("hf_clafusion.finetune")  # the module (the package exports the function)
 
 
 def _data(n=192, seed=0):
@@ -133,6 +137,59 @@ def test_keep_best_keeps_the_earliest_epoch_with_the_highest_evaluation_accuracy
     accuracies = [out.initial_evaluation["eval_accuracy"]] + [r["eval_accuracy"] for r in out.history]
     assert out.kept_epoch == accuracies.index(max(accuracies))
     assert _accuracy(out.model, tx, ty) == pytest.approx(max(accuracies))
+
+
+def test_keep_best_survives_a_resume_its_best_epoch_lies_before_the_interruption(tmp_path, monkeypatch):
+    # epoch 1 trains on the right labels (the best evaluation), later epochs on wrong ones; the run dies in epoch 3
+    x, y = _data(384)
+    tx, ty = _data(256, seed=5)
+    flipped = (y + 1) % 3
+    labels = {"epoch": 0}
+
+    class Schedule(torch.utils.data.Dataset):  # the labels change with the epoch: right first, then wrong
+        def __len__(self):
+            return len(x)
+
+        def __getitem__(self, i):
+            return x[i], (y if labels["epoch"] == 0 else flipped)[i]
+
+    config = CONFIG.replace(epochs=3, lr=0.1, keep_best=True, checkpoint_dir=str(tmp_path / "ckpt"))
+    original = hf_finetune._evaluate
+
+    def evaluate_then_switch(run, cfg):
+        out = original(run, cfg)
+        labels["epoch"] += 1  # the first call is the start's evaluation; labels go wrong after epoch 1
+        return out
+
+    monkeypatch.setattr(hf_finetune, "_evaluate", evaluate_then_switch)
+    labels["epoch"] = -1
+    full = finetune(mlp(8, [16], 3, seed=2), Schedule(), (tx, ty), config.replace(checkpoint_dir=None))
+    assert full.kept_epoch == 1
+
+    labels["epoch"] = -1
+    original_step, calls = torch.optim.SGD.step, []
+
+    def crash_in_epoch_three(self, *args, **kwargs):
+        calls.append(1)
+        if len(calls) > 2 * 12 + 3:  # 12 steps an epoch: dies in epoch 3, after the checkpoint of epoch 2
+            raise KeyboardInterrupt
+        return original_step(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.optim.SGD, "step", crash_in_epoch_three)
+    with pytest.raises(KeyboardInterrupt):
+        finetune(mlp(8, [16], 3, seed=2), Schedule(), (tx, ty), config)
+    monkeypatch.setattr(torch.optim.SGD, "step", original_step)
+    latest = max((tmp_path / "ckpt").glob("checkpoint-*"))
+    state = json.loads((latest / "trainer_state.json").read_text())
+    assert state["epoch"] == 2 and state["best"]["epoch"] == 1 and (latest / "best_model.safetensors").is_file()
+    assert state["initial_evaluation"] == full.initial_evaluation
+
+    labels["epoch"] = 2  # wrong labels in the resumed epoch 3, as in the full run
+    resumed = finetune(mlp(8, [16], 3, seed=7), Schedule(), (tx, ty), config.replace(resume_from="latest"))
+    assert resumed.kept_epoch == 1 and resumed.initial_evaluation == full.initial_evaluation
+    for key, value in full.model.state_dict().items():
+        assert torch.allclose(resumed.model.state_dict()[key], value, atol=1e-6), key
+    assert _accuracy(resumed.model, tx, ty) == pytest.approx(state["best"]["eval_accuracy"])
 
 
 def test_keep_best_needs_an_evaluation_split():
