@@ -48,6 +48,11 @@ METHODS: dict[str, dict[str, Any]] = {
     "alignment='cla'": {"alignment": "cla"},
     "chain alignment": {"alignment": "chain"},
     "unmatched='average'": {"unmatched": "average"},
+    "repair='repair'": {"repair": "repair"},
+    "correlation cost": {"ground_metric": "correlation"},
+    "sinkhorn reg=0.05": {"solver": "sinkhorn", "reg": 0.05},
+    "sinkhorn reg=0.1": {"solver": "sinkhorn", "reg": 0.1},
+    "sinkhorn reg=0.05, unmatched='average'": {"solver": "sinkhorn", "reg": 0.05, "unmatched": "average"},
     "weights=(0.7, 0.3)": {"weights": (0.7, 0.3)},
 }
 

@@ -407,10 +407,10 @@ def run_seed(name: str, seed: int, args: argparse.Namespace) -> dict[str, dict[s
     calibration = _calibration(pair)
     rows: dict[str, dict[str, float]] = {}
     test = pair.test
-    rows["deep parent"] = {"one-shot": accuracy(pair.deep, test)}
-    rows["shallow parent"] = {"one-shot": accuracy(pair.shallow, test)}
-    ensemble = evaluate([pair.deep, pair.shallow], _as_data(test))
-    rows["ensemble"] = {"one-shot": float(ensemble[-1].accuracy)}
+    parents = evaluate([pair.deep, pair.shallow], _as_data(test))  # each parent's row, then the ensemble's
+    rows["deep parent"] = {"one-shot": float(parents[0].accuracy)}
+    rows["shallow parent"] = {"one-shot": float(parents[1].accuracy)}
+    rows["ensemble"] = {"one-shot": float(parents[-1].accuracy)}
     fused_default = None
     fused_others: dict[str, nn.Module] = {}  # methods of --finetune-methods, finetuned beside the default
     for method, overrides in METHODS.items():
@@ -455,12 +455,17 @@ def run_seed(name: str, seed: int, args: argparse.Namespace) -> dict[str, dict[s
             start = time.perf_counter()
             out = finetune(model, tune, validation, budget, teacher=teacher)
             tuned[row] = out.model
-            rows.setdefault(row, {})["+finetune"] = accuracy(out.model, test)
+            rows.setdefault(row, {})["finetune seconds"] = time.perf_counter() - start
             if args.keep_best:
                 rows[row]["kept epoch"] = out.kept_epoch
-            rows[row]["finetune seconds"] = time.perf_counter() - start
-        # the headroom: what the parents know together after the same budget (two models' cost at inference)
-        both = evaluate([tuned["deep parent"], tuned["shallow parent"]], _as_data(test))
+        parents = ("deep parent", "shallow parent")
+        for row, model in tuned.items():
+            if row not in parents:
+                rows[row]["+finetune"] = accuracy(model, test)
+        # each finetuned parent's row, then the headroom: what the parents know together after the same budget
+        both = evaluate([tuned[row] for row in parents], _as_data(test))
+        for i, row in enumerate(parents):
+            rows[row]["+finetune"] = float(both[i].accuracy)
         rows["ensemble"]["+finetune"] = float(both[-1].accuracy)
     return rows
 
