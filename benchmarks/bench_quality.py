@@ -313,6 +313,7 @@ METHODS: dict[str, dict[str, Any]] = {
     "weight matching": {"ground_metric": "weight_matching"},
     "sinkhorn reg=0.05": {"solver": "sinkhorn", "reg": 0.05},
     "sinkhorn reg=0.1": {"solver": "sinkhorn", "reg": 0.1},
+    "sinkhorn reg=0.05, unmatched='average'": {"solver": "sinkhorn", "reg": 0.05, "unmatched": "average"},
     "chain alignment": {"alignment": "chain"},
     "alignment='cla'": {"alignment": "cla"},
     "random alignment": {"alignment": "random"},
