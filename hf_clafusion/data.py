@@ -26,6 +26,9 @@ LABEL_COLUMNS = ("label", "labels", "y", "target", "targets")
 #: :data:`LABEL_COLUMNS` are tried.
 DEFAULT_LABEL_COLUMN = "label"
 MIN_SAMPLES = 4
+#: Token labels equal to this are not scored (padding, prompts): the convention of PyTorch's cross-entropy and of
+#: ``transformers``' data collators.
+IGNORE_INDEX = -100
 DOCS = "See docs/data.md for the accepted forms."
 
 
@@ -184,7 +187,9 @@ def _labels_like(value: Any) -> bool:
 
 
 def as_labels(value: Any, rows: int | None = None, what: str = "evaluation") -> torch.Tensor:
-    """Class labels as a 1-d ``long`` tensor of ``rows`` entries (a tensor, a numpy array or a list of ints)."""
+    """Labels as a ``long`` tensor of ``rows`` entries (a tensor, a numpy array or a list of ints): class indices
+    ``(N,)``, or token labels ``(N, T)`` of integers for models that predict per token (language models; positions
+    holding :data:`IGNORE_INDEX` are not scored)."""
     try:
         labels = value if isinstance(value, torch.Tensor) else torch.as_tensor(value)
     except (TypeError, ValueError, RuntimeError):
@@ -193,11 +198,13 @@ def as_labels(value: Any, rows: int | None = None, what: str = "evaluation") -> 
         ) from None
     if labels.ndim == 0:
         labels = labels.reshape(1)
-    if labels.ndim != 1:
+    tokens = labels.ndim == 2 and not labels.is_floating_point() and not labels.is_complex()
+    if labels.ndim != 1 and not tokens:
         raise _error(
             what,
-            f"The {what} labels must be class indices shaped (N,), got shape {tuple(labels.shape)}. For one-hot or "
-            "probability labels pass labels.argmax(-1).",
+            f"The {what} labels must be class indices shaped (N,) (or integer token labels shaped (N, T) for a "
+            f"language model), got shape {tuple(labels.shape)} of {str(labels.dtype).replace('torch.', '')}. For "
+            "one-hot or probability labels pass labels.argmax(-1).",
         )
     if labels.is_floating_point() and labels.numel() and not bool((labels == labels.round()).all()):
         raise _error(what, f"The {what} labels are fractional ({labels[:4].tolist()}...). Pass integer class indices.")
@@ -209,13 +216,56 @@ def as_labels(value: Any, rows: int | None = None, what: str = "evaluation") -> 
 
 
 def check_labels(labels: torch.Tensor, num_classes: int, what: str = "evaluation") -> None:
-    """Refuse labels outside ``[0, num_classes - 1]``."""
+    """Refuse labels outside ``[0, num_classes - 1]`` (token labels may also hold :data:`IGNORE_INDEX`)."""
+    if labels.ndim == 2:
+        labels = labels[labels != IGNORE_INDEX]
     if labels.numel() and (int(labels.max()) >= num_classes or int(labels.min()) < 0):
         raise _error(
             what,
             f"The {what} labels lie in [{int(labels.min())}, {int(labels.max())}] but the model has {num_classes} "
             f"outputs (classes 0-{num_classes - 1}). Check the label column or the model's classifier.",
         )
+
+
+def scored(
+    logits: torch.Tensor, labels: torch.Tensor, inputs: Any, *, shift: bool, what: str = "evaluation"
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The predictions a loss or an accuracy scores: ``(logits (M, C), labels (M,), sample of each (M,))``.
+
+    Class labels ``(N,)`` with logits ``(N, C)``: every sample, as given. Token labels ``(N, T)`` with logits
+    ``(N, T, C)``: every position whose label is not :data:`IGNORE_INDEX` and whose ``attention_mask`` (when the
+    inputs have one) is 1; with ``shift`` (a causal language model, as its own loss does) position ``t``'s logits
+    score the label at ``t + 1``.
+
+    Raises:
+        DataError: the labels are per sample and the logits per token, or the other way round, or their lengths
+            differ.
+    """
+    if labels.ndim == 1:
+        if logits.ndim != 2:
+            raise _error(
+                what,
+                f"The model predicts per position (logits shaped {tuple(logits.shape)}) but the {what} labels are one "
+                f"class per sample ({tuple(labels.shape)}). For a language model pass token labels shaped like "
+                "`input_ids` (the `input_ids` themselves for a causal LM, which predicts each next token; "
+                f"{IGNORE_INDEX} where nothing is scored).",
+            )
+        return logits, labels, torch.arange(labels.shape[0], device=labels.device)
+    if logits.ndim != 3 or logits.shape[:2] != labels.shape:
+        raise _error(
+            what,
+            f"The {what} labels are per token ({tuple(labels.shape)}) but the model's logits are shaped "
+            f"{tuple(logits.shape)}; token labels need one logit vector per position, (N, T, C). One-hot class labels? "
+            "Pass labels.argmax(-1).",
+        )
+    keep = labels != IGNORE_INDEX
+    mask = inputs.get("attention_mask") if isinstance(inputs, Mapping) else None
+    if isinstance(mask, torch.Tensor) and mask.shape == labels.shape:
+        keep &= mask.to(keep.device).bool()
+    if shift:
+        logits, labels, keep = logits[:, :-1], labels[:, 1:], keep[:, 1:]
+    samples = torch.arange(labels.shape[0], device=labels.device)[:, None].expand_as(labels)
+    return logits[keep], labels[keep], samples[keep]
 
 
 def check_input_dtype(batch: Any, model: nn.Module, what: str = "calibration") -> None:
@@ -555,10 +605,11 @@ class SplitDataset(Dataset):
         return len(self.split)
 
     def __getitem__(self, index: int) -> tuple[Any, torch.Tensor]:
-        inputs, label = split_row(
-            self.split[int(index)], label_column=self.label, input_column=self.input_column, what=self.what
-        )
-        return inputs, label.reshape(())
+        row = self.split[int(index)]
+        inputs, label = split_row(row, label_column=self.label, input_column=self.input_column, what=self.what)
+        raw = row[self.label]
+        sequence = isinstance(raw, (list, tuple)) or getattr(raw, "ndim", 0) > 0  # a row's token labels
+        return inputs, label if sequence else label.reshape(())
 
     def raw_labels(self) -> torch.Tensor | None:
         """The label column without the split's transform, or None when it cannot be read that way."""
@@ -615,6 +666,8 @@ def labelled_dataset(
         )
     if len(dataset) == 0:
         raise _error(what, f"The {what} data is empty: it has no rows. Pass at least one sample.")
+    if labels is not None and labels.ndim == 2:  # token labels: positions holding IGNORE_INDEX are not scored
+        labels = labels[labels != IGNORE_INDEX]
     if labels is not None and labels.numel() and int(labels.min()) < 0:
         raise _error(what, f"The {what} labels must be >= 0, got {int(labels.min())}. Pass class indices.")
     return LabelledData(dataset, None if labels is None or not labels.numel() else int(labels.max()))
@@ -622,6 +675,7 @@ def labelled_dataset(
 
 __all__ = [
     "DEFAULT_LABEL_COLUMN",
+    "IGNORE_INDEX",
     "LABEL_COLUMNS",
     "MIN_SAMPLES",
     "CalibrationData",
@@ -641,6 +695,7 @@ __all__ = [
     "move_to",
     "num_rows",
     "prepare_calibration",
+    "scored",
     "split_batch",
     "split_row",
     "subset_indices",

@@ -11,7 +11,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from .adapters import get_adapter
-from .data import check_input_dtype, check_labels, labelled_batches, move_to, wrong_inputs_error
+from .data import check_input_dtype, check_labels, labelled_batches, move_to, scored, wrong_inputs_error
 from .errors import IncompatibleModelsError
 
 
@@ -61,6 +61,11 @@ def evaluate(
 ) -> EvaluationReport:
     """Accuracy and cross-entropy of each model, and of their prediction ensemble (mean of softmax outputs).
 
+    With token labels shaped like ``input_ids`` (language models) both are per scored position: next-token accuracy
+    and mean cross-entropy (``exp(loss)`` is the perplexity) for a causal LM, whose labels are scored shifted by one
+    as its own loss does; positions labelled ``-100`` or outside the ``attention_mask`` are not scored, and
+    ``num_samples`` counts the scored positions.
+
     Args:
         models: one model or a list (parents, the fused model...). Models are evaluated in eval mode, on their
             own device.
@@ -106,6 +111,7 @@ def evaluate(
     try:
         for inputs, labels in batches:
             probs = []
+            targets = labels
             for i, (model, adapter) in enumerate(zip(models, adapters)):
                 device = next(model.parameters()).device
                 args, kwargs = adapter.model_inputs(model, move_to(inputs, device))
@@ -117,13 +123,15 @@ def evaluate(
                         raise
                     raise explained from error
                 check_labels(labels, logits.shape[-1], "evaluation")
-                loss[i] += float(F.cross_entropy(logits, labels.long(), reduction="sum"))
-                correct[i] += int((logits.argmax(-1) == labels).sum())
+                # per sample, or per scored position with token labels (the same positions for every model)
+                logits, targets, _ = scored(logits, labels, inputs, shift=adapter.next_token(model))
+                loss[i] += float(F.cross_entropy(logits, targets.long(), reduction="sum"))
+                correct[i] += int((logits.argmax(-1) == targets).sum())
                 probs.append(logits.softmax(-1))
             mean = torch.stack(probs).mean(0)
-            loss[-1] += float(F.nll_loss(mean.clamp_min(1e-12).log(), labels.long(), reduction="sum"))
-            correct[-1] += int((mean.argmax(-1) == labels).sum())
-            total += labels.shape[0]
+            loss[-1] += float(F.nll_loss(mean.clamp_min(1e-12).log(), targets.long(), reduction="sum"))
+            correct[-1] += int((mean.argmax(-1) == targets).sum())
+            total += targets.shape[0]
     finally:
         for m, mode in zip(models, modes):
             m.train(mode)

@@ -31,6 +31,7 @@ from .data import (
     check_labels,
     labelled_dataset,
     move_to,
+    scored,
     split_batch,
     wrong_inputs_error,
 )
@@ -160,6 +161,7 @@ class _Training:
     adapter: Any
     num_classes: int
     check_batches: bool  # labels not known up front: check each batch
+    next_token: bool = False  # a causal LM: token labels are scored shifted by one (Adapter.next_token)
 
 
 def _accelerator(config: FinetuneConfig):
@@ -206,7 +208,7 @@ def _setup(
         accelerator.init_trackers("hf_clafusion", config={k: str(v) for k, v in config.to_dict().items()})
     return _Training(
         accelerator, model, optimizer, scheduler, train_loader, eval_loader, teachers, adapter, num_classes,
-        check_batches=train.max_label is None,
+        check_batches=train.max_label is None, next_token=adapter.next_token(model),
     )  # fmt: skip
 
 
@@ -217,16 +219,23 @@ def _forward(run: _Training, model: nn.Module, inputs: Any) -> torch.Tensor:
 
 
 def _loss(run: _Training, inputs: Any, labels: torch.Tensor, config: FinetuneConfig) -> torch.Tensor:
-    """Cross-entropy, or :func:`distillation_loss` against the teachers' logits."""
-    logits = _forward(run, run.model, inputs)
+    """Cross-entropy, or :func:`distillation_loss` against the teachers' logits, averaged over the scored predictions
+    (every sample; with token labels every scored position, :func:`~hf_clafusion.data.scored`)."""
+    output = _forward(run, run.model, inputs)
+    logits, targets, _ = scored(output, labels, inputs, shift=run.next_token, what="training")
+    if not targets.numel():  # a batch with nothing to score (every position ignored) trains nothing
+        return output.sum() * 0.0
     if not run.teachers:
-        return F.cross_entropy(logits.float(), labels.long())
+        return F.cross_entropy(logits.float(), targets.long())
     with torch.no_grad():
-        teacher_logits = [_forward(run, t, inputs) for t in run.teachers]
+        teacher_logits = [
+            scored(_forward(run, t, inputs), labels, inputs, shift=run.next_token, what="training")[0]
+            for t in run.teachers
+        ]
     return distillation_loss(
         logits,
         teacher_logits,
-        labels,
+        targets,
         alpha=config.distill_alpha,
         temperature=config.distill_temperature,
         scaling=config.distill_scaling,
@@ -325,21 +334,42 @@ def _warn_if_collapsed(initial: dict[str, float] | None, record: dict[str, Any],
 
 @torch.no_grad()
 def _evaluate(run: _Training, config: FinetuneConfig) -> dict[str, float]:
-    """Accuracy and loss over the whole evaluation split, gathered across processes without duplicated samples."""
+    """Accuracy and loss over the whole evaluation split, gathered across processes without duplicated samples.
+
+    With token labels (a language model) accuracy and loss are per scored position (next-token accuracy and the
+    mean cross-entropy, whose exponential is the perplexity), and ``eval_tokens`` counts the positions.
+    """
     run.model.eval()
-    correct = total = 0
+    correct = scored_total = 0.0
     loss_sum = 0.0
+    samples = 0
+    tokens = False
     for batch in run.eval_loader:
         inputs, labels = split_batch(
             batch, label_column=config.label_column, input_column=config.input_column, what="evaluation"
         )
-        logits = _forward(run, run.model, inputs).float()
-        losses = F.cross_entropy(logits, labels.long(), reduction="none")
-        preds, labels, losses = run.accelerator.gather_for_metrics((logits.argmax(-1), labels, losses))
-        correct += int((preds == labels).sum())
-        total += labels.numel()
-        loss_sum += float(losses.sum())
-    return {"eval_accuracy": correct / max(total, 1), "eval_loss": loss_sum / max(total, 1), "eval_samples": total}
+        tokens = tokens or labels.ndim == 2
+        logits, targets, sample = scored(
+            _forward(run, run.model, inputs).float(), labels, inputs, shift=run.next_token, what="evaluation"
+        )
+        losses = F.cross_entropy(logits, targets.long(), reduction="none")
+        # per-sample sums, so that gather_for_metrics can drop the samples repeated to fill the last batch
+        per_sample = torch.zeros(3, labels.shape[0], device=losses.device)
+        for row, values in enumerate(((logits.argmax(-1) == targets).float(), torch.ones_like(losses), losses)):
+            per_sample[row].index_add_(0, sample.to(losses.device), values)
+        hits, counts, sums = run.accelerator.gather_for_metrics(tuple(per_sample))
+        correct += float(hits.sum())
+        scored_total += float(counts.sum())
+        loss_sum += float(sums.sum())
+        samples += counts.numel()
+    record = {
+        "eval_accuracy": correct / max(scored_total, 1),
+        "eval_loss": loss_sum / max(scored_total, 1),
+        "eval_samples": samples,
+    }
+    if tokens:
+        record["eval_tokens"] = int(scored_total)
+    return record
 
 
 def _latest_checkpoint(directory: Path) -> Path | None:

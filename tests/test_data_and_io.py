@@ -335,8 +335,11 @@ def test_refusals_of_labelled_data_show_the_value_and_the_fix():
         lambda: evaluate(model, x): r"evaluation data needs labels, got only inputs \(Tensor of shape \(16, 8\).*"
         r"Pass \(inputs, labels\)",
         lambda: evaluate(model, (x, y[:15])): r"16 inputs but 15 labels",
-        lambda: evaluate(model, (x, torch.nn.functional.one_hot(y, 3))): r"shaped \(N,\), got shape \(16, 3\).*"
-        r"labels\.argmax\(-1\)",
+        # integer (N, C) labels could be token labels: refused where the model's logits show they are not
+        lambda: evaluate(model, (x, torch.nn.functional.one_hot(y, 3))): r"labels are per token \(\(16, 3\)\) but "
+        r"the model's logits are shaped \(16, 3\).*One-hot class labels\? Pass labels\.argmax\(-1\)",
+        lambda: evaluate(model, (x, torch.nn.functional.one_hot(y, 3).float())): r"shaped \(N,\) .*got shape "
+        r"\(16, 3\) of float32.*labels\.argmax\(-1\)",
         lambda: evaluate(model, DataLoader([{"x": x[i]} for i in range(N)], batch_size=8)): r"no label column "
         r"'label' \(columns: \['x'\]\).*label_column=",
         lambda: finetune(model, ([torch.randn(8), torch.randn(7)], [0, 1]), config=config): r"list of 2 tensors of "

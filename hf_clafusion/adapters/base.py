@@ -201,6 +201,13 @@ class Adapter(ABC):
         each parent's in its own neuron basis) returns False for them."""
         return True
 
+    def next_token(self, model: nn.Module) -> bool:
+        """Whether ``model`` predicts the *next* token at each position (a causal language model). Its token labels
+        (``input_ids``) are then scored shifted by one, as the model's own loss does: position ``t``'s logits
+        against the label at ``t + 1``. Default: False (each position's label is scored at that position, as for
+        token classification and masked language models)."""
+        return False
+
     def logits(self, output: Any) -> torch.Tensor:
         """The logits tensor ``(B, C)`` (or ``(B, T, C)``) from a model output."""
         if isinstance(output, torch.Tensor):

@@ -543,6 +543,10 @@ class TransformersAdapter(Adapter):
             kwargs.setdefault("use_cache", False)
         return (), kwargs
 
+    def next_token(self, model: nn.Module) -> bool:
+        # *ForCausalLM, GPT2LMHeadModel: transformers shifts their labels by one inside the model's own loss
+        return type(model).__name__.endswith(("ForCausalLM", "LMHeadModel"))
+
     def predicts(self, model: nn.Module) -> bool:
         # a model with a head (ForSequenceClassification, ForCausalLM, ...) holds its base model under
         # ``base_model_prefix``; a base model (BertModel) is its own base and outputs hidden states
