@@ -17,12 +17,16 @@ and perplexity (exp of the mean cross-entropy); "copy accuracy" counts the 12 co
 averages the parents' logits (what ``alignment="auto"``'s trial compares with). Differences between methods are
 paired over seeds: mean +- std of the per-seed differences. Parents are cached under ``--cache``.
 
-The library's `finetune` trains classifiers only, so this benchmark has no finetuning column.
+With ``--finetune``, the default's fused model, the best one-shot setting's (Sinkhorn with averaged unmatched
+blocks), each parent and the shallow parent distilled from both are finetuned with the same budget
+(`hf_clafusion.finetune`, token labels: 2 epochs of AdamW over 1,000 new sequences of the same language that no
+parent saw, the same data order for every model) and evaluated on the same test split.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import math
 import statistics
@@ -35,7 +39,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from hf_clafusion import fuse
+from hf_clafusion import FinetuneConfig, finetune, fuse
 
 
 VOCAB, HALF = 64, 12
@@ -55,14 +59,21 @@ METHODS: dict[str, dict[str, Any]] = {
     "sinkhorn reg=0.05, unmatched='average'": {"solver": "sinkhorn", "reg": 0.05, "unmatched": "average"},
     "weights=(0.7, 0.3)": {"weights": (0.7, 0.3)},
 }
+#: Fused models finetuned with --finetune (when their method runs).
+FINETUNED = ("default", "sinkhorn reg=0.05, unmatched='average'")
 
 
-def language(n: int, seed: int = 1234) -> torch.Tensor:
-    """``(n, LENGTH)`` token ids: BOS, 12 steps of a fixed sparse Markov chain, SEP, the 12 steps again."""
+def language(n: int, seed: int = 1234, samples: int | None = None) -> torch.Tensor:
+    """``(n, LENGTH)`` token ids: BOS, 12 steps of a fixed sparse Markov chain, SEP, the 12 steps again.
+
+    ``seed`` fixes the chain (the language) and, unless ``samples`` gives another seed, the sequences drawn.
+    """
     g = torch.Generator().manual_seed(seed)  # the language is fixed; the benchmark seed only splits it
     first = 2  # ids 0 and 1 are BOS and SEP
     words = VOCAB - first
     successors = torch.stack([torch.randperm(words, generator=g)[:3] for _ in range(words)])  # (words, 3)
+    if samples is not None:  # other sequences of the same language
+        g = torch.Generator().manual_seed(samples)
     probs = torch.tensor([0.6, 0.3, 0.1])
     tokens = torch.empty(n, HALF, dtype=torch.long)
     tokens[:, 0] = torch.randint(0, words, (n,), generator=g)
@@ -157,6 +168,7 @@ def run_seed(seed: int, args: argparse.Namespace) -> dict[str, dict[str, Any]]:
     models = _cached_parents(seed, train_ids, Path(args.cache), args.epochs, tuple(args.depths))
     calibration = {"input_ids": train_ids[:200], "attention_mask": torch.ones_like(train_ids[:200])}
     rows: dict[str, dict[str, Any]] = {}
+    fused: dict[str, nn.Module] = {}  # the methods of FINETUNED, finetuned with --finetune
     deep, shallow = logits(models["deep"], test_ids), logits(models["shallow"], test_ids)
     rows["deep parent"] = metrics(deep, test_ids)
     rows["shallow parent"] = metrics(shallow, test_ids)
@@ -171,10 +183,29 @@ def run_seed(seed: int, args: argparse.Namespace) -> dict[str, dict[str, Any]]:
         rows[method] = metrics(logits(result.model, test_ids), test_ids)
         rows[method]["seconds"] = time.perf_counter() - start
         rows[method]["kept"] = result.alignment_trial.get("kept", result.config.alignment)
+        if method in FINETUNED:
+            fused[method] = result.model
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         same = fuse([models["deep"], models["deep2"]], calibration, seed=seed, progress=False)
     rows["same-depth fusion (deep + deep)"] = metrics(logits(same.model, test_ids), test_ids)
+    if args.finetune:
+        tune = language(1000, samples=20_000 + seed)  # the same language, sequences no parent saw
+        data = ({"input_ids": tune, "attention_mask": torch.ones_like(tune)}, tune)
+        budget = FinetuneConfig(epochs=2, batch_size=64, optimizer="adamw", lr=1e-3, seed=seed, progress=False)
+        both = [models["deep"], models["shallow"]]
+        runs = {
+            "deep parent": (copy.deepcopy(models["deep"]), None),
+            "shallow parent": (copy.deepcopy(models["shallow"]), None),
+            "shallow distilled from both": (copy.deepcopy(models["shallow"]), both),
+            **{method: (model, None) for method, model in fused.items()},
+        }
+        for row, (model, teacher) in runs.items():
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                out = finetune(model, data, config=budget, teacher=teacher)
+            tuned = metrics(logits(out.model, test_ids), test_ids)
+            rows.setdefault(row, {}).update({f"{k} +finetune": v for k, v in tuned.items()})
     return rows
 
 
@@ -190,20 +221,31 @@ def summarise(per_seed: list[dict[str, dict[str, Any]]], depths: tuple[int, int]
     lines = [
         f"\n### lm, {depths[0]} + {depths[1]} layers ({len(per_seed)} seed(s); test split, mean ± std)\n",
         "| model | next-token accuracy % | copy accuracy % | perplexity | Δ accuracy vs chain (paired) "
-        "| Δ accuracy vs same-depth (paired) | kept |",
-        "|---|---|---|---|---|---|---|",
+        "| Δ accuracy vs same-depth (paired) | kept | +finetune accuracy % | +finetune perplexity "
+        "| +finetune Δ accuracy vs best parent +finetune (paired) |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for row in order:
         present = [s for s in per_seed if row in s]
-        acc = [s[row]["accuracy"] for s in present]
-        chain = [s[row]["accuracy"] - s["chain alignment"]["accuracy"] for s in present if "chain alignment" in s]
-        same = [s[row]["accuracy"] - s["same-depth fusion (deep + deep)"]["accuracy"] for s in present]
+        one_shot = [s for s in present if "accuracy" in s[row]]
+        acc = [s[row]["accuracy"] for s in one_shot]
+        chain = [s[row]["accuracy"] - s["chain alignment"]["accuracy"] for s in one_shot if "chain alignment" in s]
+        same = [s[row]["accuracy"] - s["same-depth fusion (deep + deep)"]["accuracy"] for s in one_shot]
         parent = row in ("deep parent", "shallow parent", "ensemble (mean of logits)")
         kept = ", ".join(str(s[row]["kept"]) for s in present if "kept" in s[row]) or "–"
+        tuned = [s for s in present if "accuracy +finetune" in s[row]]
+        best = [
+            s[row]["accuracy +finetune"]
+            - max(s["deep parent"]["accuracy +finetune"], s["shallow parent"]["accuracy +finetune"])
+            for s in tuned
+            if "accuracy +finetune" in s["deep parent"]
+        ]
         lines.append(
-            f"| {row} | {_mean_std(acc)} | {_mean_std([s[row]['copy accuracy'] for s in present])} "
-            f"| {_mean_std([s[row]['perplexity'] for s in present], 1.0)} "
-            f"| {'–' if parent else _mean_std(chain)} | {'–' if parent else _mean_std(same)} | {kept} |"
+            f"| {row} | {_mean_std(acc)} | {_mean_std([s[row]['copy accuracy'] for s in one_shot])} "
+            f"| {_mean_std([s[row]['perplexity'] for s in one_shot], 1.0)} "
+            f"| {'–' if parent else _mean_std(chain)} | {'–' if parent else _mean_std(same)} | {kept} "
+            f"| {_mean_std([s[row]['accuracy +finetune'] for s in tuned])} "
+            f"| {_mean_std([s[row]['perplexity +finetune'] for s in tuned], 1.0)} | {_mean_std(best)} |"
         )
     return "\n".join(lines)
 
@@ -214,6 +256,9 @@ def main() -> None:
     parser.add_argument("--methods", nargs="+", default=None, choices=list(METHODS), metavar="METHOD")
     parser.add_argument("--depths", nargs=2, type=int, default=[4, 2], metavar=("DEEP", "SHALLOW"))
     parser.add_argument("--epochs", type=int, default=8, help="Parent training epochs over 4,000 sequences.")
+    parser.add_argument(
+        "--finetune", action="store_true", help="Also finetune the fused models and the parents (the same budget)."
+    )
     parser.add_argument("--cache", default=str(Path.home() / ".cache" / "hf_clafusion_bench"))
     parser.add_argument("--output", default=None, help="Also write the raw results as JSON here (after every seed).")
     args = parser.parse_args()
