@@ -193,6 +193,7 @@ def _setup(
     eval_batch = config.eval_batch_size or config.batch_size
     eval_loader = None if evaluation is None else _loader(evaluation.dataset, eval_batch, False)
     num_classes = _num_classes(model, adapter, train_loader, config)
+    next_token = adapter.next_token(model)  # before Accelerate wraps the model (DistributedDataParallel)
     for data, what in ((train, "training"), (evaluation, "evaluation")):
         if data is not None and data.max_label is not None:
             check_labels(torch.tensor([0, data.max_label]), num_classes, what)
@@ -208,7 +209,7 @@ def _setup(
         accelerator.init_trackers("hf_clafusion", config={k: str(v) for k, v in config.to_dict().items()})
     return _Training(
         accelerator, model, optimizer, scheduler, train_loader, eval_loader, teachers, adapter, num_classes,
-        check_batches=train.max_label is None, next_token=adapter.next_token(model),
+        check_batches=train.max_label is None, next_token=next_token,
     )  # fmt: skip
 
 

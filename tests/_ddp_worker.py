@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 from accelerate import PartialState
 
-from hf_clafusion import FinetuneConfig, finetune
+from hf_clafusion import FinetuneConfig, evaluate, finetune
 from tests._models import mlp
 
 
@@ -17,6 +17,23 @@ def _digest(model: torch.nn.Module) -> str:
     for key, value in sorted(model.state_dict().items()):
         digest.update(key.encode() + value.detach().cpu().numpy().tobytes())
     return digest.hexdigest()
+
+
+def _causal_lm():
+    import transformers
+
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(
+        vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+        num_key_value_heads=1, max_position_embeddings=16,
+    )  # fmt: skip
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(2, 32, (64 + 37, 12), generator=g)
+    ids[:, 1:] = (ids[:, :1] + torch.arange(1, 12)) % 30 + 2
+    data = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    train = ({k: v[:64] for k, v in data.items()}, ids[:64])
+    held = ({k: v[64:] for k, v in data.items()}, ids[64:])
+    return transformers.LlamaForCausalLM(config), train, held
 
 
 def main(out: Path) -> None:
@@ -35,7 +52,18 @@ def main(out: Path) -> None:
         (xe, ye),
         FinetuneConfig(epochs=2, batch_size=24, lr=0.5, progress=False, keep_best=True, scheduler="none"),
     )
+    # a causal LM on token labels: 37 evaluation sequences, an odd count, gathered once
+    lm, (batch, ids), (held, held_ids) = _causal_lm()
+    tuned = finetune(
+        lm,
+        (batch, ids),
+        (held, held_ids),
+        FinetuneConfig(epochs=1, batch_size=8, optimizer="adamw", lr=3e-3, progress=False),
+    )
     report = {
+        "lm_weights": _digest(tuned.model),
+        "lm_eval": {k: tuned.history[-1][k] for k in ("eval_accuracy", "eval_loss", "eval_samples", "eval_tokens")},
+        "lm_evaluate": evaluate(tuned.model, (held, held_ids), ensemble=False)[0].to_dict(),  # one process's view
         "world_size": state.num_processes,
         "weights": start,
         "eval_samples": result.history[-1]["eval_samples"],

@@ -306,6 +306,13 @@ def test_two_cpu_processes_stay_in_sync(tmp_path):
     # keep_best: every process keeps the same epoch (the gathered accuracy), here the start, with its weights
     assert reports[0]["kept_epoch"] == reports[1]["kept_epoch"] == 0
     assert reports[0]["kept_weights"] == reports[1]["kept_weights"] == reports[0]["start_weights"]
+    # a causal LM on token labels: in sync, and its gathered evaluation is one process's evaluate() of the same model
+    assert reports[0]["lm_weights"] == reports[1]["lm_weights"]
+    assert reports[0]["lm_eval"] == reports[1]["lm_eval"]
+    lm_eval, single = reports[0]["lm_eval"], reports[0]["lm_evaluate"]
+    assert lm_eval["eval_samples"] == 37 and lm_eval["eval_tokens"] == single["num_samples"] == 37 * 11
+    assert lm_eval["eval_accuracy"] == pytest.approx(single["accuracy"])
+    assert lm_eval["eval_loss"] == pytest.approx(single["loss"], rel=1e-5)
 
 
 @pytest.mark.skipif(sys.platform != "linux", reason="gloo CPU processes")
