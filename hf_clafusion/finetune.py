@@ -48,9 +48,9 @@ class FinetuneResult:
     """The finetuned model (the input model, trained in place) and one metrics record per epoch.
 
     ``initial_evaluation`` is the evaluation of the model before training (with an ``eval_dataset``; a resumed run
-    reads it from its checkpoint), the reference of the accuracy-drop warning. ``kept_epoch`` is the epoch whose weights the model
-    holds: the last one, or with ``keep_best`` the one with the best evaluation accuracy (0: the model before
-    training).
+    reads it from its checkpoint), the reference of the accuracy-drop warning. ``kept_epoch`` is the epoch whose
+    weights the model holds: the last one, or with ``keep_best`` the one with the best evaluation accuracy (0: the
+    model before training).
     """
 
     model: nn.Module
