@@ -139,12 +139,12 @@ def metrics(out: torch.Tensor, ids: torch.Tensor) -> dict[str, float]:
 
 
 def _cached_parents(
-    seed: int, train_ids: torch.Tensor, cache: Path, epochs: int, depths: tuple[int, int]
+    seed: int, parts: dict[str, torch.Tensor], cache: Path, epochs: int, depths: tuple[int, int], skewed: bool
 ) -> dict[str, nn.Module]:
     torch.manual_seed(seed)
     deep, shallow = depths
     models = {"deep": make_model(deep), "shallow": make_model(shallow), "deep2": make_model(deep)}
-    name = "lm" if depths == (4, 2) else f"lm{deep}-{shallow}"
+    name = ("lm" if depths == (4, 2) else f"lm{deep}-{shallow}") + ("-skewed" if skewed else "")
     path = cache / f"{name}-seed{seed}.pt"
     if path.is_file():
         states = torch.load(path, weights_only=True)
@@ -154,19 +154,47 @@ def _cached_parents(
         return models
     for offset, (key, model) in enumerate(models.items()):
         start = time.perf_counter()
-        train(model, train_ids, epochs, seed * 10 + offset)
+        train(model, parts[key], epochs, seed * 10 + offset)
         print(f"  trained {name}/{key} (seed {seed}) in {time.perf_counter() - start:.0f}s", flush=True)
     cache.mkdir(parents=True, exist_ok=True)
     torch.save({key: model.state_dict() for key, model in models.items()}, path)
     return models
 
 
+#: The second language of ``--parent-data skewed`` (another chain over the same tokens).
+OTHER_LANGUAGE = 4321
+
+
+def _data(seed: int, skewed: bool) -> tuple[dict[str, torch.Tensor], torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Each parent's training sequences, the calibration sequences, the test split and the finetuning sequences.
+
+    Shared: every parent trains on the same 4,000 sequences. Skewed: two languages (two chains over the same tokens);
+    the deep parent trains on 90 % of the first and 10 % of the second, the shallow one (and the same-depth partner)
+    the other way round, 4,000 sequences each; calibration, test and finetuning data mix both languages half and half.
+    """
+    order = torch.Generator().manual_seed(seed)
+    if not skewed:
+        ids = language(6000)
+        perm = torch.randperm(len(ids), generator=order)
+        train_ids, test_ids = ids[perm[:4000]], ids[perm[4000:]]
+        parts = dict.fromkeys(("deep", "shallow", "deep2"), train_ids)
+        return parts, train_ids[:200], test_ids, language(1000, samples=20_000 + seed)
+    a, b = language(6000), language(6000, seed=OTHER_LANGUAGE)
+    a, b = a[torch.randperm(6000, generator=order)], b[torch.randperm(6000, generator=order)]
+    deep_part = torch.cat([a[:3600], b[:400]])
+    shallow_part = torch.cat([a[3600:4000], b[400:4000]])
+    parts = {"deep": deep_part, "shallow": shallow_part, "deep2": shallow_part}
+    calibration = torch.cat([a[:100], b[400:500]])
+    test = torch.cat([a[4000:5000], b[4000:5000]])
+    tune = torch.cat([language(500, samples=20_000 + seed), language(500, OTHER_LANGUAGE, samples=30_000 + seed)])
+    return parts, calibration, test, tune
+
+
 def run_seed(seed: int, args: argparse.Namespace) -> dict[str, dict[str, Any]]:
-    ids = language(6000)
-    perm = torch.randperm(len(ids), generator=torch.Generator().manual_seed(seed))
-    train_ids, test_ids = ids[perm[:4000]], ids[perm[4000:]]
-    models = _cached_parents(seed, train_ids, Path(args.cache), args.epochs, tuple(args.depths))
-    calibration = {"input_ids": train_ids[:200], "attention_mask": torch.ones_like(train_ids[:200])}
+    skewed = args.parent_data == "skewed"
+    parts, calibration_ids, test_ids, tune = _data(seed, skewed)
+    models = _cached_parents(seed, parts, Path(args.cache), args.epochs, tuple(args.depths), skewed)
+    calibration = {"input_ids": calibration_ids, "attention_mask": torch.ones_like(calibration_ids)}
     rows: dict[str, dict[str, Any]] = {}
     fused: dict[str, nn.Module] = {}  # the methods of FINETUNED, finetuned with --finetune
     deep, shallow = logits(models["deep"], test_ids), logits(models["shallow"], test_ids)
@@ -190,8 +218,7 @@ def run_seed(seed: int, args: argparse.Namespace) -> dict[str, dict[str, Any]]:
         same = fuse([models["deep"], models["deep2"]], calibration, seed=seed, progress=False)
     rows["same-depth fusion (deep + deep)"] = metrics(logits(same.model, test_ids), test_ids)
     if args.finetune:
-        tune = language(1000, samples=20_000 + seed)  # the same language, sequences no parent saw
-        data = ({"input_ids": tune, "attention_mask": torch.ones_like(tune)}, tune)
+        data = ({"input_ids": tune, "attention_mask": torch.ones_like(tune)}, tune)  # sequences no parent saw
         budget = FinetuneConfig(epochs=2, batch_size=64, optimizer="adamw", lr=1e-3, seed=seed, progress=False)
         both = [models["deep"], models["shallow"]]
         runs = {
@@ -216,10 +243,10 @@ def _mean_std(values: list[float], scale: float = 100.0) -> str:
     return f"{scale * statistics.fmean(values):.2f} ± {std:.2f}"
 
 
-def summarise(per_seed: list[dict[str, dict[str, Any]]], depths: tuple[int, int]) -> str:
+def summarise(per_seed: list[dict[str, dict[str, Any]]], depths: tuple[int, int], label: str = "") -> str:
     order = list(dict.fromkeys(row for seed in per_seed for row in seed))
     lines = [
-        f"\n### lm, {depths[0]} + {depths[1]} layers ({len(per_seed)} seed(s); test split, mean ± std)\n",
+        f"\n### lm, {depths[0]} + {depths[1]} layers{label} ({len(per_seed)} seed(s); test split, mean ± std)\n",
         "| model | next-token accuracy % | copy accuracy % | perplexity | Δ accuracy vs chain (paired) "
         "| Δ accuracy vs same-depth (paired) | kept | +finetune accuracy % | +finetune perplexity "
         "| +finetune Δ accuracy vs best parent +finetune (paired) |",
@@ -257,6 +284,13 @@ def main() -> None:
     parser.add_argument("--depths", nargs=2, type=int, default=[4, 2], metavar=("DEEP", "SHALLOW"))
     parser.add_argument("--epochs", type=int, default=8, help="Parent training epochs over 4,000 sequences.")
     parser.add_argument(
+        "--parent-data",
+        choices=["shared", "skewed"],
+        default="shared",
+        help="shared: every parent trains on the same sequences. skewed: two languages, each parent mostly one "
+        "(90/10), test and finetuning data half and half: the parents' knowledge is complementary.",
+    )
+    parser.add_argument(
         "--finetune", action="store_true", help="Also finetune the fused models and the parents (the same budget)."
     )
     parser.add_argument("--cache", default=str(Path.home() / ".cache" / "hf_clafusion_bench"))
@@ -270,7 +304,8 @@ def main() -> None:
         print(f"  done in {time.perf_counter() - start:.0f}s", flush=True)
         if args.output:
             Path(args.output).write_text(json.dumps(per_seed, indent=1))
-    print(summarise(per_seed, tuple(args.depths)))
+    label = ", skewed parent data" if args.parent_data == "skewed" else ""
+    print(summarise(per_seed, tuple(args.depths), label))
 
 
 if __name__ == "__main__":
