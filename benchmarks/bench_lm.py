@@ -139,12 +139,12 @@ def metrics(out: torch.Tensor, ids: torch.Tensor) -> dict[str, float]:
 
 
 def _cached_parents(
-    seed: int, parts: dict[str, torch.Tensor], cache: Path, epochs: int, depths: tuple[int, int], skewed: bool
+    seed: int, parts: dict[str, torch.Tensor], cache: Path, epochs: int, depths: tuple[int, int], tag: str
 ) -> dict[str, nn.Module]:
     torch.manual_seed(seed)
     deep, shallow = depths
     models = {"deep": make_model(deep), "shallow": make_model(shallow), "deep2": make_model(deep)}
-    name = ("lm" if depths == (4, 2) else f"lm{deep}-{shallow}") + ("-skewed" if skewed else "")
+    name = ("lm" if depths == (4, 2) else f"lm{deep}-{shallow}") + tag
     path = cache / f"{name}-seed{seed}.pt"
     if path.is_file():
         states = torch.load(path, weights_only=True)
@@ -165,12 +165,15 @@ def _cached_parents(
 OTHER_LANGUAGE = 4321
 
 
-def _data(seed: int, skewed: bool) -> tuple[dict[str, torch.Tensor], torch.Tensor, torch.Tensor, torch.Tensor]:
+def _data(
+    seed: int, skewed: bool, share: float = 0.9
+) -> tuple[dict[str, torch.Tensor], torch.Tensor, torch.Tensor, torch.Tensor]:
     """Each parent's training sequences, the calibration sequences, the test split and the finetuning sequences.
 
     Shared: every parent trains on the same 4,000 sequences. Skewed: two languages (two chains over the same tokens);
-    the deep parent trains on 90 % of the first and 10 % of the second, the shallow one (and the same-depth partner)
-    the other way round, 4,000 sequences each; calibration, test and finetuning data mix both languages half and half.
+    the deep parent trains on ``share`` of the first and the rest of the second, the shallow one (and the same-depth
+    partner) the other way round, 4,000 sequences each; calibration, test and finetuning data mix both languages half
+    and half.
     """
     order = torch.Generator().manual_seed(seed)
     if not skewed:
@@ -181,10 +184,11 @@ def _data(seed: int, skewed: bool) -> tuple[dict[str, torch.Tensor], torch.Tenso
         return parts, train_ids[:200], test_ids, language(1000, samples=20_000 + seed)
     a, b = language(6000), language(6000, seed=OTHER_LANGUAGE)
     a, b = a[torch.randperm(6000, generator=order)], b[torch.randperm(6000, generator=order)]
-    deep_part = torch.cat([a[:3600], b[:400]])
-    shallow_part = torch.cat([a[3600:4000], b[400:4000]])
+    own = round(4000 * share)
+    deep_part = torch.cat([a[:own], b[: 4000 - own]])
+    shallow_part = torch.cat([a[own:4000], b[4000 - own : 4000]])
     parts = {"deep": deep_part, "shallow": shallow_part, "deep2": shallow_part}
-    calibration = torch.cat([a[:100], b[400:500]])
+    calibration = torch.cat([a[:100], b[4000 - own : 4100 - own]])
     test = torch.cat([a[4000:5000], b[4000:5000]])
     tune = torch.cat([language(500, samples=20_000 + seed), language(500, OTHER_LANGUAGE, samples=30_000 + seed)])
     return parts, calibration, test, tune
@@ -192,8 +196,9 @@ def _data(seed: int, skewed: bool) -> tuple[dict[str, torch.Tensor], torch.Tenso
 
 def run_seed(seed: int, args: argparse.Namespace) -> dict[str, dict[str, Any]]:
     skewed = args.parent_data == "skewed"
-    parts, calibration_ids, test_ids, tune = _data(seed, skewed)
-    models = _cached_parents(seed, parts, Path(args.cache), args.epochs, tuple(args.depths), skewed)
+    parts, calibration_ids, test_ids, tune = _data(seed, skewed, args.share)
+    tag = "" if not skewed else "-skewed" if args.share == 0.9 else f"-skewed{args.share:g}"
+    models = _cached_parents(seed, parts, Path(args.cache), args.epochs, tuple(args.depths), tag)
     calibration = {"input_ids": calibration_ids, "attention_mask": torch.ones_like(calibration_ids)}
     rows: dict[str, dict[str, Any]] = {}
     fused: dict[str, nn.Module] = {}  # the methods of FINETUNED, finetuned with --finetune
@@ -291,6 +296,9 @@ def main() -> None:
         "(90/10), test and finetuning data half and half: the parents' knowledge is complementary.",
     )
     parser.add_argument(
+        "--share", type=float, default=0.9, help="With skewed data: each parent's share of its language."
+    )
+    parser.add_argument(
         "--finetune", action="store_true", help="Also finetune the fused models and the parents (the same budget)."
     )
     parser.add_argument("--cache", default=str(Path.home() / ".cache" / "hf_clafusion_bench"))
@@ -304,7 +312,7 @@ def main() -> None:
         print(f"  done in {time.perf_counter() - start:.0f}s", flush=True)
         if args.output:
             Path(args.output).write_text(json.dumps(per_seed, indent=1))
-    label = ", skewed parent data" if args.parent_data == "skewed" else ""
+    label = f", skewed parent data ({args.share:g})" if args.parent_data == "skewed" else ""
     print(summarise(per_seed, tuple(args.depths), label))
 
 
