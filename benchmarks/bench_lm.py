@@ -5,6 +5,8 @@ Run by hand (not a test), from the repository root, in the project's environment
     .venv/bin/python benchmarks/bench_lm.py                    # 3 seeds
     .venv/bin/python benchmarks/bench_lm.py --seeds 0 --methods default "alignment='cla'"
     .venv/bin/python benchmarks/bench_lm.py --depths 6 3                  # a pair where CLA has a choice to make
+    .venv/bin/python benchmarks/bench_lm.py --finetune                    # + the same finetuning for every model
+    .venv/bin/python benchmarks/bench_lm.py --parent-data skewed --share 1 --finetune  # one language per parent
 
 The pair: Llama-shaped causal LMs (4 vs 2 layers by default, hidden 64, 4 query / 2 key-value heads) trained from scratch on
 a generated language. Each sequence is 12 tokens of a fixed random sparse Markov chain (every token has three
@@ -16,6 +18,10 @@ Metrics on the test split, over every position after the first: next-token accur
 and perplexity (exp of the mean cross-entropy); "copy accuracy" counts the 12 copied positions only. The ensemble
 averages the parents' logits (what ``alignment="auto"``'s trial compares with). Differences between methods are
 paired over seeds: mean +- std of the per-seed differences. Parents are cached under ``--cache``.
+
+With ``--parent-data skewed`` the parents see different data: a second language (another chain over the same
+tokens) joins the first, the deep parent trains on ``--share`` of its sequences from the first language and the
+shallow one on ``--share`` from the second; calibration, finetuning and test data mix both half and half.
 
 With ``--finetune``, the default's fused model, the best one-shot setting's (Sinkhorn with averaged unmatched
 blocks), each parent and the shallow parent distilled from both are finetuned with the same budget
