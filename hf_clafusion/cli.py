@@ -305,9 +305,10 @@ def cmd_fuse(args: argparse.Namespace) -> None:
 
 
 def cmd_finetune(args: argparse.Namespace) -> None:
+    from .adapters import get_adapter
     from .config import FinetuneConfig
     from .finetune import finetune
-    from .hub import check_target, folder_license, save_model
+    from .hub import check_target, folder_license, processor_sources, resolve_processor, save_model
 
     check_target(args.output, args.overwrite)  # before training
     if args.eval_split is not None and args.eval_fraction is not None:
@@ -326,6 +327,11 @@ def cmd_finetune(args: argparse.Namespace) -> None:
         )
     source = Path(args.model)
     result, model = _load_model(args.model)
+    # the tokenizer / image processor to save beside the result, found before training: a missing one fails now
+    name = getattr(getattr(model, "config", None), "_name_or_path", None)
+    sources = [str(source), *(processor_sources(result) if result is not None else [name])]
+    family = result.adapter if result is not None else get_adapter(model).name
+    processor = resolve_processor(model, family, False if args.no_processor else None, sources)
     train = load_data(args.data, split=args.split)
     evaluation = None if args.eval_split is None else load_data(args.data, split=args.eval_split)
     if not isinstance(train, (tuple, list)) and not hasattr(train, "column_names"):
@@ -349,16 +355,13 @@ def cmd_finetune(args: argparse.Namespace) -> None:
     trained = finetune(model, train, evaluation, config)
     for record in trained.history:
         print(json.dumps(record))
-    processor = False if args.no_processor else None
+    processor = False if processor is None else processor  # as resolved above: nothing more to look for
     if result is not None:
         result.record_finetune(trained)
         license_ = args.license or folder_license(source)
         folder = result.save_pretrained(args.output, overwrite=args.overwrite, license=license_, processor=processor)
     else:
-        name = getattr(getattr(model, "config", None), "_name_or_path", None)
-        folder = save_model(
-            trained.model, args.output, overwrite=args.overwrite, processor=processor, sources=[str(source), name]
-        )
+        folder = save_model(trained.model, args.output, overwrite=args.overwrite, processor=processor)
     print(f"saved to {folder}")
 
 

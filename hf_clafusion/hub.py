@@ -255,6 +255,13 @@ def find_processor(model: nn.Module, sources: list[str]) -> Any:
     return None
 
 
+def processor_sources(result: FusionResult) -> list[str | None]:
+    """Where a fused model's tokenizer / image processor is looked for: the anchor parent's folder or Hub id, then
+    the other parents'."""
+    order = [result.anchor] + [i for i in range(len(result.parents)) if i != result.anchor]
+    return [result.parents[i].get("name_or_path") for i in order if i < len(result.parents)]
+
+
 def resolve_processor(model: nn.Module, family: str, processor: Any, sources: list[str]) -> Any:
     """The processor to save beside ``model``: ``processor`` itself; none for ``False`` or a family without one;
     for ``None`` (a transformers text or vision model) the one :func:`find_processor` finds in ``sources``.
@@ -297,9 +304,7 @@ def save_fusion_result(
     ``max_shard_size``: see :func:`save_weights`)."""
     check_target(Path(save_directory).expanduser(), overwrite)
     adapter = adapter_class(result.adapter)()
-    order = [result.anchor] + [i for i in range(len(result.parents)) if i != result.anchor]
-    sources = [result.parents[i].get("name_or_path") for i in order if i < len(result.parents)]
-    processor = resolve_processor(result.model, result.adapter, processor, sources)
+    processor = resolve_processor(result.model, result.adapter, processor, processor_sources(result))
     card = build_model_card(
         result, license=license, datasets=datasets, model_name=model_name, load_path=load_path or str(save_directory)
     )
@@ -523,6 +528,7 @@ __all__ = [
     "fusion_record",
     "load_fusion_result",
     "load_pretrained",
+    "processor_sources",
     "push_folder_to_hub",
     "resolve_processor",
     "save_fusion_result",

@@ -506,3 +506,31 @@ def test_no_processor_saves_a_transformers_model_without_a_tokenizer(tmp_path, c
     assert "needs its tokenizer" in one_line_error(capsys) and not (tmp_path / "a").exists()
     assert main([*args, "--output", str(tmp_path / "b"), "--no-processor"]) == 0
     assert (tmp_path / "b" / "model.safetensors").is_file()
+
+
+def test_finetune_trains_a_causal_lm_and_looks_for_its_tokenizer_before_training(tmp_path, capsys):
+    import datasets
+    import transformers
+
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(
+        vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+        num_key_value_heads=1, max_position_embeddings=16,
+    )  # fmt: skip
+    transformers.LlamaForCausalLM(config).save_pretrained(tmp_path / "lm")  # no tokenizer beside it
+    ids = torch.randint(2, 32, (32, 9), generator=torch.Generator().manual_seed(0))
+    columns = {"input_ids": ids.tolist(), "attention_mask": torch.ones_like(ids).tolist(), "labels": ids.tolist()}
+    datasets.Dataset.from_dict(columns).save_to_disk(str(tmp_path / "data"))
+    args = ["finetune", str(tmp_path / "lm"), "--data", str(tmp_path / "data"), "--eval-fraction", "0.25", "--quiet"]
+    assert main([*args, "--set", "epochs=1", "--output", str(tmp_path / "a")]) == 1
+    captured = capsys.readouterr()
+    assert "needs its tokenizer" in captured.err and '"epoch"' not in captured.out  # refused before any training
+    assert not (tmp_path / "a").exists()
+    assert main([*args, "--set", "epochs=1", "--output", str(tmp_path / "b"), "--no-processor"]) == 0
+    records = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith("{")]
+    assert records[-1]["eval_samples"] == 8 and records[-1]["eval_tokens"] == 8 * 8  # 9 tokens, 8 predicted each
+    assert (tmp_path / "b" / "model.safetensors").is_file()
+    # a tokenizer saved in the folder being finetuned is found there and saved beside the result
+    word_tokenizer([f"w{i}" for i in range(20)]).save_pretrained(tmp_path / "lm")
+    assert main([*args, "--set", "epochs=1", "--output", str(tmp_path / "c")]) == 0
+    assert (tmp_path / "c" / "tokenizer_config.json").is_file()
