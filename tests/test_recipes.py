@@ -15,6 +15,7 @@ RECIPES = {
     "digits-mlp": ("fuse_and_finetune.py", "digits_mlp.yaml", ("distillation",)),
     "timm-resnet": ("fuse_timm_image_classification.py", "timm_resnet_digits.yaml", ("distillation",)),
     "transformers-minilm": ("fuse_transformers_text_classification.py", "minilm_docstrings.yaml", ()),
+    "transformers-causal-lm": ("fuse_causal_lm.py", "docstrings_lm.yaml", ()),
 }
 
 
