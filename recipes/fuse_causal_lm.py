@@ -104,7 +104,7 @@ def training_function(config: dict, args: argparse.Namespace) -> list[dict]:
     fusion_config = FusionConfig.from_dict({"progress": False, "seed": seed, **config.get("fusion", {})})
     result = fuse([deep, shallow], calibration, fusion_config, processor=tokenizer)
     before = copy.deepcopy(result.model)
-    tuned = finetune(result.model, tune, test if config.get("evaluate_epochs") else None, tune_cfg)
+    tuned = finetune(result.model, tune, config=tune_cfg)  # nothing is selected: the test split is only reported
     result.record_finetune(tuned)
 
     models = {"deep parent": deep, "shallow parent": shallow}
