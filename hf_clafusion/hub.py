@@ -207,6 +207,7 @@ def build_model_card(
         calibration=calibration,
         load_path=load_path,
         evaluation=result.evaluation,
+        per_token=adapter_class(result.adapter)().next_token(result.model),  # a causal LM: scored per next token
         finetune=result.finetune_history,
         finetune_best=best_epoch(result.finetune_history),
         finetune_kept=result.kept_earlier_epoch,

@@ -164,3 +164,24 @@ def test_label_shapes_that_do_not_fit_the_model_are_refused():
         evaluate(mlp(4, [8], 3), (torch.randn(8, 4), torch.zeros(8, 3, dtype=torch.long)))
     with pytest.raises(DataError, match=r"one class per sample"):
         finetune(_llama(), (batch, torch.zeros(8, dtype=torch.long)), config=FinetuneConfig(epochs=1, progress=False))
+
+
+def test_a_fused_causal_lm_is_finetuned_and_its_card_reports_next_token_accuracy():
+    from hf_clafusion import fuse
+    from hf_clafusion.hub import build_model_card
+
+    train, held = _sequences(128), _sequences(32, seed=9)
+    result = fuse([_llama(layers=2, seed=0), _llama(layers=1, seed=1)], train, progress=False, num_samples=64)
+    tuned = finetune(
+        result.model,
+        (train, train["input_ids"]),
+        (held, held["input_ids"]),
+        FinetuneConfig(epochs=2, batch_size=32, optimizer="adamw", lr=3e-3, progress=False),
+    )
+    result.record_finetune(tuned)
+    report = evaluate([result.model], (held, held["input_ids"]), names=["fused + finetune"], ensemble=False)
+    result.record_evaluation(report, dataset="generated", fused="fused + finetune", task="text-generation")
+    card = build_model_card(result).text
+    assert "| model | next-token accuracy | loss (log-perplexity) | scored tokens |" in card
+    assert f"| fused + finetune | {100 * report[0].accuracy:.2f} % |" in card and "| 512 |" in card  # 32 x 16
+    assert report[0].accuracy == pytest.approx(tuned.history[-1]["eval_accuracy"])
