@@ -7,6 +7,7 @@ Run by hand (not a test), from the repository root, in the project's environment
     .venv/bin/python benchmarks/bench_quality.py --pairs minilm --seeds 1 --output minilm-1.json  # seed by seed
     .venv/bin/python benchmarks/bench_quality.py --summarise minilm-0.json minilm-1.json minilm-2.json
     .venv/bin/python benchmarks/bench_quality.py --pairs resnet --parent-data skewed  # parents with different data
+    .venv/bin/python benchmarks/bench_quality.py --pairs cnn --parent-data skewed --share 1  # disjoint classes
 
 For each pair and seed the data are split into a parent-training part, a finetuning part that no parent saw and
 a test part (the official test set where there is one). Parents are trained on the first part (and cached under
@@ -86,8 +87,9 @@ def skew_parents(pair: Pair, seed: int, share: float = 0.8) -> Pair:
     """Give the parents different data, as when models trained by different parties are fused.
 
     The parent-training part is split in two: the first half of the classes goes to the deep model with probability
-    ``share`` (to the shallow one otherwise), the second half the other way round. Each parent sees every class but
-    is strong on half of them, so their knowledge is complementary (the heterogeneous-data setting of Singh & Jaggi,
+    ``share`` (to the shallow one otherwise), the second half the other way round. Below ``share=1`` each parent
+    sees every class but is strong on half of them; at ``share=1`` each sees only its half of the classes. Either
+    way their knowledge is complementary (the heterogeneous-data setting of Singh & Jaggi,
     "Model Fusion via Optimal Transport", NeurIPS 2020, Section 5.2). ``deep2``, the same-depth fusion partner,
     trains on the shallow model's part. Parents train twice as many epochs (the same number of steps). The
     finetuning and test parts are unchanged; fusion is calibrated on the (mixed) parent-training part.
@@ -395,7 +397,9 @@ def _calibration(pair: Pair, num: int = 200) -> Any:
 
 
 def _key(name: str, args: argparse.Namespace) -> str:
-    return name if args.parent_data == "shared" else f"{name}-{args.parent_data}"
+    if args.parent_data == "shared":
+        return name
+    return f"{name}-skewed" if args.share == 0.8 else f"{name}-skewed{args.share:g}"
 
 
 def run_seed(name: str, seed: int, args: argparse.Namespace) -> dict[str, dict[str, float]]:
@@ -403,7 +407,7 @@ def run_seed(name: str, seed: int, args: argparse.Namespace) -> dict[str, dict[s
 
     pair = PAIRS[name](seed)
     if args.parent_data == "skewed":
-        pair = skew_parents(pair, seed)
+        pair = skew_parents(pair, seed, args.share)
     _cached_parents(_key(name, args), seed, pair, Path(args.cache))
     calibration = _calibration(pair)
     rows: dict[str, dict[str, float]] = {}
@@ -536,7 +540,15 @@ def main() -> None:
         choices=["shared", "skewed"],
         default="shared",
         help="shared: every parent trains on the same part (default). skewed: the deep parent sees mostly the first "
-        "half of the classes and the shallow one mostly the second half (80/20), so their knowledge is complementary.",
+        "half of the classes and the shallow one mostly the second half (--share), so their knowledge is "
+        "complementary.",
+    )
+    parser.add_argument(
+        "--share",
+        type=float,
+        default=0.8,
+        help="With skewed parent data: the share of its half of the classes each parent gets (default 0.8; 1: each "
+        "parent sees only its half).",
     )
     parser.add_argument("--cache", default=str(Path.home() / ".cache" / "hf_clafusion_bench"))
     parser.add_argument("--output", default=None, help="Also write the raw results as JSON here (after every seed).")

@@ -73,14 +73,22 @@ def fuse_pretrained(
         ```
     """
     resolved = [resolve_parent(item) for item in models_or_paths]
+    return fuse_resolved(resolved, data, resolve_config(config, overrides), processor)
+
+
+def fuse_resolved(
+    resolved: list[tuple[nn.Module, dict[str, Any]]], data: Any, config: FusionConfig, processor: Any = None
+) -> FusionResult:
+    """:func:`fuse_pretrained` on parents already resolved by :func:`resolve_parent` (the CLI checks them between
+    loading and fusing). The list is handed over and emptied: a parent loaded from a folder or the Hub is freed once
+    prepared, not held beside its float32 copy."""
     metas = [meta for _, meta in resolved]
     parents = [model for model, _ in resolved]
-    del resolved
-    # the list is handed over: a parent loaded here is freed once prepared, not held beside its float32 copy
-    result = run_fusion(parents, data, resolve_config(config, overrides), processor, release=True)
+    resolved.clear()
+    result = run_fusion(parents, data, config, processor, release=True)
     for parent, meta in zip(result.parents, metas):
         parent.update(meta)
     return result
 
 
-__all__ = ["fuse_pretrained", "load_parent"]
+__all__ = ["fuse_pretrained", "fuse_resolved", "load_parent"]

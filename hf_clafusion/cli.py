@@ -282,9 +282,10 @@ def _load_model(source: str) -> tuple[Any, Any]:
 
 
 def cmd_fuse(args: argparse.Namespace) -> None:
-    from .api import fuse_pretrained
+    from .adapters import get_adapter
+    from .api import fuse_resolved, resolve_parent
     from .config import FusionConfig
-    from .hub import check_target
+    from .hub import check_target, resolve_processor
 
     config = FusionConfig.from_dict({"progress": not args.quiet, **_config_dict(args.config, args.set)})
     check_target(args.output, args.overwrite)  # before the (long) fusion, not after it
@@ -293,8 +294,13 @@ def cmd_fuse(args: argparse.Namespace) -> None:
         data = data[0]
     if args.input_column is not None and hasattr(data, "select_columns"):
         data = data.select_columns([args.input_column])
-    result = fuse_pretrained(args.parents, data, config)
-    processor = False if args.no_processor else None
+    parents = [resolve_parent(item) for item in args.parents]
+    if not args.no_processor:  # a transformers model needs its tokenizer / image processor: a missing one fails now
+        model = parents[0][0]
+        sources = [meta.get("name_or_path") for _, meta in parents]
+        resolve_processor(model, get_adapter(model).name, None, sources)
+    result = fuse_resolved(parents, data, config)
+    processor = False if args.no_processor else None  # the anchor parent's is saved (looked for again, anchor first)
     folder = result.save_pretrained(args.output, overwrite=args.overwrite, license=args.license, processor=processor)
     print(result.summary())
     print(f"saved to {folder}")

@@ -494,18 +494,28 @@ def test_quiet_also_turns_off_the_progress_bars_of_the_hugging_face_libraries(co
         transformers_logging.enable_progress_bar()
 
 
-def test_no_processor_saves_a_transformers_model_without_a_tokenizer(tmp_path, capsys):
+def test_no_processor_saves_a_transformers_model_without_a_tokenizer(tmp_path, capsys, monkeypatch):
+    from hf_clafusion import api
+
     deep, shallow = _bert_folder(tmp_path / "deep", 3, 0), _bert_folder(tmp_path / "shallow", 2, 1)
     for folder in (deep, shallow):
         for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
             (folder / name).unlink(missing_ok=True)
     ids = torch.randint(4, 8, (24, 6), generator=torch.Generator().manual_seed(0))
     save_file({"input_ids": ids}, str(tmp_path / "calib.safetensors"))
+    fusions = []
+    run_fusion = api.run_fusion
+    monkeypatch.setattr(api, "run_fusion", lambda *a, **k: fusions.append(1) or run_fusion(*a, **k))
     args = ["fuse", str(deep), str(shallow), "--data", str(tmp_path / "calib.safetensors"), "--quiet"]
     assert main([*args, "--output", str(tmp_path / "a")]) == 1
     assert "needs its tokenizer" in one_line_error(capsys) and not (tmp_path / "a").exists()
+    assert fusions == []  # refused before fusing, not after a long fusion
     assert main([*args, "--output", str(tmp_path / "b"), "--no-processor"]) == 0
-    assert (tmp_path / "b" / "model.safetensors").is_file()
+    assert (tmp_path / "b" / "model.safetensors").is_file() and fusions == [1]
+    # the tokenizer of the second parent (not the anchor) is enough to start, and is saved beside the result
+    word_tokenizer(["hello", "world", "good", "bad"]).save_pretrained(shallow)
+    assert main([*args, "--output", str(tmp_path / "c")]) == 0
+    assert (tmp_path / "c" / "tokenizer_config.json").is_file()
 
 
 def test_finetune_trains_a_causal_lm_and_looks_for_its_tokenizer_before_training(tmp_path, capsys):
