@@ -559,6 +559,10 @@ def main() -> None:
         help="Only print the tables of results written by --output (several files: their seeds are pooled per pair).",
     )
     args = parser.parse_args()
+    if args.parent_data == "shared" and args.share != 0.8:
+        parser.error(f"--share {args.share:g} applies to --parent-data skewed only; add --parent-data skewed.")
+    if not 0.5 <= args.share <= 1:
+        parser.error(f"--share must be between 0.5 and 1 (each parent mostly its own half), got {args.share:g}.")
     if args.summarise:
         pooled: dict[str, list] = {}
         for file in args.summarise:
