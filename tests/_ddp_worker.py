@@ -1,5 +1,6 @@
 """Run by tests/test_finetune.py under `accelerate launch`: finetune on two CPU processes and report."""
 
+import gc
 import hashlib
 import json
 import sys
@@ -105,6 +106,10 @@ def diverge(out: Path) -> None:
         error, step = type(caught).__name__, int(re.search(r"optimiser step (\d+)", str(caught)).group(1))
     state = PartialState()
     (out / f"rank{state.process_index}.json").write_text(json.dumps({"error": error, "step": step}))
+    # the stopped run's DDP wrapper can sit in reference cycles (module hooks, the traceback's frames): collect it
+    # while its process group lives; left to exit, it may be torn down after the group (a gloo abort, "terminate
+    # called without an active exception", was seen once on rank 1 under heavy load)
+    gc.collect()
     state.destroy_process_group()
 
 
