@@ -299,6 +299,7 @@ def cmd_fuse(args: argparse.Namespace) -> None:
         model = parents[0][0]
         sources = [meta.get("name_or_path") for _, meta in parents]
         resolve_processor(model, get_adapter(model).name, None, sources)
+        del model  # no reference of ours may keep a loaded parent alive: fuse_resolved frees each once prepared
     result = fuse_resolved(parents, data, config)
     processor = False if args.no_processor else None  # the anchor parent's is saved (looked for again, anchor first)
     folder = result.save_pretrained(args.output, overwrite=args.overwrite, license=args.license, processor=processor)

@@ -184,6 +184,41 @@ def test_fuse_pretrained_frees_the_bf16_parents_it_loaded_once_their_float32_cop
     fuse_pretrained([tmp_path / "deep", user_model], batch(), CONFIG)
     assert {p.dtype for p in user_model.parameters()} == {torch.bfloat16}
     assert alive[1] == [False, False, False]
+    # the CLI looks for the tokenizer between loading and fusing, and keeps no parent alive by doing so
+    from safetensors.torch import save_file
+
+    from hf_clafusion.cli import main
+
+    from ._models import word_tokenizer
+
+    for name in ("deep", "shallow"):
+        word_tokenizer([f"w{i}" for i in range(60)]).save_pretrained(tmp_path / name)
+    save_file({"inputs": batch()["input_ids"]}, str(tmp_path / "calibration.safetensors"))
+    command = [
+        "fuse",
+        str(tmp_path / "deep"),
+        str(tmp_path / "shallow"),
+        "--data",
+        str(tmp_path / "calibration.safetensors"),
+    ]
+    assert (
+        main(
+            [
+                *command,
+                "--output",
+                str(tmp_path / "fused"),
+                "--quiet",
+                "--set",
+                "repair=null",
+                "--set",
+                "num_samples=16",
+                "--set",
+                "batch_size=8",
+            ]
+        )
+        == 0
+    )
+    assert alive[2] == [False] * 5 and (tmp_path / "fused" / "tokenizer_config.json").is_file()
 
 
 def test_the_statistics_pass_runs_in_chunks_of_rows_when_a_batch_s_kept_captures_exceed_the_budget(monkeypatch):
