@@ -217,14 +217,19 @@ def as_labels(value: Any, rows: int | None = None, what: str = "evaluation") -> 
 
 def check_labels(labels: torch.Tensor, num_classes: int, what: str = "evaluation") -> None:
     """Refuse labels outside ``[0, num_classes - 1]`` (token labels may also hold :data:`IGNORE_INDEX`)."""
-    if labels.ndim == 2:
-        labels = labels[labels != IGNORE_INDEX]
+    labels = _scored_labels(labels)
     if labels.numel() and (int(labels.max()) >= num_classes or int(labels.min()) < 0):
         raise _error(
             what,
             f"The {what} labels lie in [{int(labels.min())}, {int(labels.max())}] but the model has {num_classes} "
             f"outputs (classes 0-{num_classes - 1}). Check the label column or the model's classifier.",
         )
+
+
+def _scored_labels(labels: torch.Tensor) -> torch.Tensor:
+    """The labels that are scored: class labels ``(N,)`` as they are, token labels ``(N, T)`` without the positions
+    holding :data:`IGNORE_INDEX` (flattened)."""
+    return labels[labels != IGNORE_INDEX] if labels.ndim == 2 else labels
 
 
 def scored(
@@ -666,8 +671,8 @@ def labelled_dataset(
         )
     if len(dataset) == 0:
         raise _error(what, f"The {what} data is empty: it has no rows. Pass at least one sample.")
-    if labels is not None and labels.ndim == 2:  # token labels: positions holding IGNORE_INDEX are not scored
-        labels = labels[labels != IGNORE_INDEX]
+    if labels is not None:
+        labels = _scored_labels(labels)
     if labels is not None and labels.numel() and int(labels.min()) < 0:
         raise _error(what, f"The {what} labels must be >= 0, got {int(labels.min())}. Pass class indices.")
     return LabelledData(dataset, None if labels is None or not labels.numel() else int(labels.max()))
