@@ -8,6 +8,7 @@ Run by hand (not a test), from the repository root, in the project's environment
     .venv/bin/python benchmarks/bench_quality.py --summarise minilm-0.json minilm-1.json minilm-2.json
     .venv/bin/python benchmarks/bench_quality.py --pairs resnet --parent-data skewed  # parents with different data
     .venv/bin/python benchmarks/bench_quality.py --pairs cnn --parent-data skewed --share 1  # disjoint classes
+    .venv/bin/python benchmarks/bench_quality.py --pairs cnn_depth cnn_bn_depth  # CNNs of equal widths: depth only
 
 For each pair and seed the data are split into a parent-training part, a finetuning part that no parent saw and
 a test part (the official test set where there is one). Parents are trained on the first part (and cached under
@@ -151,12 +152,16 @@ def _cnn(config: list, batchnorm: bool) -> nn.Sequential:
     return nn.Sequential(*layers)
 
 
-def pair_cnn(seed: int, batchnorm: bool = True) -> Pair:
-    """VGG-style CNNs (32-32-M-64-64-64-M vs 16-M-32-M) on Fashion-MNIST at 14x14."""
+def pair_cnn(seed: int, batchnorm: bool = True, shallow_widths: tuple[int, int] = (16, 32)) -> Pair:
+    """VGG-style CNNs (32-32-M-64-64-64-M vs 16-M-32-M) on Fashion-MNIST at 14x14.
+
+    ``shallow_widths=(32, 64)`` gives the shallow model the deep one's stage widths: the two then differ in depth
+    only, as the paper's VGG pairs (VGG13 / VGG11) do.
+    """
     parents, tune, test = _fashion(seed)
     torch.manual_seed(seed)
     deep = _cnn([32, 32, "M", 64, 64, 64, "M"], batchnorm)
-    shallow = _cnn([16, "M", 32, "M"], batchnorm)
+    shallow = _cnn([shallow_widths[0], "M", shallow_widths[1], "M"], batchnorm)
     deep2 = _cnn([32, 32, "M", 64, 64, 64, "M"], batchnorm)
     config = FinetuneConfig(epochs=2, batch_size=64, lr=0.01, seed=seed, progress=False)
     return Pair(deep, shallow, deep2, parents, tune, test, parent_epochs=4, parent_lr=1e-3, finetune=config)
@@ -294,6 +299,8 @@ PAIRS = {
     "mlp": pair_mlp,
     "cnn_bn": lambda seed: pair_cnn(seed, batchnorm=True),
     "cnn": lambda seed: pair_cnn(seed, batchnorm=False),
+    "cnn_bn_depth": lambda seed: pair_cnn(seed, batchnorm=True, shallow_widths=(32, 64)),
+    "cnn_depth": lambda seed: pair_cnn(seed, batchnorm=False, shallow_widths=(32, 64)),
     "resnet": pair_resnet,
     "text": pair_text,
     "minilm": pair_minilm,
