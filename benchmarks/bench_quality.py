@@ -331,6 +331,7 @@ METHODS: dict[str, dict[str, Any]] = {
     "positions_per_sample=6": {"positions_per_sample": 6},
     "weights=(0.7, 0.3)": {"weights": (0.7, 0.3)},
     "weights=(0.9, 0.1)": {"weights": (0.9, 0.1)},
+    "width_matching='transport'": {"width_matching": "transport"},
 }
 
 

@@ -32,6 +32,7 @@ GroundMetric = Literal["activations", "correlation", "weights", "weight_matching
 Solver = Literal["emd", "sinkhorn", "permutation", "auto"]
 Repair = Literal["auto", "bn", "repair"]
 PlanNormalization = Literal["two_sided", "column"]
+WidthMatching = Literal["partial", "transport"]
 AttentionAlignment = Literal["heads", "cross_head"]
 Optimizer = Literal["sgd", "adam", "adamw"]
 Scheduler = Literal["none", "multistep", "cosine"]
@@ -231,6 +232,17 @@ class FusionConfig(_DictMixin):
             "`S = n_B T` on input axes (exact for copies widened by neuron duplication). Equal widths: the same."
         },
     )
+    width_matching: WidthMatching = field(
+        default="partial",
+        metadata={
+            "help": "Where a model's layer is narrower than the anchor's (exact solvers): `partial` matches each of "
+            "its neurons with one anchor neuron (a rectangular linear assignment on the same costs) and the anchor "
+            "neurons left without a partner keep the anchor's weights (measured best, see docs/benchmarks.md); "
+            "`transport` (OTFusion, CLAFusion) spreads each neuron over several anchor neurons by the transport "
+            "plan and averages every anchor neuron. Equal widths, wider models, Sinkhorn and weight matching: the "
+            "same."
+        },
+    )
     weights: tuple[float, ...] | None = field(
         default=None, metadata={"help": "Averaging weight per model (non-negative, summing to 1); uniform when None."}
     )
@@ -379,9 +391,10 @@ class FusionConfig(_DictMixin):
         1 - linear CKA (Gram form) on 200 samples (activation seed 21), start_layer_idx s = 2 and
         free_end_layers f = 1 (first_fixed=1, last_fixed=1), identity layers inserted into the shallow model,
         activation ground metric sqrt(||a - b||^2 / N), exact EMD, the column-normalised plan applied on both
-        axes, fused onto the *shallow* model's widths, no statistics repair (no BatchNorm recomputation). Differences that remain (the output layer is never
-        OT-aligned here; identity layers are never inserted before the input) are listed in
-        ``docs/differences.md``.
+        axes and spread over every anchor neuron where a model is narrower (``width_matching="transport"``), fused
+        onto the *shallow* model's widths, no statistics repair (no BatchNorm recomputation). Differences that
+        remain (the output layer is never OT-aligned here; identity layers are never inserted before the input) are
+        listed in ``docs/differences.md``.
         """
         base = dict(
             layer_cost="cka",
@@ -393,6 +406,7 @@ class FusionConfig(_DictMixin):
             ground_metric="activations",
             solver="emd",
             plan_normalization="column",
+            width_matching="transport",
             num_samples=200,
             seed=21,
             repair=None,
@@ -569,6 +583,7 @@ __all__ = [
     "Repair",
     "Scheduler",
     "Solver",
+    "WidthMatching",
     "describe_choices",
     "field_choices",
 ]

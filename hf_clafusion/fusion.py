@@ -833,6 +833,7 @@ def transport_to_anchor(
             # assignment release the GIL); weight costs read the tensors earlier plans moved, so they run in order.
             independent = run.config.ground_metric in ("activations", "correlation")
             solve = functools.partial(_group_plan, run, k, groups_b, groups_a, costs, work, anchor_state)
+            partial: list[tuple[Group, torch.Tensor]] = []  # partial assignments, completed once all plans ran
             solved = _in_order(
                 solve,
                 jobs,
@@ -846,10 +847,14 @@ def transport_to_anchor(
                 group_b, group_a = groups_b[g], groups_a[g]
                 solvers[k][group_a.name] = solver
                 _apply_group_plan(work, group_b, plan, heads, unmatched, run.config.plan_normalization)
+                if solver == "partial":
+                    partial.append((group_b, plan))
                 plans[k][group_a.name] = plan
                 if run.config.ground_metric == "weight_matching":
                     exact[group_a.name] = plan.double().cpu()
                 del plan
+            for group_b, plan in partial:  # after every plan: a filled slice is in the anchor's basis on all axes
+                _keep_anchor_neurons(work, anchor_state, group_b, plan, unmatched)
             if run.config.ground_metric == "weight_matching":
                 work, plans[k], solvers[k] = _weight_matching(run, balanced, k, exact, solvers[k], unmatched)
             _closed_form_blocks(work, anchor_state, unmatched, run.config.unmatched)
@@ -912,8 +917,49 @@ def _group_plan(
     heads = _heads(run.config, group_b, group_a, k)
     if heads > 1:
         return core.head_plan(cost, heads, within=group_a.head_dims_free), "heads", heads
+    if _partial(run.config, group_b, cost):
+        return core.partial_assignment(cost), "partial", heads
     solution = core.solve_transport(cost, solver=run.config.solver, reg=run.config.reg)
     return solution.plan, solution.solver, heads
+
+
+def _partial(config: FusionConfig, group: Group, cost: torch.Tensor) -> bool:
+    """Whether ``group``'s plan is a partial assignment (``width_matching="partial"``): the model is narrower than
+    the anchor there, the solver is exact and no axis repeats the plan per head."""
+    n_b, n_a = cost.shape
+    return (
+        config.width_matching == "partial"
+        and n_b < n_a
+        and config.solver in ("auto", "emd")
+        and config.ground_metric != "weight_matching"
+        and all(axis.repeat == 1 for axis in group.axes)
+    )
+
+
+def _keep_anchor_neurons(
+    work: dict[str, torch.Tensor],
+    anchor_state: dict[str, torch.Tensor],
+    group: Group,
+    plan: torch.Tensor,
+    unmatched: UnmatchedBlocks,
+) -> None:
+    """Where ``plan`` leaves anchor neurons without a partner (a partial assignment), give model ``k``'s aligned
+    tensors the anchor's values along every output axis of ``group`` at those neurons, in place (new tensors): the
+    weighted average then keeps the anchor's neurons there whole, whatever the weights."""
+    mass = plan.to_dense().sum(0) if plan.is_sparse else plan.sum(0)
+    alone = (mass == 0).nonzero().squeeze(1)
+    if alone.numel() == 0:
+        return
+    n_a = plan.shape[1]
+    for axis in group.axes:
+        if axis.role != "out" or axis.param in unmatched.params:
+            continue
+        # the axis holds `outer` blocks of `n_A * inner` entries (apply_plan's layout)
+        offsets = torch.arange(axis.outer, device=alone.device)[:, None, None] * (n_a * axis.inner)
+        index = offsets + alone[None, :, None] * axis.inner + torch.arange(axis.inner, device=alone.device)
+        index = index.reshape(-1).to(work[axis.param].device)
+        source = anchor_state[axis.param].to(work[axis.param].device, work[axis.param].dtype)
+        work[axis.param] = work[axis.param].index_copy(axis.axis, index, source.index_select(axis.axis, index))
 
 
 #: With ``transport_threads=None``, plans are solved on several threads only when some group has at least this

@@ -308,7 +308,7 @@ def repair_targets(
     maps: dict[tuple[int, str], torch.Tensor] = {}
     targets: list[tuple[torch.Tensor, torch.Tensor] | None] = []
     for i, point in enumerate(points[anchor]):
-        means, stds, ws = [], [], []
+        means, stds, ws, present = [], [], [], []
         for k in range(len(points)):
             if stats[k][i] is None:
                 continue  # a closed-form model's inserted block: no real layer here
@@ -321,10 +321,15 @@ def repair_targets(
                     maps[key] = core.plan_maps(plans[k][point.group].to(torch.float64), plan_normalization)[0]
                 r_map = maps[key].to(mean.device)
                 mean, std = core.carry_statistics(mean, r_map), core.carry_statistics(std, r_map)
+                mass = r_map.sum(0)
+                # a partial assignment (FusionConfig.width_matching) leaves some anchor channels without a partner
+                present.append(None if bool((mass > 0).all()) else mass > 0)
+            else:
+                present.append(None)
             means.append(mean)
             stds.append(std)
             ws.append(weights[k])
-        targets.append(core.repair_targets(means, stds, ws) if means and sum(ws) > 0 else None)
+        targets.append(core.repair_targets(means, stds, ws, present) if means and sum(ws) > 0 else None)
     return targets
 
 

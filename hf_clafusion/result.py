@@ -214,8 +214,9 @@ class FusionResult(_AlignmentMixin):
         transport_plans: per non-anchor model index, the plan ``(n_model, n_anchor)`` of every alignment group
             (a :class:`TransportPlans` mapping: each plan is dense when read, kept sparse where it is exact).
         transport_solvers: per non-anchor model index, the solver that computed each group's plan (``"emd"``,
-            ``"permutation"``, ``"sinkhorn"``, or ``"heads"`` for head-structured plans); with ``solver="auto"``
-            this is the exact solver it chose.
+            ``"permutation"``, ``"sinkhorn"``, ``"heads"`` for head-structured plans, or ``"partial"`` for a
+            partial assignment where the model is narrower than the anchor, see ``FusionConfig.width_matching``);
+            with ``solver="auto"`` this is the exact solver it chose.
         timings: seconds per pipeline stage.
         calibration: where the calibration samples came from (source, size, indices, seed).
         config: the :class:`FusionConfig` used.

@@ -18,6 +18,7 @@ from hf_clafusion.core import (
     merge_linear,
     neuron_count_cost_matrix,
     neuron_distances,
+    partial_assignment,
     plan_maps,
     relu_diagonal,
     signed_identity_weight,
@@ -206,6 +207,27 @@ def _head_perm(heads: int, dim: int, within: bool, seed: int) -> torch.Tensor:
         inner = torch.randperm(dim, generator=g) if within else torch.arange(dim)
         index.extend((h * dim + inner).tolist())
     return torch.tensor(index)
+
+
+def test_partial_assignment_is_the_cheapest_injective_matching():
+    """Brute force over every injective map of 3 rows into 5 columns; R = S = the 0/1 matching."""
+    import itertools
+
+    cost = torch.rand(3, 5, dtype=torch.float64, generator=torch.Generator().manual_seed(4))
+    plan = partial_assignment(cost)
+    best = min(
+        itertools.permutations(range(5), 3), key=lambda cols: float(sum(cost[i, c] for i, c in enumerate(cols)))
+    )
+    match = torch.zeros(3, 5, dtype=torch.float64)
+    match[torch.arange(3), torch.tensor(best)] = 1.0
+    torch.testing.assert_close(plan, match / 3)
+    assert float(plan.sum()) == pytest.approx(1.0)
+    for normalization in ("column", "two_sided"):
+        r_map, s_map = plan_maps(plan, normalization)
+        torch.testing.assert_close(r_map, match)
+        torch.testing.assert_close(s_map, match)
+    with pytest.raises(ValueError, match="n_B <= n_A"):
+        partial_assignment(cost.T)
 
 
 @pytest.mark.parametrize("within", [True, False])

@@ -121,8 +121,57 @@ def test_official_column_normalisation_is_wrong_for_widened_copies():
     model = mlp(10, [6, 5], 3, seed=8)
     wide = widened_mlp(model, SHUFFLED_DOUBLE)
     x = torch.randn(200, 10)
-    result = fuse([wide, model], x, EXACT, anchor=0, plan_normalization="column")
+    result = fuse([wide, model], x, EXACT, anchor=0, plan_normalization="column", width_matching="transport")
     assert max_rel_error(result.model(x), wide(x)) > 0.05
+
+
+# Some neurons copied three times, some once: uniform transport is not exact here, a partial assignment is.
+UNEVEN = [[0, 0, 0, 1, 2, 3, 4, 5], [4, 0, 2, 1, 3, 3, 3]]
+
+
+@pytest.mark.parametrize("sources", [SHUFFLED_DOUBLE, UNEVEN], ids=["doubled", "uneven"])
+@pytest.mark.parametrize("normalization", ["column", "two_sided"])
+@pytest.mark.parametrize("repair", [None, "repair"])
+def test_partial_width_matching_fuses_a_widened_copy_back_exactly(sources, normalization, repair):
+    """`width_matching="partial"` (the default): each narrow neuron is matched with one of its copies, the other
+    copies stay the anchor's, so the fused model computes the wide anchor's function whatever the copy counts and
+    plan normalisation; REPAIR is the identity there."""
+    model = mlp(10, [6, 5], 3, seed=8)
+    wide = widened_mlp(model, sources)
+    x = torch.randn(200, 10)
+    assert max_rel_error(wide(x), model(x)) < 1e-5
+    config = FusionConfig(repair=repair, plan_normalization=normalization, progress=False)
+    result = fuse([wide, model], x, config, anchor=0)
+    assert set(result.transport_solvers[1].values()) == {"partial"}
+    assert max_rel_error(result.model(x), wide(x)) < 1e-4
+    if sources is UNEVEN and repair is None:  # the transport plan cannot do this
+        spread = fuse([wide, model], x, config, anchor=0, width_matching="transport")
+        assert max_rel_error(spread.model(x), wide(x)) > 0.05
+
+
+def test_partial_width_matching_keeps_unpaired_anchor_neurons_whole():
+    """An anchor neuron without a partner keeps the anchor's incoming weights and bias exactly; a paired one is
+    the average of the two models' neurons, the narrow model's weights placed on its partners' inputs only."""
+    wide, narrow = mlp(10, [12, 8], 3, seed=1), mlp(10, [6, 5], 3, seed=2)
+    x = torch.randn(300, 10)
+    result = fuse([wide, narrow], x, FusionConfig(repair=None, progress=False), anchor=0)
+    plans = result.transport_plans[1]
+    fused = [m for m in result.model if isinstance(m, torch.nn.Linear)]
+    parents = [[m for m in model if isinstance(m, torch.nn.Linear)] for model in (wide, narrow)]
+    previous = torch.eye(10, dtype=torch.float64)  # the inputs: shared
+    for i, name in enumerate(["layer.0", "layer.2"]):
+        plan = plans[name].double()
+        match = (plan > 0).double()
+        assert torch.equal(match.sum(1), torch.ones(plan.shape[0], dtype=torch.float64))  # each narrow neuron once
+        assert bool((match.sum(0) <= 1).all())
+        alone = match.sum(0) == 0
+        assert int(alone.sum()) == plan.shape[1] - plan.shape[0]
+        anchor_w, narrow_w = parents[0][i].weight.double(), parents[1][i].weight.double()
+        torch.testing.assert_close(fused[i].weight.double()[alone], anchor_w[alone])
+        torch.testing.assert_close(fused[i].bias.double()[alone], parents[0][i].bias.double()[alone])
+        expected = 0.5 * anchor_w + 0.5 * match.T @ narrow_w @ previous
+        torch.testing.assert_close(fused[i].weight.double()[~alone], expected[~alone], atol=1e-6, rtol=1e-5)
+        previous = match
 
 
 def test_fusing_a_model_with_two_permuted_copies_returns_the_original():

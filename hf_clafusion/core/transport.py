@@ -293,6 +293,30 @@ def transport_plan(
     return plan if is_torch else plan.cpu().numpy()
 
 
+def partial_assignment(cost: torch.Tensor) -> torch.Tensor:
+    """A plan that matches each of B's ``n_B`` neurons with one of A's ``n_A >= n_B`` neurons, each A neuron at
+    most once, at the least total cost (a rectangular linear assignment, ``scipy.optimize.linear_sum_assignment``).
+
+    The ``n_A - n_B`` neurons of A left without a partner get no mass: their columns are zero, so
+    :func:`plan_maps` gives ``R = S`` = the 0/1 matching (each of B's neurons moved to its partner, nothing
+    spread over several columns), and the fusion keeps A's own weights there (``FusionConfig.width_matching``).
+
+    Args:
+        cost (`Tensor` of shape `(n_B, n_A)`): ground cost, ``n_B <= n_A``.
+
+    Returns:
+        `Tensor` of shape `(n_B, n_A)`: float64 on ``cost``'s device, ``1 / n_B`` at each matched pair, so that
+            ``T.sum() == 1`` and each row sums to ``1 / n_B`` (B's uniform marginal).
+    """
+    n_b, n_a = cost.shape
+    if n_b > n_a:
+        raise ValueError(f"A partial assignment needs n_B <= n_A, got {n_b} and {n_a} neurons.")
+    rows, cols = linear_sum_assignment(cost.detach().double().cpu().numpy())
+    plan = torch.zeros(n_b, n_a, dtype=torch.float64, device=cost.device)
+    plan[torch.as_tensor(rows, device=cost.device), torch.as_tensor(cols, device=cost.device)] = 1.0 / n_b
+    return plan
+
+
 def head_plan(cost, heads: int, *, within: bool = True) -> torch.Tensor:
     """A hard plan that keeps attention heads whole: heads move as units, dimensions only inside a head.
 
@@ -372,6 +396,7 @@ __all__ = [
     "auto_solver",
     "expand_head_plan",
     "head_plan",
+    "partial_assignment",
     "plan_maps",
     "solve_transport",
     "transport_plan",
