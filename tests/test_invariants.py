@@ -212,3 +212,24 @@ def test_depths_that_cross_over_between_segments_fuse_to_the_deeper_of_each_at_t
     # reported as hidden-layer indices of the deeper model: model 1's segment 1 starts after its one layer
     assert result.layer_alignment == [[cheapest[0]], [1 + cheapest[1]]]
     assert [c.out_channels for c in convs] == [4, 4, 4, 6, 6, 6]  # the anchor (model 0) widths; identity layers in it
+
+
+def test_partial_width_matching_keeps_unpaired_conv_channels_and_their_batchnorm():
+    """Convolutions and BatchNorm (parameters and running statistics) of an unpaired anchor channel are the
+    anchor's; the classifier reading the flattened map gets the narrow model's weights on paired channels only."""
+    wide, narrow = cnn([8, "M"], 3, bn=True, seed=1), cnn([4, "M"], 3, bn=True, seed=2)
+    x = torch.rand(64, 1, 8, 8)
+    result = fuse([wide, narrow], x, FusionConfig(repair=None, progress=False), anchor=0)
+    plan = next(iter(result.transport_plans[1].values())).double()
+    assert result.transport_solvers[1] == {name: "partial" for name in result.transport_plans[1]}
+    alone = plan.sum(0) == 0
+    assert int(alone.sum()) == 4
+    fused_state, wide_state, narrow_state = result.model.state_dict(), wide.state_dict(), narrow.state_dict()
+    for name in ("0.weight", "1.weight", "1.bias", "1.running_mean", "1.running_var"):
+        torch.testing.assert_close(fused_state[name][alone], wide_state[name][alone])
+    # the classifier: a Linear over 8 channels x 16 positions, channel-major
+    match = (plan > 0).double()
+    head_narrow = narrow_state["5.weight"].double().reshape(3, 4, 16)
+    carried = torch.einsum("oip,ij->ojp", head_narrow, match).reshape(3, -1)
+    expected = 0.5 * wide_state["5.weight"].double() + 0.5 * carried
+    torch.testing.assert_close(fused_state["5.weight"].double(), expected, atol=1e-6, rtol=1e-5)
