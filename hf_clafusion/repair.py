@@ -308,7 +308,8 @@ def repair_targets(
     maps: dict[tuple[int, str], torch.Tensor] = {}
     targets: list[tuple[torch.Tensor, torch.Tensor] | None] = []
     for i, point in enumerate(points[anchor]):
-        means, stds, ws, present = [], [], [], []
+        means, stds, ws = [], [], []
+        own = stats[anchor][i]
         for k in range(len(points)):
             if stats[k][i] is None:
                 continue  # a closed-form model's inserted block: no real layer here
@@ -321,15 +322,16 @@ def repair_targets(
                     maps[key] = core.plan_maps(plans[k][point.group].to(torch.float64), plan_normalization)[0]
                 r_map = maps[key].to(mean.device)
                 mean, std = core.carry_statistics(mean, r_map), core.carry_statistics(std, r_map)
-                mass = r_map.sum(0)
-                # a partial assignment (FusionConfig.width_matching) leaves some anchor channels without a partner
-                present.append(None if bool((mass > 0).all()) else mass > 0)
-            else:
-                present.append(None)
+                alone = r_map.sum(0) == 0
+                if own is not None and bool(alone.any()):
+                    # a partial assignment (FusionConfig.width_matching) keeps the anchor's neurons without a partner
+                    # whole: this model's weight there is the anchor's, in the fused weights and in the targets
+                    mean = torch.where(alone, own.mean.to(mean.device, mean.dtype), mean)
+                    std = torch.where(alone, own.std.to(std.device, std.dtype), std)
             means.append(mean)
             stds.append(std)
             ws.append(weights[k])
-        targets.append(core.repair_targets(means, stds, ws, present) if means and sum(ws) > 0 else None)
+        targets.append(core.repair_targets(means, stds, ws) if means and sum(ws) > 0 else None)
     return targets
 
 

@@ -233,3 +233,15 @@ def test_partial_width_matching_keeps_unpaired_conv_channels_and_their_batchnorm
     carried = torch.einsum("oip,ij->ojp", head_narrow, match).reshape(3, -1)
     expected = 0.5 * wide_state["5.weight"].double() + 0.5 * carried
     torch.testing.assert_close(fused_state["5.weight"].double(), expected, atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("repair", [None, "repair"])
+def test_partial_width_matching_with_three_models_gives_a_missing_models_weight_to_the_anchor(repair):
+    """K = 3: fusing a wide model with two copies of a narrow one equals fusing it with one copy weighted twice;
+    at an unpaired anchor neuron both copies' weight goes to the anchor, in the weights and the REPAIR targets."""
+    wide, narrow = mlp(10, [12, 8], 3, seed=1), mlp(10, [6, 5], 3, seed=2)
+    x = torch.randn(300, 10)
+    config = FusionConfig(repair=repair, progress=False)
+    three = fuse([wide, narrow, narrow], x, config, anchor=0)
+    two = fuse([wide, narrow], x, config, anchor=0, weights=(1 / 3, 2 / 3))
+    assert max_rel_error(three.model(x), two.model(x)) < 1e-5

@@ -77,18 +77,6 @@ def test_targets_are_the_weighted_means_of_parent_statistics():
     torch.testing.assert_close(std, torch.tensor([1.5, 1.25], dtype=torch.float64))
 
 
-def test_targets_of_channels_a_parent_has_no_partner_at_come_from_the_others():
-    """A partial assignment (width_matching="partial") leaves some anchor channels to the anchor alone."""
-    mean, std = repair_targets(
-        [torch.tensor([0.0, 4.0, 6.0]), torch.tensor([2.0, 0.0, 0.0])],
-        [torch.tensor([1.0, 1.0, 5.0]), torch.tensor([3.0, 2.0, 0.0])],
-        [3, 1],
-        present=[None, torch.tensor([True, True, False])],
-    )
-    torch.testing.assert_close(mean, torch.tensor([0.5, 3.0, 6.0], dtype=torch.float64))
-    torch.testing.assert_close(std, torch.tensor([1.5, 1.25, 5.0], dtype=torch.float64))
-
-
 @pytest.mark.parametrize("kind", ["linear", "conv"])
 @pytest.mark.parametrize("bias", [True, False])
 def test_folding_is_exact_the_layer_outputs_the_explicit_affine_correction(kind, bias):

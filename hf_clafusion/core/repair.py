@@ -72,10 +72,7 @@ def carry_statistics(values: torch.Tensor, r_map: torch.Tensor) -> torch.Tensor:
 
 
 def repair_targets(
-    means: Sequence[torch.Tensor],
-    stds: Sequence[torch.Tensor],
-    weights: Sequence[float],
-    present: Sequence[torch.Tensor | None] | None = None,
+    means: Sequence[torch.Tensor], stds: Sequence[torch.Tensor], weights: Sequence[float]
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``mu* = sum_k w_k mu_k`` and ``sigma* = sum_k w_k sigma_k`` (weights renormalised to sum to 1).
 
@@ -83,9 +80,6 @@ def repair_targets(
         means: one ``(n,)`` channel-mean tensor per contributing parent, already in the anchor's channel basis.
         stds: one ``(n,)`` channel-std tensor per contributing parent, in the same basis.
         weights: the parents' averaging weights (those of non-contributing parents left out).
-        present: optionally, per parent, a ``(n,)`` boolean mask of the channels it has a partner at (None: all);
-            each channel's weights are renormalised over the parents present there (a partial assignment leaves
-            some of the anchor's channels to the anchor alone).
 
     Returns:
         ``(mu*, sigma*)``, each ``(n,)`` float64.
@@ -95,25 +89,9 @@ def repair_targets(
     total = float(sum(weights))
     if total <= 0:
         raise ValueError(f"The contributing weights sum to {total}; at least one must be positive.")
-    if present is None or all(mask is None for mask in present):
-        w = [float(x) / total for x in weights]
-        mean = sum(wk * m.to(torch.float64) for wk, m in zip(w, means))
-        std = sum(wk * s.to(torch.float64) for wk, s in zip(w, stds))
-        return mean, std
-    n = means[0].shape[0]
-    per_channel = torch.stack(
-        [
-            torch.full((n,), float(wk), dtype=torch.float64, device=means[0].device)
-            * (1.0 if mask is None else mask.to(means[0].device, torch.float64))
-            for wk, mask in zip(weights, present)
-        ]
-    )
-    sums = per_channel.sum(0)
-    plain = torch.tensor([float(x) / total for x in weights], dtype=torch.float64, device=sums.device)[:, None]
-    # a channel no parent is present at (cannot happen with the anchor among the parents) keeps the plain weights
-    per_channel = torch.where(sums > 0, per_channel / sums.clamp_min(1e-300), plain)
-    mean = sum(wk * m.to(torch.float64) for wk, m in zip(per_channel, means))
-    std = sum(wk * s.to(torch.float64) for wk, s in zip(per_channel, stds))
+    w = [float(x) / total for x in weights]
+    mean = sum(wk * m.to(torch.float64) for wk, m in zip(w, means))
+    std = sum(wk * s.to(torch.float64) for wk, s in zip(w, stds))
     return mean, std
 
 
