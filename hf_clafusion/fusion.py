@@ -833,7 +833,7 @@ def transport_to_anchor(
             # assignment release the GIL); weight costs read the tensors earlier plans moved, so they run in order.
             independent = run.config.ground_metric in ("activations", "correlation")
             solve = functools.partial(_group_plan, run, k, groups_b, groups_a, costs, work, anchor_state)
-            partial: list[tuple[Group, torch.Tensor]] = []  # partial assignments, completed once all plans ran
+            alone: list[tuple[Group, torch.Tensor]] = []  # anchor neurons a partial assignment left without a partner
             solved = _in_order(
                 solve,
                 jobs,
@@ -847,14 +847,14 @@ def transport_to_anchor(
                 group_b, group_a = groups_b[g], groups_a[g]
                 solvers[k][group_a.name] = solver
                 _apply_group_plan(work, group_b, plan, heads, unmatched, run.config.plan_normalization)
-                if solver == "partial":
-                    partial.append((group_b, plan))
+                if solver == "partial":  # kept as indices: the dense plan is not held until every plan has run
+                    alone.append((group_b, (plan.sum(0) == 0).nonzero().squeeze(1)))
                 plans[k][group_a.name] = plan
                 if run.config.ground_metric == "weight_matching":
                     exact[group_a.name] = plan.double().cpu()
                 del plan
-            for group_b, plan in partial:  # after every plan: a filled slice is in the anchor's basis on all axes
-                _keep_anchor_neurons(work, anchor_state, group_b, plan, unmatched)
+            for group_b, neurons in alone:  # after every plan: a filled slice is in the anchor's basis on all axes
+                _keep_anchor_neurons(work, anchor_state, group_b, neurons, unmatched)
             if run.config.ground_metric == "weight_matching":
                 work, plans[k], solvers[k] = _weight_matching(run, balanced, k, exact, solvers[k], unmatched)
             _closed_form_blocks(work, anchor_state, unmatched, run.config.unmatched)
@@ -940,21 +940,19 @@ def _keep_anchor_neurons(
     work: dict[str, torch.Tensor],
     anchor_state: dict[str, torch.Tensor],
     group: Group,
-    plan: torch.Tensor,
+    alone: torch.Tensor,
     unmatched: UnmatchedBlocks,
 ) -> None:
-    """Where ``plan`` leaves anchor neurons without a partner (a partial assignment), give model ``k``'s aligned
-    tensors the anchor's values along every output axis of ``group`` at those neurons, in place (new tensors): the
+    """At the anchor neurons ``alone`` (indices) that a partial assignment left without a partner, give model
+    ``k``'s aligned tensors the anchor's values along every output axis of ``group``, in place (new tensors): the
     weighted average then keeps the anchor's neurons there whole, whatever the weights."""
-    mass = plan.to_dense().sum(0) if plan.is_sparse else plan.sum(0)
-    alone = (mass == 0).nonzero().squeeze(1)
     if alone.numel() == 0:
         return
-    n_a = plan.shape[1]
     for axis in group.axes:
         if axis.role != "out" or axis.param in unmatched.params:
             continue
-        # the axis holds `outer` blocks of `n_A * inner` entries (apply_plan's layout)
+        # the transported axis holds `outer` blocks of `n_A * inner` entries (apply_plan's layout)
+        n_a = work[axis.param].shape[axis.axis] // (axis.outer * axis.inner)
         offsets = torch.arange(axis.outer, device=alone.device)[:, None, None] * (n_a * axis.inner)
         index = offsets + alone[None, :, None] * axis.inner + torch.arange(axis.inner, device=alone.device)
         index = index.reshape(-1).to(work[axis.param].device)
