@@ -194,17 +194,14 @@ def test_fuse_pretrained_frees_the_bf16_parents_it_loaded_once_their_float32_cop
     for name in ("deep", "shallow"):
         word_tokenizer([f"w{i}" for i in range(60)]).save_pretrained(tmp_path / name)
     save_file({"inputs": batch()["input_ids"]}, str(tmp_path / "calibration.safetensors"))
-    command = [
-        "fuse",
-        str(tmp_path / "deep"),
-        str(tmp_path / "shallow"),
-        "--data",
-        str(tmp_path / "calibration.safetensors"),
-    ]
     assert (
         main(
             [
-                *command,
+                "fuse",
+                str(tmp_path / "deep"),
+                str(tmp_path / "shallow"),
+                "--data",
+                str(tmp_path / "calibration.safetensors"),
                 "--output",
                 str(tmp_path / "fused"),
                 "--quiet",
